@@ -1,0 +1,395 @@
+//! The thread-per-core launcher: chooses CPUs, starts one pinned worker thread per CPU, builds
+//! each worker's engine after pinning (so everything it allocates is core-local), runs the
+//! app on every core, and drives graceful shutdown. A worker that fails or panics stops the
+//! whole process with an error naming its core: running on crippled is worse than exiting.
+
+use std::future::Future;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::caps::{memlock_limit, Capabilities};
+use crate::mesh::{close_inbox, inbox_loop, Mesh};
+use crate::runtime::{EngineError, EngineSettings, RingFlags, Runtime};
+use crate::task::{catch_panic, race, Either};
+use crate::topology::{pin_current_thread, CoreSelection, Cpu, PlacementError, Topology};
+use crate::worker::{install, uninstall, Counters, Phase, Shutdown, Worker, WorkerInfo};
+
+/// Code that runs on every worker core. `run` is generic over the runtime, so one app runs on
+/// every backend.
+pub trait App: Send + Sync + 'static {
+    /// Runs on one worker until it is done (servers: until the worker drains).
+    fn run<R: Runtime>(&self, worker: Worker) -> impl Future<Output = Result<(), AppError>>;
+}
+
+/// An app failed on a worker.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AppError(pub String);
+
+impl AppError {
+    /// An error with this message.
+    pub fn msg(m: impl Into<String>) -> Self {
+        Self(m.into())
+    }
+}
+
+/// How to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// Which CPUs get workers.
+    pub cores: CoreSelection,
+    /// The topology to place on (discovered when `None`).
+    pub topology: Option<Topology>,
+    /// Ring entries per worker.
+    pub ring_entries: u32,
+    /// Ring setup flags to ask for.
+    pub ring_flags: RingFlags,
+    /// Use the engine's non-io_uring fallback.
+    pub force_fallback: bool,
+    /// How long open connections may take to finish after draining starts.
+    pub drain_timeout: Duration,
+    /// Pin workers to their CPUs (off only for tests of unpinned behaviour).
+    pub pin: bool,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        Self {
+            cores: CoreSelection::All,
+            topology: None,
+            ring_entries: 1024,
+            ring_flags: RingFlags::BEST,
+            force_fallback: false,
+            drain_timeout: Duration::from_secs(10),
+            pin: true,
+        }
+    }
+}
+
+impl LaunchConfig {
+    /// Resolves the CPUs the workers will run on.
+    pub fn plan(&self) -> Result<Vec<Cpu>, PlacementError> {
+        let topo = self.topology.clone().unwrap_or_else(Topology::discover);
+        topo.select(&self.cores)
+    }
+}
+
+/// Launching or running failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// Bad core selection.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    /// An engine did not start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A thread could not be started or pinned.
+    #[error("worker on core {cpu}: {reason}")]
+    Worker {
+        /// The core.
+        cpu: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A worker panicked.
+    #[error("worker on core {cpu} panicked: {message}")]
+    Panicked {
+        /// The core.
+        cpu: usize,
+        /// The panic message.
+        message: String,
+    },
+    /// The app failed on a worker.
+    #[error("worker on core {cpu} failed: {source}")]
+    App {
+        /// The core.
+        cpu: usize,
+        /// The error.
+        source: AppError,
+    },
+    /// Setting up the mesh or signal handling failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Advances the shutdown of a running server from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    shutdown: Arc<Shutdown>,
+    mesh: Arc<Mesh>,
+}
+
+impl ShutdownHandle {
+    /// Stop accepting; let open work finish up to the drain deadline.
+    pub fn drain(&self) {
+        if self.shutdown.advance(Phase::Draining) {
+            self.mesh.wake_all();
+        }
+    }
+    /// Close everything now.
+    pub fn close(&self) {
+        if self.shutdown.advance(Phase::Closing) {
+            self.mesh.wake_all();
+        }
+    }
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.shutdown.phase()
+    }
+}
+
+enum Exit {
+    Done,
+    Failed(LaunchError),
+}
+
+/// A running set of workers.
+pub struct Server {
+    workers: Vec<WorkerInfo>,
+    capabilities: Vec<Capabilities>,
+    counters: Arc<Counters>,
+    handle: ShutdownHandle,
+    threads: Vec<JoinHandle<()>>,
+    exits: mpsc::Receiver<(usize, Exit)>,
+}
+
+impl Server {
+    /// Starts one pinned worker per CPU of `cpus`, each running `app` on runtime `R`, and
+    /// returns once every engine is up (or the first one failed to start).
+    pub fn start<R: Runtime, A: App>(cfg: &LaunchConfig, cpus: &[Cpu], app: Arc<A>) -> Result<Server, LaunchError> {
+        let n = cpus.len();
+        if n == 0 {
+            return Err(PlacementError::Empty.into());
+        }
+        let mesh = Mesh::new(n).map_err(|e| LaunchError::Setup(format!("creating the cross-core mesh: {e}")))?;
+        let counters = Counters::new(n);
+        let shutdown = Arc::new(Shutdown::default());
+        let handle = ShutdownHandle { shutdown: shutdown.clone(), mesh: mesh.clone() };
+        // Locked memory is a per-process budget; each engine gets an equal share.
+        let memlock_budget = memlock_limit().map(|l| (l / n as u64) as usize).unwrap_or(64 << 20);
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Capabilities, LaunchError>)>();
+        let (exit_tx, exits) = mpsc::channel::<(usize, Exit)>();
+        let mut threads = Vec::with_capacity(n);
+        let workers: Vec<WorkerInfo> =
+            cpus.iter().enumerate().map(|(index, c)| WorkerInfo { index, cpu: c.os, numa_node: c.numa, workers: n }).collect();
+
+        for info in workers.iter().copied() {
+            let settings = EngineSettings {
+                cpu: info.cpu,
+                ring_entries: cfg.ring_entries,
+                ring_flags: cfg.ring_flags,
+                memlock_budget,
+                force_fallback: cfg.force_fallback,
+            };
+            let (app, mesh, counters, shutdown) = (app.clone(), mesh.clone(), counters.clone(), shutdown.clone());
+            let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
+            let (pin, drain_timeout) = (cfg.pin, cfg.drain_timeout);
+            let spawned = std::thread::Builder::new().name(format!("corepin-{}-{}", R::NAME, info.cpu)).spawn(move || {
+                let exit = worker_thread::<R, A>(info, settings, pin, drain_timeout, app, mesh.clone(), counters, shutdown.clone(), &ready_tx);
+                if matches!(exit, Exit::Failed(_)) && shutdown.advance(Phase::Closing) {
+                    mesh.wake_all();
+                }
+                close_inbox(&mesh, info.index);
+                let _ = exit_tx.send((info.index, exit));
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    handle.close();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(LaunchError::Worker { cpu: info.cpu, reason: format!("cannot start thread: {e}") });
+                }
+            }
+        }
+        drop(ready_tx);
+        drop(exit_tx);
+
+        let mut capabilities: Vec<Option<Capabilities>> = vec![None; n];
+        let mut first_error = None;
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok((i, Ok(c))) => capabilities[i] = Some(c),
+                Ok((_, Err(e))) => {
+                    first_error.get_or_insert(e);
+                    handle.close();
+                }
+                Err(_) => break,
+            }
+        }
+        if first_error.is_none() && capabilities.iter().any(Option::is_none) {
+            // A worker ended before reporting ready: its exit says why.
+            if let Ok((_, Exit::Failed(e))) = exits.recv_timeout(Duration::from_secs(5)) {
+                first_error = Some(e);
+            } else {
+                first_error = Some(LaunchError::Setup("a worker stopped before it was ready".into()));
+            }
+            handle.close();
+        }
+        if let Some(e) = first_error {
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
+        }
+        Ok(Server { workers, capabilities: capabilities.into_iter().flatten().collect(), counters, handle, threads, exits })
+    }
+
+    /// Where each worker runs.
+    pub fn workers(&self) -> &[WorkerInfo] {
+        &self.workers
+    }
+    /// Each worker's capability report, in worker order.
+    pub fn capabilities(&self) -> &[Capabilities] {
+        &self.capabilities
+    }
+    /// Every core's counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+    /// A handle that drains or closes the server from any thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Waits for every worker to finish. The first failure closes the others and is returned.
+    pub fn wait(self) -> Result<(), LaunchError> {
+        let mut first_error = None;
+        for _ in 0..self.threads.len() {
+            match self.exits.recv() {
+                Ok((_, Exit::Done)) => {}
+                Ok((_, Exit::Failed(e))) => {
+                    self.handle.close();
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => break,
+            }
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Like [`wait`](Self::wait), draining on the first SIGINT or SIGTERM and closing at once
+    /// on the second.
+    pub fn wait_with_signals(self) -> Result<(), LaunchError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| LaunchError::Setup(format!("installing signal handlers: {e}")))?;
+        let sig_handle = signals.handle();
+        let handle = self.handle.clone();
+        let watcher = std::thread::Builder::new()
+            .name("corepin-signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if handle.phase() == Phase::Running {
+                        tracing::info!(signal = sig, "draining: no new connections; open ones may finish");
+                        handle.drain();
+                    } else {
+                        tracing::info!(signal = sig, "closing now");
+                        handle.close();
+                    }
+                }
+            })
+            .map_err(|e| LaunchError::Setup(format!("starting the signal thread: {e}")))?;
+        let r = self.wait();
+        sig_handle.close();
+        let _ = watcher.join();
+        r
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker_thread<R: Runtime, A: App>(
+    info: WorkerInfo,
+    settings: EngineSettings,
+    pin: bool,
+    drain_timeout: Duration,
+    app: Arc<A>,
+    mesh: Arc<Mesh>,
+    counters: Arc<Counters>,
+    shutdown: Arc<Shutdown>,
+    ready: &mpsc::Sender<(usize, Result<Capabilities, LaunchError>)>,
+) -> Exit {
+    if pin && !pin_current_thread(info.cpu) {
+        let e = LaunchError::Worker { cpu: info.cpu, reason: "sched_setaffinity refused to pin the thread".into() };
+        let _ = ready.send((info.index, Err(LaunchError::Worker { cpu: info.cpu, reason: e.to_string() })));
+        return Exit::Failed(e);
+    }
+    let local = install(info, counters, mesh, shutdown);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        R::block_on(&settings, || {
+            let local = local.clone();
+            async move {
+                match R::capabilities() {
+                    Some(c) => {
+                        let _ = ready.send((info.index, Ok(c)));
+                    }
+                    None => {
+                        let e = LaunchError::Worker { cpu: info.cpu, reason: "the engine reported no capabilities".into() };
+                        let _ = ready.send((info.index, Err(LaunchError::Worker { cpu: info.cpu, reason: e.to_string() })));
+                        return Exit::Failed(e);
+                    }
+                }
+                drop(crate::task::spawn::<R, _>(inbox_loop::<R>(local.clone())));
+                let worker = Worker::current().expect("installed above");
+                let run = catch_panic(app.run::<R>(worker.clone()));
+                let failed = local.failed.wait();
+                let exit = match race(run, failed).await {
+                    Either::Left(Ok(Ok(()))) => Exit::Done,
+                    Either::Left(Ok(Err(e))) => Exit::Failed(LaunchError::App { cpu: info.cpu, source: e }),
+                    Either::Left(Err(message)) => Exit::Failed(LaunchError::Panicked { cpu: info.cpu, message }),
+                    Either::Right(()) => {
+                        let message = local.panic.borrow().clone().unwrap_or_else(|| "unknown failure".into());
+                        Exit::Failed(LaunchError::Panicked { cpu: info.cpu, message })
+                    }
+                };
+                if matches!(exit, Exit::Failed(_)) {
+                    return exit;
+                }
+                // Let open connections finish, up to the deadline (or until closing is ordered),
+                // then shut the rest down and give them a moment to notice.
+                let deadline = R::sleep(drain_timeout);
+                if let Either::Right(_) = race(worker.connections_idle(), race(deadline, worker.closing())).await {
+                    let open = worker.active_connections();
+                    if open > 0 {
+                        tracing::info!(core = info.cpu, open, "drain deadline passed; closing open connections");
+                    }
+                    worker.shut_down_connections();
+                    let _ = race(worker.connections_idle(), R::sleep(Duration::from_secs(1))).await;
+                }
+                exit
+            }
+        })
+    }));
+    uninstall();
+    match outcome {
+        Ok(Ok(exit)) => exit,
+        Ok(Err(engine)) => {
+            let _ = ready.send((info.index, Err(LaunchError::Engine(EngineError::Build {
+                runtime: R::NAME,
+                cpu: info.cpu,
+                reason: engine.to_string(),
+            }))));
+            Exit::Failed(engine.into())
+        }
+        Err(payload) => {
+            let message = crate::task::panic_message(&*payload);
+            let _ = ready.send((info.index, Err(LaunchError::Panicked { cpu: info.cpu, message: message.clone() })));
+            Exit::Failed(LaunchError::Panicked { cpu: info.cpu, message })
+        }
+    }
+}
+
+/// An app that does nothing and returns at once (starts an engine to read its capabilities).
+pub struct NoopApp;
+
+impl App for NoopApp {
+    async fn run<R: Runtime>(&self, _worker: Worker) -> Result<(), AppError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,30 @@
+//! corepin-core: the runtime-agnostic heart of corepin.
+//!
+//! Owned-buffer I/O ([`buf`], [`io`]), the contract every backend implements ([`runtime`]),
+//! the service abstraction ([`service`]), the thread-per-core launcher ([`launcher`],
+//! [`topology`], [`worker`]), cross-core messaging ([`mesh`]) and the capability report
+//! ([`caps`]). No engine is named here; backends are leaf crates that implement [`runtime`].
+
+#![warn(missing_docs)]
+
+pub mod buf;
+pub mod caps;
+pub mod io;
+pub mod launcher;
+pub mod mesh;
+pub mod runtime;
+pub mod service;
+pub mod task;
+pub mod tcp;
+pub mod topology;
+pub mod worker;
+
+pub use buf::{BufResult, IoBuf, IoBufMut, Slice};
+pub use caps::Capabilities;
+pub use io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
+pub use launcher::{App, AppError, LaunchConfig, LaunchError, Server, ShutdownHandle};
+pub use mesh::submit_to;
+pub use runtime::{EngineSettings, File, FdWatch, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
+pub use service::{Connection, Service, ServiceFactory, Stream};
+pub use tcp::TcpServer;
+pub use worker::{Worker, WorkerInfo};

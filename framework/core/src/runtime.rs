@@ -1,0 +1,329 @@
+//! The runtime contract: what every backend implements so that a service written once runs
+//! on each of them. Nothing here names an engine; backends are leaves that depend on this.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::buf::{BufResult, IoBuf, IoBufMut};
+use crate::caps::Capabilities;
+use crate::io::{AsyncReadRent, AsyncWriteRent};
+
+/// One engine, run as one executor per pinned core.
+pub trait Runtime: Sized + 'static {
+    /// The backend's name as the CLI spells it (`monoio`, `glommio`, `tokio-uring`).
+    const NAME: &'static str;
+
+    /// A listening TCP socket adopted from a prepared `SO_REUSEPORT` std listener.
+    type TcpListener: TcpListener<Stream = Self::TcpStream>;
+    /// A connected TCP stream.
+    type TcpStream: TcpStream;
+    /// A UDP socket with owned-buffer datagram I/O.
+    type UdpSocket: UdpSocket;
+    /// A file with positional owned-buffer I/O.
+    type File: File;
+    /// Readiness of a raw descriptor this runtime does not own (an eventfd, an AF_XDP socket).
+    type FdWatch: FdWatch;
+
+    /// Builds this engine on the current thread (already pinned by the launcher) with
+    /// `settings`, records its capability report, and runs `main` to completion on it. The
+    /// engine and everything still in flight on it are torn down before this returns.
+    fn block_on<F, Fut>(settings: &EngineSettings, main: F) -> Result<Fut::Output, EngineError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future;
+
+    /// The capability report of the engine running on this thread (`None` outside one).
+    fn capabilities() -> Option<Capabilities>;
+
+    /// Spawns a task on this core's executor. Prefer [`crate::task::spawn`], which adds a
+    /// join handle and panic accounting on top of this.
+    fn spawn_detached<F: Future<Output = ()> + 'static>(fut: F);
+
+    /// Completes after `dur`.
+    fn sleep(dur: Duration) -> impl Future<Output = ()>;
+}
+
+/// A TCP listener.
+pub trait TcpListener: Sized + 'static {
+    /// The stream type its connections have.
+    type Stream: TcpStream;
+    /// Adopts a bound, listening, non-blocking std listener.
+    fn from_std(listener: std::net::TcpListener) -> io::Result<Self>;
+    /// Accepts one connection.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
+    /// The address it listens on.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// A connected TCP stream with owned-buffer I/O.
+pub trait TcpStream: AsyncReadRent + AsyncWriteRent + Sized + 'static {
+    /// Connects to `addr`.
+    fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self>>;
+    /// Adopts a connected std stream.
+    fn from_std(stream: std::net::TcpStream) -> io::Result<Self>;
+    /// The remote address.
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+    /// The local address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Sets TCP_NODELAY.
+    fn set_nodelay(&self, on: bool) -> io::Result<()>;
+    /// The descriptor, for socket options and forced shutdown at drain.
+    fn as_raw_fd(&self) -> RawFd;
+}
+
+/// A UDP socket with owned-buffer datagram I/O.
+pub trait UdpSocket: Sized + 'static {
+    /// Adopts a bound, non-blocking std socket.
+    fn from_std(socket: std::net::UdpSocket) -> io::Result<Self>;
+    /// Binds a new socket to `addr`.
+    fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        Self::from_std(socket)
+    }
+    /// Sends the initialised bytes of `buf` as one datagram to `to`.
+    fn send_to<B: IoBuf>(&self, buf: B, to: SocketAddr) -> impl Future<Output = BufResult<usize, B>>;
+    /// Receives one datagram into `buf` (from its start, up to its capacity).
+    fn recv_from<B: IoBufMut>(&self, buf: B) -> impl Future<Output = BufResult<(usize, SocketAddr), B>>;
+    /// The bound address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// The descriptor.
+    fn as_raw_fd(&self) -> RawFd;
+}
+
+/// How to open a file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open for reading.
+    pub read: bool,
+    /// Open for writing.
+    pub write: bool,
+    /// Create it if missing.
+    pub create: bool,
+    /// Truncate it to zero length.
+    pub truncate: bool,
+}
+
+impl OpenOptions {
+    /// Read-only.
+    pub const READ: Self = Self { read: true, write: false, create: false, truncate: false };
+    /// Read-write, created if missing, truncated.
+    pub const CREATE: Self = Self { read: true, write: true, create: true, truncate: true };
+
+    /// The same options as `std::fs::OpenOptions` (for backends that adopt std files).
+    pub fn to_std(self) -> std::fs::OpenOptions {
+        let mut o = std::fs::OpenOptions::new();
+        o.read(self.read).write(self.write).create(self.create).truncate(self.truncate);
+        o
+    }
+}
+
+/// What a file server needs to know about a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metadata {
+    /// Size in bytes.
+    pub len: u64,
+    /// Last modification time.
+    pub modified: SystemTime,
+    /// A regular file.
+    pub is_file: bool,
+    /// A directory.
+    pub is_dir: bool,
+    /// Inode number (for validators).
+    pub ino: u64,
+    /// Device number (for validators).
+    pub dev: u64,
+}
+
+impl Metadata {
+    /// Reads metadata of an open descriptor with `fstat(2)`: the named fallback for engines
+    /// without an asynchronous stat.
+    pub fn from_fd(fd: RawFd) -> io::Result<Self> {
+        // SAFETY: a zeroed `stat` is a valid out-parameter; fstat fills it or fails.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a descriptor the caller owns; `st` is a valid pointer.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fmt = st.st_mode & libc::S_IFMT;
+        let modified = SystemTime::UNIX_EPOCH
+            + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec.clamp(0, 999_999_999) as u32);
+        Ok(Self {
+            len: st.st_size.max(0) as u64,
+            modified,
+            is_file: fmt == libc::S_IFREG,
+            is_dir: fmt == libc::S_IFDIR,
+            ino: st.st_ino,
+            dev: st.st_dev,
+        })
+    }
+}
+
+/// A file with positional owned-buffer I/O.
+pub trait File: Sized + 'static {
+    /// Opens `path` with `options`.
+    fn open_with(path: &Path, options: OpenOptions) -> impl Future<Output = io::Result<Self>>;
+    /// Opens `path` read-only.
+    fn open(path: &Path) -> impl Future<Output = io::Result<Self>> {
+        Self::open_with(path, OpenOptions::READ)
+    }
+    /// Reads at `pos` into `buf` (from its start, up to its capacity).
+    fn read_at<B: IoBufMut>(&self, buf: B, pos: u64) -> impl Future<Output = BufResult<usize, B>>;
+    /// Writes the initialised bytes of `buf` at `pos`.
+    fn write_at<B: IoBuf>(&self, buf: B, pos: u64) -> impl Future<Output = BufResult<usize, B>>;
+    /// Size, times and kind of the open file.
+    fn metadata(&self) -> impl Future<Output = io::Result<Metadata>>;
+    /// Flushes data and metadata to the device.
+    fn sync_all(&self) -> impl Future<Output = io::Result<()>>;
+    /// The descriptor.
+    fn as_raw_fd(&self) -> RawFd;
+}
+
+/// Waits for a descriptor the runtime does not own to become readable.
+pub trait FdWatch: Sized + 'static {
+    /// Starts watching `fd`; the caller keeps ownership and must keep it open while watched.
+    fn new(fd: RawFd) -> io::Result<Self>;
+    /// Completes when the descriptor is readable (level-triggered: it completes again at once
+    /// while data remains).
+    fn readable(&self) -> impl Future<Output = io::Result<()>>;
+}
+
+/// io_uring setup flags a backend may request; each is tried and dropped if the kernel or the
+/// engine refuses it, and the capability report says which were accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingFlags {
+    /// `IORING_SETUP_SINGLE_ISSUER`: only the worker thread submits.
+    pub single_issuer: bool,
+    /// `IORING_SETUP_DEFER_TASKRUN`: completions run when the worker asks for them, not as
+    /// cross-CPU interrupts (needs single_issuer).
+    pub defer_taskrun: bool,
+    /// `IORING_SETUP_COOP_TASKRUN`: no IPI on completion; the weaker cousin of defer_taskrun.
+    pub coop_taskrun: bool,
+    /// `IORING_SETUP_SQPOLL` with this idle time in milliseconds (costs a kernel thread per ring).
+    pub sqpoll_idle_ms: Option<u32>,
+}
+
+impl RingFlags {
+    /// The flags corepin asks for by default: the measured best on a small VM.
+    pub const BEST: Self = Self { single_issuer: true, defer_taskrun: true, coop_taskrun: false, sqpoll_idle_ms: None };
+    /// No setup flags at all (the engines' own defaults).
+    pub const NONE: Self = Self { single_issuer: false, defer_taskrun: false, coop_taskrun: false, sqpoll_idle_ms: None };
+
+    /// The fallback chain tried in order, best first, ending with no flags.
+    pub fn fallbacks(self) -> Vec<RingFlags> {
+        let mut chain = vec![self];
+        let mut cur = self;
+        if cur.sqpoll_idle_ms.is_some() {
+            cur.sqpoll_idle_ms = None;
+            chain.push(cur);
+        }
+        if cur.defer_taskrun {
+            cur.defer_taskrun = false;
+            cur.coop_taskrun = true;
+            chain.push(cur);
+        }
+        if cur.single_issuer {
+            cur.single_issuer = false;
+            chain.push(cur);
+        }
+        if cur != Self::NONE {
+            chain.push(Self::NONE);
+        }
+        chain.dedup();
+        chain
+    }
+
+    /// Parses a comma-separated list: `single_issuer,defer_taskrun,coop_taskrun,sqpoll[=MS]`,
+    /// or `none`, or `best`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut f = Self::NONE;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "none" => f = Self::NONE,
+                "best" => f = Self::BEST,
+                "single_issuer" => f.single_issuer = true,
+                "defer_taskrun" => f.defer_taskrun = true,
+                "coop_taskrun" => f.coop_taskrun = true,
+                "sqpoll" => f.sqpoll_idle_ms = Some(1000),
+                p if p.starts_with("sqpoll=") => {
+                    let ms = p["sqpoll=".len()..].parse().map_err(|_| format!("bad sqpoll idle time in {p:?}"))?;
+                    f.sqpoll_idle_ms = Some(ms);
+                }
+                other => {
+                    return Err(format!(
+                        "unknown ring flag {other:?} (known: none, best, single_issuer, defer_taskrun, coop_taskrun, sqpoll[=MS])"
+                    ))
+                }
+            }
+        }
+        if f.defer_taskrun && !f.single_issuer {
+            return Err("defer_taskrun needs single_issuer".into());
+        }
+        Ok(f)
+    }
+
+    /// The accepted flags by their kernel names.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.single_issuer {
+            v.push("SINGLE_ISSUER");
+        }
+        if self.defer_taskrun {
+            v.push("DEFER_TASKRUN");
+        }
+        if self.coop_taskrun {
+            v.push("COOP_TASKRUN");
+        }
+        if self.sqpoll_idle_ms.is_some() {
+            v.push("SQPOLL");
+        }
+        v
+    }
+}
+
+/// Per-worker engine settings, chosen by the launcher and the user.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The core this worker is pinned to (for names and engines that place themselves).
+    pub cpu: usize,
+    /// Submission queue entries.
+    pub ring_entries: u32,
+    /// Setup flags to ask for.
+    pub ring_flags: RingFlags,
+    /// The locked-memory budget for this worker's engine (registered buffers, glommio's
+    /// io_memory), already divided from RLIMIT_MEMLOCK by the launcher.
+    pub memlock_budget: usize,
+    /// Force the engine's non-io_uring fallback (for tests and for kernels that misbehave).
+    pub force_fallback: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            cpu: 0,
+            ring_entries: 1024,
+            ring_flags: RingFlags::BEST,
+            memlock_budget: 512 * 1024,
+            force_fallback: false,
+        }
+    }
+}
+
+/// A backend could not build its engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine refused to start; the message says why and what to change.
+    #[error("{runtime} could not start on core {cpu}: {reason}")]
+    Build {
+        /// The backend.
+        runtime: &'static str,
+        /// The core.
+        cpu: usize,
+        /// Why, and what would fix it.
+        reason: String,
+    },
+}

@@ -1,0 +1,223 @@
+//! Core-local tasks, events and timeouts, written once over the runtime contract.
+//!
+//! Everything here is `!Send`: it lives and dies on one core. A panic in any task is recorded
+//! for its worker, which then stops and is reported by the launcher (a crippled core is worse
+//! than a clean exit).
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use crate::buf::{BufResult, IoBufMut};
+use crate::io::{is_cancelled, AsyncReadRent, CancelToken};
+use crate::runtime::Runtime;
+
+/// A one-shot, core-local event that any number of tasks can wait for.
+#[derive(Clone, Default)]
+pub struct LocalEvent {
+    inner: Rc<EventInner>,
+}
+
+#[derive(Default)]
+struct EventInner {
+    fired: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl LocalEvent {
+    /// An event that has not fired.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Fires the event; waiting tasks wake, later waits complete at once.
+    pub fn fire(&self) {
+        if !self.inner.fired.replace(true) {
+            for w in self.inner.waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+    /// Whether the event has fired.
+    pub fn is_fired(&self) -> bool {
+        self.inner.fired.get()
+    }
+    /// Completes once the event has fired.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.inner.fired.get() {
+                return Poll::Ready(());
+            }
+            let mut w = self.inner.waiters.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// Which of two raced futures finished first.
+#[derive(Debug)]
+pub enum Either<A, B> {
+    /// The first.
+    Left(A),
+    /// The second.
+    Right(B),
+}
+
+/// Polls both futures and returns the first to finish (the first wins ties); the other is
+/// dropped. Only race futures whose drop loses nothing (see docs/cancellation.md).
+pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(v));
+        }
+        if let Poll::Ready(v) = b.as_mut().poll(cx) {
+            return Poll::Ready(Either::Right(v));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A deadline passed before the operation completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("timed out")]
+pub struct Elapsed;
+
+/// Runs `fut` for at most `dur`. On timeout `fut` is dropped: use it for futures whose drop
+/// loses nothing, and [`read_timeout`] for reads.
+pub async fn timeout<R: Runtime, F: Future>(dur: Duration, fut: F) -> Result<F::Output, Elapsed> {
+    match race(fut, R::sleep(dur)).await {
+        Either::Left(v) => Ok(v),
+        Either::Right(()) => Err(Elapsed),
+    }
+}
+
+/// Reads with a deadline and loses nothing on timeout: the read is cancelled through its
+/// token and awaited to completion, so the buffer comes back and bytes the kernel had
+/// already delivered are returned, not dropped. A timeout is `ErrorKind::TimedOut`.
+pub async fn read_timeout<R: Runtime, S: AsyncReadRent, B: IoBufMut>(
+    stream: &mut S,
+    buf: B,
+    dur: Duration,
+) -> BufResult<usize, B> {
+    let token = CancelToken::new();
+    let mut read = pin!(stream.read_cancelable(buf, &token));
+    let mut sleep = pin!(R::sleep(dur));
+    let mut fired = false;
+    let BufResult(res, buf) = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = read.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if !fired && sleep.as_mut().poll(cx).is_ready() {
+            fired = true;
+            token.cancel();
+            // The backend completes promptly once cancelled; poll it again now.
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    match res {
+        Err(e) if is_cancelled(&e) => BufResult(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out")), buf),
+        other => BufResult(other, buf),
+    }
+}
+
+/// A task panicked; its message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("task panicked: {0}")]
+pub struct Panicked(pub String);
+
+/// The message of a panic payload.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+struct JoinState<T> {
+    result: Option<Result<T, Panicked>>,
+    waker: Option<Waker>,
+}
+
+/// Awaits a task spawned with [`spawn`]. Dropping it detaches the task.
+pub struct JoinHandle<T> {
+    state: Rc<RefCell<JoinState<T>>>,
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T, Panicked>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.state.borrow_mut();
+        match st.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                st.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Polls `fut`, turning a panic into `Err(message)`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field; it is never moved out.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_message(&*payload))),
+        }
+    }
+}
+
+/// Spawns `fut` on this core. A panic inside it is reported to the worker (which stops and is
+/// reported by the launcher) and to the join handle.
+pub fn spawn<R: Runtime, F>(fut: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let state = Rc::new(RefCell::new(JoinState { result: None, waker: None }));
+    let st = state.clone();
+    R::spawn_detached(async move {
+        let out = CatchUnwind(fut).await;
+        let out = match out {
+            Ok(v) => Ok(v),
+            Err(msg) => {
+                crate::worker::report_task_panic(&msg);
+                Err(Panicked(msg))
+            }
+        };
+        let mut s = st.borrow_mut();
+        s.result = Some(out);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    });
+    JoinHandle { state }
+}
+
+/// Runs `fut`, catching a panic into `Err(message)` (used by the launcher for worker mains).
+pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
+    CatchUnwind(fut).await
+}

@@ -1,0 +1,182 @@
+//! The `corepin` command: runs corepin's reference services on a chosen backend.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use corepin::launcher::LaunchConfig;
+use corepin::topology::{CoreSelection, Cpu, Topology};
+use corepin::{RingFlags, RuntimeKind, Server, TcpServer};
+
+#[derive(Parser)]
+#[command(name = "corepin", version, about = "Thread-per-core network services on Monoio, Glommio or tokio-uring")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// TCP echo: returns every byte a client sends.
+    Echo(EchoArgs),
+    /// Prints the topology, the chosen cores and each compiled backend's capability report.
+    Caps(CommonArgs),
+}
+
+#[derive(Args, Clone)]
+struct CommonArgs {
+    /// Backend: monoio, glommio or tokio-uring (among those compiled in).
+    #[arg(long, default_value = "monoio")]
+    runtime: String,
+    /// Cores: `all`, a count (`2`), or a list (`0,2-3`; one CPU: `1-1`).
+    #[arg(long, default_value = "all")]
+    cores: String,
+    /// io_uring setup flags: `best` (SINGLE_ISSUER|DEFER_TASKRUN), `none`, or a list of
+    /// single_issuer, defer_taskrun, coop_taskrun, sqpoll[=MS].
+    #[arg(long, default_value = "best")]
+    ring_flags: String,
+    /// Submission queue entries per core.
+    #[arg(long, default_value_t = 1024)]
+    ring_entries: u32,
+    /// Use the backend's epoll driver instead of io_uring (monoio only).
+    #[arg(long)]
+    epoll: bool,
+    /// Seconds open connections may take to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 10.0)]
+    drain_timeout: f64,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on (one SO_REUSEPORT listener per core).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Read buffer per connection, in bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    buffer_size: usize,
+}
+
+struct Prepared {
+    kind: RuntimeKind,
+    cfg: LaunchConfig,
+    cpus: Vec<Cpu>,
+    topology: Topology,
+}
+
+fn prepare(c: &CommonArgs) -> Result<Prepared> {
+    let kind: RuntimeKind = c.runtime.parse()?;
+    let cores: CoreSelection = c.cores.parse()?;
+    let ring_flags = RingFlags::parse(&c.ring_flags).map_err(anyhow::Error::msg)?;
+    if !(c.drain_timeout.is_finite() && c.drain_timeout >= 0.0) {
+        anyhow::bail!("--drain-timeout must be a number of seconds >= 0");
+    }
+    let topology = Topology::discover();
+    let cfg = LaunchConfig {
+        cores,
+        topology: Some(topology.clone()),
+        ring_entries: c.ring_entries,
+        ring_flags,
+        force_fallback: c.epoll,
+        drain_timeout: Duration::from_secs_f64(c.drain_timeout),
+        ..LaunchConfig::default()
+    };
+    let cpus = cfg.plan()?;
+    Ok(Prepared { kind, cfg, cpus, topology })
+}
+
+fn describe_cores(cpus: &[Cpu]) -> String {
+    cpus.iter().map(|c| format!("{} (node {})", c.os, c.numa)).collect::<Vec<_>>().join(", ")
+}
+
+fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server) {
+    println!("corepin {what} listening on {addr}");
+    println!("runtime: {}", p.kind);
+    println!("topology: {}", p.topology);
+    println!("cores: {}", describe_cores(&p.cpus));
+    // Every worker builds the same engine; print the first report and any that differ.
+    let caps = server.capabilities();
+    if let Some(first) = caps.first() {
+        print!("{first}");
+        for (w, c) in server.workers().iter().zip(caps).skip(1) {
+            if c != first {
+                print!("worker on core {}: {c}", w.cpu);
+            }
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
+fn run_echo(args: EchoArgs) -> Result<()> {
+    let p = prepare(&args.common)?;
+    let listen: SocketAddr = args.listen.parse().with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:7000", args.listen))?;
+    if args.buffer_size == 0 {
+        anyhow::bail!("--buffer-size must be at least 1");
+    }
+    let app = TcpServer::bind(listen, p.cpus.len(), corepin_echo::EchoFactory { buffer_size: args.buffer_size })?;
+    let addr = app.local_addr();
+    let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
+    print_banner("echo", addr, &p, &server);
+    server.wait_with_signals()?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn run_caps(c: CommonArgs) -> Result<()> {
+    let p = prepare(&c)?;
+    println!("topology: {}", p.topology);
+    println!("cores: {}", describe_cores(&p.cpus));
+    for kind in RuntimeKind::compiled() {
+        let app = Arc::new(corepin::launcher::NoopApp);
+        match corepin::start(kind, &p.cfg, &p.cpus[..1], app) {
+            Ok(server) => {
+                if let Some(c) = server.capabilities().first() {
+                    print!("{c}");
+                }
+                server.wait()?;
+            }
+            Err(e) => println!("capabilities ({kind}): cannot start: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            if e.use_stderr() {
+                // One clear line, not a page of usage.
+                let text = e.to_string();
+                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
+                eprintln!("{first} (see `corepin --help`)");
+                return ExitCode::from(2);
+            }
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COREPIN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Echo(a) => run_echo(a),
+        Command::Caps(c) => run_caps(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
