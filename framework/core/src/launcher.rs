@@ -186,7 +186,7 @@ impl Server {
             let (app, mesh, counters, shutdown) = (app.clone(), mesh.clone(), counters.clone(), shutdown.clone());
             let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
             let (pin, drain_timeout) = (cfg.pin, cfg.drain_timeout);
-            let spawned = std::thread::Builder::new().name(format!("corepin-{}-{}", R::NAME, info.cpu)).spawn(move || {
+            let spawned = std::thread::Builder::new().name(format!("corepin-w{}", info.cpu)).spawn(move || {
                 let exit = worker_thread::<R, A>(info, settings, pin, drain_timeout, app, mesh.clone(), counters, shutdown.clone(), &ready_tx);
                 if matches!(exit, Exit::Failed(_)) && shutdown.advance(Phase::Closing) {
                     mesh.wake_all();

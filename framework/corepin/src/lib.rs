@@ -10,7 +10,7 @@ pub use corepin_core::*;
 #[cfg(feature = "glommio")]
 pub use corepin_glommio::GlommioRuntime;
 #[cfg(feature = "monoio")]
-pub use corepin_monoio::MonoioRuntime;
+pub use corepin_monoio::{MonoioEpollRuntime, MonoioRuntime};
 #[cfg(feature = "tokio-uring")]
 pub use corepin_tokio_uring::TokioUringRuntime;
 
@@ -110,17 +110,20 @@ pub fn start<A: App>(kind: RuntimeKind, cfg: &LaunchConfig, cpus: &[Cpu], app: A
     }
 }
 
-/// Instantiates generic test bodies once per compiled backend: each listed
-/// `name => path::to::body` becomes `#[test] fn name()` in a module per backend, calling
-/// `body::<Backend>()`.
+/// Instantiates generic test bodies once per compiled backend: each listed `name` (a
+/// function `fn name<R: Runtime>()` in the calling module) becomes `#[test] fn name()` in a
+/// module per backend (`monoio`, `monoio_epoll`, `glommio`, `tokio_uring`). The backend
+/// features are those of the calling crate.
 #[macro_export]
 macro_rules! per_runtime_tests {
-    ($($name:ident => $body:path),* $(,)?) => {
+    ($($name:ident),* $(,)?) => {
         #[cfg(feature = "monoio")]
-        mod monoio { $( #[test] fn $name() { $body::<$crate::MonoioRuntime>() } )* }
+        mod monoio { $( #[test] fn $name() { super::$name::<$crate::MonoioRuntime>() } )* }
+        #[cfg(feature = "monoio")]
+        mod monoio_epoll { $( #[test] fn $name() { super::$name::<$crate::MonoioEpollRuntime>() } )* }
         #[cfg(feature = "glommio")]
-        mod glommio { $( #[test] fn $name() { $body::<$crate::GlommioRuntime>() } )* }
+        mod glommio { $( #[test] fn $name() { super::$name::<$crate::GlommioRuntime>() } )* }
         #[cfg(feature = "tokio-uring")]
-        mod tokio_uring { $( #[test] fn $name() { $body::<$crate::TokioUringRuntime>() } )* }
+        mod tokio_uring { $( #[test] fn $name() { super::$name::<$crate::TokioUringRuntime>() } )* }
     };
 }

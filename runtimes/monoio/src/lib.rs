@@ -380,3 +380,34 @@ impl rt::FdWatch for FdWatch {
         self.0.readable(false).await
     }
 }
+
+/// Monoio forced onto its epoll driver: the fallback taken where io_uring is unavailable,
+/// selectable on purpose (`corepin --epoll`) and tested with the same conformance bodies.
+pub struct MonoioEpollRuntime;
+
+impl rt::Runtime for MonoioEpollRuntime {
+    const NAME: &'static str = "monoio-epoll";
+    type TcpListener = TcpListener;
+    type TcpStream = TcpStream;
+    type UdpSocket = UdpSocket;
+    type File = File;
+    type FdWatch = FdWatch;
+
+    fn block_on<F, Fut>(settings: &EngineSettings, main: F) -> Result<Fut::Output, EngineError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future,
+    {
+        let settings = EngineSettings { force_fallback: true, ..settings.clone() };
+        <MonoioRuntime as rt::Runtime>::block_on(&settings, main)
+    }
+    fn capabilities() -> Option<Capabilities> {
+        <MonoioRuntime as rt::Runtime>::capabilities()
+    }
+    fn spawn_detached<F: Future<Output = ()> + 'static>(fut: F) {
+        <MonoioRuntime as rt::Runtime>::spawn_detached(fut)
+    }
+    fn sleep(dur: Duration) -> impl Future<Output = ()> {
+        <MonoioRuntime as rt::Runtime>::sleep(dur)
+    }
+}

@@ -1,0 +1,610 @@
+//! The conformance suite: one set of test bodies, run on every compiled backend (and on
+//! Monoio's epoll fallback) through real sockets, files and kernels.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use corepin::caps::Driver;
+use corepin::launcher::LaunchConfig;
+use corepin::runtime::{EngineSettings, OpenOptions};
+use corepin::task::{read_timeout, spawn, timeout, Elapsed};
+use corepin::topology::{current_thread_affinity, CoreSelection, Topology};
+use corepin::{
+    App, AppError, AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, BufResult, File, IoBuf, Runtime, Server,
+    TcpListener, TcpServer, TcpStream, UdpSocket, Worker,
+};
+
+// ---- helpers ---------------------------------------------------------------------------
+
+/// Engine settings for tests: a small locked-memory share so parallel tests fit in 8 MiB.
+fn settings() -> EngineSettings {
+    EngineSettings { memlock_budget: 1 << 20, ..EngineSettings::default() }
+}
+
+/// Runs `main` on a fresh engine of `R` on this thread.
+fn run<R: Runtime, Fut: std::future::Future>(main: impl FnOnce() -> Fut) -> Fut::Output {
+    R::block_on(&settings(), main).unwrap_or_else(|e| panic!("{} did not start: {e}", R::NAME))
+}
+
+/// Runs `f` on its own thread and fails the test if it has not returned after `limit` (a hang
+/// detector, not a speed assertion).
+fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => {
+            h.join().unwrap();
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not finish within {limit:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!(),
+        },
+    }
+}
+
+/// A blocking std peer on loopback: runs `peer` on the accepted stream in a thread.
+fn std_peer(peer: impl FnOnce(StdStream) + Send + 'static) -> (SocketAddr, thread::JoinHandle<()>) {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        peer(s)
+    });
+    (addr, h)
+}
+
+fn launch_cfg(cores: CoreSelection) -> LaunchConfig {
+    LaunchConfig { cores, drain_timeout: Duration::from_secs(5), ..LaunchConfig::default() }
+}
+
+fn start<R: Runtime, A: App>(cfg: &LaunchConfig, app: Arc<A>) -> Server {
+    let cpus = cfg.plan().unwrap();
+    let cfg = LaunchConfig { ..cfg.clone() };
+    Server::start::<R, A>(&cfg, &cpus, app).unwrap_or_else(|e| panic!("{} did not launch: {e}", R::NAME))
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+// ---- stream behaviour ------------------------------------------------------------------
+
+/// A read returns what has arrived (possibly less than the buffer holds); read_exact and
+/// write_all loop over short transfers; a large write may be short but write_all sends all.
+pub fn short_reads_and_writes_are_completed_by_the_helpers<R: Runtime>() {
+    let big = pattern(8 << 20, 7);
+    let expect = big.clone();
+    let (addr, peer) = std_peer(move |mut s| {
+        s.write_all(b"abc").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        s.write_all(b"defgh").unwrap();
+        let mut got = vec![0; expect.len()];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == expect, "peer received different bytes");
+    });
+    run::<R, _>(|| async move {
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let BufResult(r, buf) = s.read(Vec::with_capacity(64)).await;
+        let n = r.unwrap();
+        assert!((1..=8).contains(&n), "first read got {n} bytes");
+        assert_eq!(&buf[..n], &b"abcdefgh"[..n]);
+        let rest = Vec::with_capacity(8 - n);
+        let BufResult(r, rest) = s.read_exact(rest).await;
+        r.unwrap();
+        let mut all = buf[..n].to_vec();
+        all.extend_from_slice(&rest);
+        assert_eq!(all, b"abcdefgh");
+        let BufResult(r, big) = s.write_all(big).await;
+        assert_eq!(r.unwrap(), 8 << 20);
+        assert_eq!(big.len(), 8 << 20, "the buffer comes back whole");
+    });
+    peer.join().unwrap();
+}
+
+/// A peer that closes is seen as a zero-length read, and read_exact reports UnexpectedEof
+/// with what it did read.
+pub fn eof_is_a_zero_length_read<R: Runtime>() {
+    let (addr, peer) = std_peer(|mut s| {
+        s.write_all(b"xy").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    run::<R, _>(|| async move {
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let BufResult(r, buf) = s.read_exact(Vec::with_capacity(4)).await;
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(&buf[..], b"xy", "what was read before the end is kept");
+        let BufResult(r, _) = s.read(Vec::with_capacity(4)).await;
+        assert_eq!(r.unwrap(), 0);
+        s.shutdown().await.unwrap();
+    });
+    peer.join().unwrap();
+}
+
+/// Failing operations hand the very same buffer back.
+pub fn the_buffer_comes_back_on_error<R: Runtime>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("write-only");
+    std::fs::write(&path, b"data").unwrap();
+    let (addr, peer) = std_peer(|s| {
+        // Reset the connection: SO_LINGER 0 then close sends RST.
+        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt with a valid linger struct on our own socket.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&l as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            )
+        };
+        drop(s);
+    });
+    run::<R, _>(|| async move {
+        // Reading a write-only file fails with EBADF.
+        let f = R::File::open_with(&path, OpenOptions { write: true, ..OpenOptions::default() }).await.unwrap();
+        let buf = Vec::with_capacity(4096);
+        let ptr = buf.as_ptr();
+        let BufResult(r, buf) = f.read_at(buf, 0).await;
+        assert!(r.is_err(), "reading a write-only file must fail");
+        assert_eq!((buf.as_ptr(), buf.capacity()), (ptr, 4096), "same buffer back");
+
+        // A reset connection fails reads or writes; the buffer comes back each time.
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        R::sleep(Duration::from_millis(100)).await;
+        let mut buf = pattern(64 << 10, 1);
+        let mut failed = false;
+        for _ in 0..64 {
+            let ptr = buf.as_ptr();
+            let BufResult(r, b) = s.write(buf).await;
+            assert_eq!(b.as_ptr(), ptr);
+            buf = b;
+            if r.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "writing to a reset connection must fail");
+        let rbuf = Vec::with_capacity(128);
+        let ptr = rbuf.as_ptr();
+        let BufResult(_, rbuf) = s.read(rbuf).await;
+        assert_eq!(rbuf.as_ptr(), ptr);
+    });
+    peer.join().unwrap();
+}
+
+/// A read cancelled by its deadline returns its buffer, and nothing the peer sent is lost:
+/// many reads with tiny deadlines race a trickling peer, and every byte arrives in order.
+pub fn cancelled_reads_return_the_buffer_and_lose_no_data<R: Runtime>() {
+    const TOTAL: usize = 400;
+    let (addr, peer) = std_peer(|mut s| {
+        for i in 0..TOTAL {
+            s.write_all(&[(i % 251) as u8]).unwrap();
+            // Gaps well past the read deadline (timer granularity is about 1 ms), so reads
+            // certainly time out between bursts.
+            if i % 7 == 0 {
+                thread::sleep(Duration::from_millis(4));
+            }
+        }
+        let mut done = [0u8; 1];
+        let _ = s.read(&mut done);
+    });
+    run::<R, _>(|| async move {
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let mut got = Vec::new();
+        let mut timeouts = 0;
+        let mut buf = Vec::with_capacity(3);
+        while got.len() < TOTAL {
+            let ptr = buf.as_ptr();
+            let BufResult(r, b) = read_timeout::<R, _, _>(&mut s, buf, Duration::from_millis(1)).await;
+            assert_eq!(b.as_ptr(), ptr, "the buffer comes back from a cancelled read");
+            match r {
+                Ok(0) => panic!("unexpected end of stream after {} bytes", got.len()),
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => timeouts += 1,
+                Err(e) => panic!("read failed: {e}"),
+            }
+            buf = b;
+        }
+        let expect: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, expect, "bytes lost or reordered across {timeouts} cancelled reads");
+        assert!(timeouts > 0, "the peer trickles, so some reads must have timed out");
+        let BufResult(r, _) = s.write_all(&b"!"[..]).await;
+        r.unwrap();
+    });
+    peer.join().unwrap();
+}
+
+/// Dropping an in-flight read never lets the kernel write into memory that was reused:
+/// buffers allocated after the drop keep their contents while the peer sends.
+pub fn a_dropped_read_never_writes_into_reused_memory<R: Runtime>() {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (addr, peer) = std_peer(move |mut s| {
+        go_rx.recv().unwrap();
+        s.write_all(&[0xAA; 4096]).unwrap();
+        thread::sleep(Duration::from_millis(100));
+    });
+    run::<R, _>(|| async move {
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        for _ in 0..8 {
+            let r = timeout::<R, _>(Duration::from_millis(5), s.read(vec![0u8; 4096])).await;
+            assert!(matches!(r, Err(Elapsed)), "nothing was sent yet");
+        }
+        let keep: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 4096]).collect();
+        go_tx.send(()).unwrap();
+        R::sleep(Duration::from_millis(60)).await;
+        for (i, b) in keep.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == i as u8), "buffer {i} was overwritten by a dropped read");
+        }
+    });
+    peer.join().unwrap();
+}
+
+/// Returning from the worker's main with operations still in flight (a read nobody answers, a
+/// long sleep, a UDP receive) tears the engine down cleanly.
+pub fn an_engine_stopped_with_operations_in_flight_exits_cleanly<R: Runtime>() {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    within(Duration::from_secs(30), "engine teardown", move || {
+        run::<R, _>(|| async move {
+            let s = R::TcpStream::connect(addr).await.unwrap();
+            drop(spawn::<R, _>(async move {
+                let mut s = s;
+                let _ = s.read(Vec::with_capacity(1024)).await;
+            }));
+            drop(spawn::<R, _>(async move { R::sleep(Duration::from_secs(3600)).await }));
+            let u = R::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            drop(spawn::<R, _>(async move {
+                let _ = u.recv_from(Vec::with_capacity(1500)).await;
+            }));
+            R::sleep(Duration::from_millis(20)).await;
+        });
+    });
+    drop(l);
+}
+
+/// Datagrams go out and come back with the right payload and source address.
+pub fn udp_round_trip<R: Runtime>() {
+    run::<R, _>(|| async move {
+        let a = R::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = R::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let BufResult(r, _) = a.send_to(pattern(1200, 3), ba).await;
+        assert_eq!(r.unwrap(), 1200);
+        let BufResult(r, buf) = b.recv_from(Vec::with_capacity(2048)).await;
+        let (n, from) = r.unwrap();
+        assert_eq!((n, from), (1200, aa));
+        assert_eq!(&buf[..n], &pattern(1200, 3)[..]);
+        let BufResult(r, _) = b.send_to(&b"pong"[..], from).await;
+        r.unwrap();
+        let BufResult(r, buf) = a.recv_from(Vec::with_capacity(16)).await;
+        assert_eq!(r.unwrap(), (4, ba));
+        assert_eq!(&buf[..4], b"pong");
+    });
+}
+
+/// Positional file I/O writes and reads where it is told to; metadata and fsync work.
+pub fn file_read_at_and_write_at<R: Runtime>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.bin");
+    let p2 = path.clone();
+    run::<R, _>(|| async move {
+        let f = R::File::open_with(&p2, OpenOptions::CREATE).await.unwrap();
+        let BufResult(r, _) = f.write_at(pattern(5000, 9), 0).await;
+        assert_eq!(r.unwrap(), 5000);
+        let BufResult(r, _) = f.write_at(&b"TAIL"[..], 10_000).await;
+        assert_eq!(r.unwrap(), 4);
+        f.sync_all().await.unwrap();
+        let m = f.metadata().await.unwrap();
+        assert_eq!(m.len, 10_004);
+        assert!(m.is_file && !m.is_dir);
+        let BufResult(r, buf) = f.read_at(Vec::with_capacity(100), 4950).await;
+        let n = r.unwrap();
+        assert_eq!(n, 100);
+        assert_eq!(&buf[..50], &pattern(5000, 9)[4950..]);
+        assert!(buf[50..].iter().all(|&b| b == 0), "the hole reads as zeros");
+        let BufResult(r, _) = f.read_at(Vec::with_capacity(100), 20_000).await;
+        assert_eq!(r.unwrap(), 0, "reading past the end is EOF");
+    });
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(&on_disk[..5000], &pattern(5000, 9)[..]);
+    assert_eq!(&on_disk[10_000..], b"TAIL");
+}
+
+/// Sleeps last at least their duration; timeouts fire on pending futures and pass ready ones.
+pub fn timers_and_timeouts<R: Runtime>() {
+    run::<R, _>(|| async move {
+        let t = Instant::now();
+        R::sleep(Duration::from_millis(30)).await;
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        let r = timeout::<R, _>(Duration::from_millis(10), std::future::pending::<()>()).await;
+        assert_eq!(r, Err(Elapsed));
+        let r = timeout::<R, _>(Duration::from_secs(10), async { 5 }).await;
+        assert_eq!(r, Ok(5));
+        let t = Instant::now();
+        let (a, b) = (spawn::<R, _>(R::sleep(Duration::from_millis(40))), spawn::<R, _>(R::sleep(Duration::from_millis(40))));
+        a.await.unwrap();
+        b.await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(40));
+    });
+}
+
+/// A foreign descriptor (a datagram socketpair) is not readable until its peer sends.
+pub fn fd_readiness_waits_for_data<R: Runtime>() {
+    use corepin::FdWatch;
+    let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
+    run::<R, _>(|| async move {
+        let w = R::FdWatch::new(fd).unwrap();
+        let early = timeout::<R, _>(Duration::from_millis(30), w.readable()).await;
+        assert!(early.is_err(), "readable before anything was sent");
+        let sender = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            b.send(b"x").unwrap();
+            b
+        });
+        timeout::<R, _>(Duration::from_secs(10), w.readable()).await.expect("readable after a send").unwrap();
+        let _b = sender.join().unwrap();
+        // Level-triggered: still readable while the byte is unread.
+        timeout::<R, _>(Duration::from_secs(10), w.readable()).await.expect("still readable").unwrap();
+    });
+    drop(a);
+}
+
+// ---- the launcher ----------------------------------------------------------------------
+
+struct RecordPlacement(Mutex<Vec<(usize, usize, usize, Vec<usize>, String)>>);
+
+impl App for RecordPlacement {
+    async fn run<R: Runtime>(&self, w: Worker) -> Result<(), AppError> {
+        let i = w.info();
+        let name = thread::current().name().unwrap_or("").to_string();
+        self.0.lock().unwrap().push((i.index, i.cpu, i.numa_node, current_thread_affinity(), name));
+        Ok(())
+    }
+}
+
+/// Every worker runs on a thread pinned to exactly its own CPU.
+pub fn each_worker_is_pinned_to_its_own_core<R: Runtime>() {
+    let app = Arc::new(RecordPlacement(Mutex::new(Vec::new())));
+    let server = start::<R, _>(&launch_cfg(CoreSelection::All), app.clone());
+    server.wait().unwrap();
+    let mut seen = app.0.lock().unwrap().clone();
+    seen.sort();
+    let cpus = Topology::discover().cpus().len();
+    assert_eq!(seen.len(), cpus);
+    for (index, cpu, _, affinity, name) in &seen {
+        assert_eq!(affinity, &vec![*cpu], "worker {index} is pinned to its cpu only");
+        assert!(name.starts_with("corepin-"), "thread named for its core: {name}");
+    }
+    let distinct: std::collections::BTreeSet<usize> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(distinct.len(), seen.len(), "one worker per core");
+}
+
+/// On a simulated two-node topology, workers are spread over both nodes and pinned.
+pub fn placement_spreads_over_a_simulated_two_node_topology<R: Runtime>() {
+    // Two nodes of one core each, numbered like this machine's CPUs 0 and 1.
+    let cfg = LaunchConfig { topology: Some(Topology::simulated(2, 1, 1)), ..launch_cfg(CoreSelection::Count(2)) };
+    let app = Arc::new(RecordPlacement(Mutex::new(Vec::new())));
+    let server = start::<R, _>(&cfg, app.clone());
+    let nodes: Vec<usize> = server.workers().iter().map(|w| w.numa_node).collect();
+    assert_eq!(nodes, vec![0, 1]);
+    server.wait().unwrap();
+    let mut seen = app.0.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen.iter().map(|s| (s.1, s.2)).collect::<Vec<_>>(), vec![(0, 0), (1, 1)]);
+    assert!(seen.iter().all(|s| s.3 == vec![s.1]));
+}
+
+struct CrossCore(Mutex<Vec<String>>);
+
+impl App for CrossCore {
+    async fn run<R: Runtime>(&self, w: Worker) -> Result<(), AppError> {
+        let me = w.info().index;
+        let other = (me + 1) % w.info().workers;
+        // The job runs on the other core and reports the thread it ran on.
+        let (thread_name, cpu) = corepin::submit_to(other, move || async move {
+            let w = Worker::current().unwrap();
+            R::sleep(Duration::from_millis(5)).await;
+            (thread::current().name().unwrap_or("").to_string(), w.info().cpu)
+        })
+        .await
+        .map_err(|e| AppError::msg(e.to_string()))?;
+        let missing = corepin::submit_to(99, || async {}).await;
+        assert_eq!(missing, Err(corepin::mesh::MeshError::NoSuchCore(99)));
+        self.0.lock().unwrap().push(format!("{me}->{other}:{thread_name}:{cpu}"));
+        // Stay until every worker has had its answer, so no inbox closes early.
+        while self.0.lock().unwrap().len() < w.info().workers {
+            R::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+}
+
+/// `submit_to` runs a job on another core and brings its result back.
+pub fn cross_core_messages_round_trip<R: Runtime>() {
+    let app = Arc::new(CrossCore(Mutex::new(Vec::new())));
+    let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), app.clone());
+    let cpus: Vec<usize> = server.workers().iter().map(|w| w.cpu).collect();
+    within(Duration::from_secs(30), "cross-core round trip", move || server.wait()).unwrap();
+    let mut got = app.0.lock().unwrap().clone();
+    got.sort();
+    let name = |cpu: usize| format!("corepin-w{cpu}");
+    assert_eq!(got, vec![format!("0->1:{}:{}", name(cpus[1]), cpus[1]), format!("1->0:{}:{}", name(cpus[0]), cpus[0])]);
+}
+
+struct Panics;
+
+impl App for Panics {
+    async fn run<R: Runtime>(&self, w: Worker) -> Result<(), AppError> {
+        if w.info().index == 1 {
+            R::sleep(Duration::from_millis(20)).await;
+            drop(spawn::<R, _>(async { panic!("deliberate test panic") }));
+        }
+        // The healthy worker serves until told to stop.
+        w.draining().await;
+        Ok(())
+    }
+}
+
+/// A panic on one worker stops every worker and is reported with its core.
+pub fn a_panicking_worker_stops_the_process_with_its_core<R: Runtime>() {
+    let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), Arc::new(Panics));
+    let cpu1 = server.workers()[1].cpu;
+    let err = within(Duration::from_secs(30), "panic shutdown", move || server.wait()).unwrap_err();
+    match err {
+        corepin::LaunchError::Panicked { cpu, message } => {
+            assert_eq!(cpu, cpu1);
+            assert!(message.contains("deliberate test panic"), "{message}");
+        }
+        other => panic!("expected a panic report, got {other}"),
+    }
+}
+
+fn echo_server<R: Runtime>(cores: CoreSelection, drain: Duration) -> (Server, SocketAddr) {
+    let cfg = LaunchConfig { drain_timeout: drain, ..launch_cfg(cores) };
+    let cpus = cfg.plan().unwrap();
+    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), corepin_echo::EchoFactory::default()).unwrap();
+    let addr = app.local_addr();
+    (Server::start::<R, _>(&cfg, &cpus, Arc::new(app)).unwrap(), addr)
+}
+
+fn echo_once(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut s = StdStream::connect(addr).unwrap();
+    let p = payload.to_vec();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        w.write_all(&p).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    got
+}
+
+/// SO_REUSEPORT spreads connections over the cores' listeners, and every echo is exact.
+pub fn reuseport_spreads_connections_across_cores<R: Runtime>() {
+    let (server, addr) = echo_server::<R>(CoreSelection::Count(2), Duration::from_secs(5));
+    for i in 0..64 {
+        let p = pattern(1000 + i * 37, i as u8);
+        assert_eq!(echo_once(addr, &p), p);
+    }
+    let counters = server.counters().clone();
+    let accepted: Vec<u64> =
+        (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(&counters.core(i).connections_accepted)).collect();
+    assert_eq!(accepted.iter().sum::<u64>(), 64);
+    assert!(accepted.iter().all(|&n| n > 0), "both cores accepted connections: {accepted:?}");
+    let bytes_in: u64 = (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(&counters.core(i).bytes_in)).sum();
+    let expect: u64 = (0..64).map(|i| 1000 + i * 37).sum();
+    assert_eq!(bytes_in, expect);
+    server.shutdown_handle().drain();
+    within(Duration::from_secs(30), "drain", move || server.wait()).unwrap();
+}
+
+/// Draining stops new connections, lets open ones finish, and closes stragglers at the
+/// deadline; the server then exits cleanly.
+pub fn graceful_drain_lets_open_connections_finish<R: Runtime>() {
+    let (server, addr) = echo_server::<R>(CoreSelection::Count(2), Duration::from_millis(1500));
+    let mut open: Vec<StdStream> = (0..8).map(|_| StdStream::connect(addr).unwrap()).collect();
+    for s in &mut open {
+        s.write_all(b"before").unwrap();
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).unwrap();
+    }
+    let handle = server.shutdown_handle();
+    handle.drain();
+    let waiter = thread::spawn(move || server.wait());
+    thread::sleep(Duration::from_millis(200));
+    // New connections are refused (or reset before any echo).
+    match StdStream::connect(addr) {
+        Err(_) => {}
+        Ok(mut s) => {
+            let _ = s.write_all(b"late");
+            let mut b = [0u8; 4];
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert!(!matches!(s.read(&mut b), Ok(4)), "a connection made while draining was served");
+        }
+    }
+    // Open connections still work while draining.
+    for s in &mut open[..4] {
+        s.write_all(b"during").unwrap();
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"during");
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    // The other four are left open: the deadline closes them (the client sees EOF).
+    for s in &mut open[4..] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "a straggler is closed at the drain deadline");
+    }
+    within(Duration::from_secs(30), "drain", move || waiter.join().unwrap()).unwrap();
+}
+
+/// The engine reports its capabilities inside a worker, naming itself and the ring flags.
+pub fn the_capability_report_describes_the_engine<R: Runtime>() {
+    let caps = run::<R, _>(|| async { R::capabilities() }).expect("a capability report inside the engine");
+    assert!(R::NAME.starts_with(caps.runtime), "{} vs {}", caps.runtime, R::NAME);
+    let text = caps.to_string();
+    assert!(text.contains("ring flags:") && text.contains("splice:") && text.contains("send_zc:"), "{text}");
+    match (&caps.driver, caps.ring_flags) {
+        (Driver::IoUring, Some(flags)) => {
+            assert!(caps.ring_flags_requested.fallbacks().contains(&flags), "accepted flags come from the fallback chain");
+            assert!(flags.single_issuer, "this kernel takes SINGLE_ISSUER: {text}");
+        }
+        (Driver::IoUring, None) => assert!(!caps.notes.is_empty(), "an engine that sets its own flags says so: {text}"),
+        (Driver::Epoll { reason }, _) => assert!(!reason.is_empty()),
+    }
+    assert!(R::capabilities().is_none(), "no report outside an engine");
+}
+
+struct Counting(AtomicUsize);
+
+impl App for Counting {
+    async fn run<R: Runtime>(&self, _w: Worker) -> Result<(), AppError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An app that returns on every core ends the server with success.
+pub fn a_finished_app_ends_the_server<R: Runtime>() {
+    let app = Arc::new(Counting(AtomicUsize::new(0)));
+    let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), app.clone());
+    server.wait().unwrap();
+    assert_eq!(app.0.load(Ordering::SeqCst), 2);
+}
+
+corepin::per_runtime_tests! {
+    short_reads_and_writes_are_completed_by_the_helpers,
+    eof_is_a_zero_length_read,
+    the_buffer_comes_back_on_error,
+    cancelled_reads_return_the_buffer_and_lose_no_data,
+    a_dropped_read_never_writes_into_reused_memory,
+    an_engine_stopped_with_operations_in_flight_exits_cleanly,
+    udp_round_trip,
+    file_read_at_and_write_at,
+    timers_and_timeouts,
+    fd_readiness_waits_for_data,
+    each_worker_is_pinned_to_its_own_core,
+    placement_spreads_over_a_simulated_two_node_topology,
+    cross_core_messages_round_trip,
+    a_panicking_worker_stops_the_process_with_its_core,
+    reuseport_spreads_connections_across_cores,
+    graceful_drain_lets_open_connections_finish,
+    the_capability_report_describes_the_engine,
+    a_finished_app_ends_the_server,
+}

@@ -1,0 +1,258 @@
+//! The `corepin` binary, end to end, on every compiled backend: exact echoes for 1,000
+//! concurrent clients with random payloads up to 1 MiB, workers pinned one per core, SIGTERM
+//! under load drains and exits 0, and bad arguments give one clear line and a failing exit.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_corepin");
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    banner: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_echo(runtime: &str, extra: &[&str]) -> Running {
+    let mut child = Command::new(BIN)
+        .args(["echo", "--runtime", runtime, "--cores", "all", "--listen", "127.0.0.1:0", "--drain-timeout", "20"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("corepin starts");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    let mut addr = None;
+    // The banner ends with the capability report's "rent I/O copies" line.
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("corepin exited before its banner was complete:\n{banner}");
+        }
+        if let Some(rest) = line.trim().strip_prefix("corepin echo listening on ") {
+            addr = Some(rest.parse().unwrap());
+        }
+        banner.push_str(&line);
+        if line.contains("rent I/O copies") {
+            // Notes may follow; they are printed before stdout is flushed, so read what is there.
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in out.lines() {});
+    Running { child, addr: addr.expect("the banner names the address"), banner }
+}
+
+/// Every thread named `corepin-*` of `pid` and the CPUs it may run on.
+fn worker_affinity(pid: u32) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        if !comm.starts_with("corepin-") || comm == "corepin-signals" {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string();
+        v.push((comm, cpus));
+    }
+    v.sort();
+    v
+}
+
+/// Sends a random slice of `data` (up to 1 MiB) on each of `clients` concurrent connections and
+/// checks each echo byte for byte. Returns the number of exact echoes.
+async fn load(
+    addr: SocketAddr,
+    clients: usize,
+    data: Arc<Vec<u8>>,
+    seed: u64,
+    pace: Option<Duration>,
+    done: Arc<std::sync::atomic::AtomicUsize>,
+) -> usize {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let len = rng.gen_range(0..=data.len());
+        let off = rng.gen_range(0..=data.len() - len);
+        let data = data.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut r, mut w) = s.into_split();
+            let d2 = data.clone();
+            let writer = tokio::spawn(async move {
+                match pace {
+                    // Paced: eight chunks with a pause between, so the connection stays open.
+                    Some(p) => {
+                        for chunk in d2[off..off + len].chunks(len.div_ceil(8).max(1)) {
+                            w.write_all(chunk).await.expect("write");
+                            tokio::time::sleep(p).await;
+                        }
+                    }
+                    None => w.write_all(&d2[off..off + len]).await.expect("write"),
+                }
+                w.shutdown().await.expect("shutdown");
+            });
+            let mut got = Vec::with_capacity(len);
+            r.read_to_end(&mut got).await.expect("read");
+            writer.await.unwrap();
+            assert!(got == data[off..off + len], "echo of {len} bytes differs");
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            1usize
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.expect("client task");
+    }
+    ok
+}
+
+fn random_block(seed: u64) -> Arc<Vec<u8>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; 1 << 20];
+    rng.fill(&mut v[..]);
+    Arc::new(v)
+}
+
+fn runtimes() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "monoio") {
+        v.push("monoio");
+    }
+    if cfg!(feature = "glommio") {
+        v.push("glommio");
+    }
+    if cfg!(feature = "tokio-uring") {
+        v.push("tokio-uring");
+    }
+    v
+}
+
+fn echo_end_to_end(runtime: &str, extra: &[&str]) {
+    let mut server = start_echo(runtime, extra);
+    assert!(server.banner.contains(&format!("runtime: {runtime}")), "{}", server.banner);
+    assert!(server.banner.contains("ring flags:"), "the capability report shows ring flags:\n{}", server.banner);
+
+    // One worker per core, each pinned to exactly its own CPU.
+    let pinned = worker_affinity(server.child.id());
+    let ncpu = corepin::topology::Topology::discover().cpus().len();
+    assert_eq!(pinned.len(), ncpu, "one worker thread per core: {pinned:?}");
+    for (name, cpus) in &pinned {
+        let cpu = name.strip_prefix("corepin-w").expect("worker threads are named corepin-w<cpu>");
+        assert_eq!(cpus, cpu, "{name} is pinned to its own core only");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let data = random_block(42);
+    let none_yet = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let exact = rt.block_on(load(server.addr, 1000, data.clone(), 7, None, none_yet));
+    assert_eq!(exact, 1000);
+
+    // SIGTERM during load: the server drains (open connections finish) and exits 0.
+    let addr = server.addr;
+    let pid = server.child.id() as i32;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let d2 = done.clone();
+    let (during, done_at_signal) = rt.block_on(async move {
+        let clients = tokio::spawn(load(addr, 200, data, 8, Some(Duration::from_millis(60)), d2));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let done_at_signal = done.load(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: kill(2) with our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        (clients.await, done_at_signal)
+    });
+    assert!(done_at_signal < 200, "the signal must land while clients are still sending");
+    assert_eq!(during.expect("clients finished"), 200, "connections open at SIGTERM are served to the end");
+    let status = wait_exit(&mut server.child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "drained and exited 0");
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "corepin did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn echo_serves_1000_concurrent_clients_exactly_and_drains_on_sigterm() {
+    for rt in runtimes() {
+        echo_end_to_end(rt, &[]);
+    }
+}
+
+#[test]
+fn echo_on_monoio_epoll_fallback_serves_1000_clients() {
+    if cfg!(feature = "monoio") {
+        let s = start_echo("monoio", &["--epoll"]);
+        assert!(s.banner.contains("epoll fallback"), "{}", s.banner);
+        drop(s);
+        echo_end_to_end("monoio", &["--epoll"]);
+    }
+}
+
+fn fails_with_one_line(args: &[&str], expect: &str) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one error line, got:\n{err}");
+    assert!(lines[0].contains(expect), "{args:?}: {:?} does not mention {expect:?}", lines[0]);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_arguments_give_one_clear_line_and_a_failing_exit() {
+    fails_with_one_line(&["echo", "--runtime", "nope"], "unknown runtime");
+    fails_with_one_line(&["echo", "--cores", "99-99"], "core 99 does not exist");
+    fails_with_one_line(&["echo", "--cores", "999"], "only");
+    fails_with_one_line(&["echo", "--cores", "x,y"], "bad core list");
+    fails_with_one_line(&["echo", "--listen", "not-an-address"], "--listen");
+    fails_with_one_line(&["echo", "--ring-flags", "turbo"], "unknown ring flag");
+    fails_with_one_line(&["echo", "--bogus"], "--bogus");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    fails_with_one_line(&["echo", "--listen", &addr], "address already in use");
+}
+
+#[allow(dead_code)]
+#[path = "../examples/uppercase.rs"]
+mod uppercase;
+
+#[test]
+fn the_uppercase_example_runs_on_every_backend() {
+    use std::io::{Read, Write};
+    for kind in corepin::RuntimeKind::compiled() {
+        let cfg = corepin::LaunchConfig { cores: corepin::topology::CoreSelection::Count(2), ..Default::default() };
+        let cpus = cfg.plan().unwrap();
+        let app = corepin::TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), uppercase::UpperFactory).unwrap();
+        let addr = app.local_addr();
+        let server = corepin::start(kind, &cfg, &cpus, Arc::new(app)).unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"hello, corepin\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "HELLO, COREPIN\n", "on {kind}");
+        server.shutdown_handle().drain();
+        server.wait().unwrap();
+    }
+}
