@@ -114,7 +114,10 @@ fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server) {
 
 fn run_echo(args: EchoArgs) -> Result<()> {
     let p = prepare(&args.common)?;
-    let listen: SocketAddr = args.listen.parse().with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:7000", args.listen))?;
+    let listen: SocketAddr = args
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:7000", args.listen))?;
     if args.buffer_size == 0 {
         anyhow::bail!("--buffer-size must be at least 1");
     }
@@ -163,7 +166,8 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COREPIN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("COREPIN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -56,12 +56,12 @@ fn start_echo(runtime: &str, extra: &[&str]) -> Running {
     Running { child, addr: addr.expect("the banner names the address"), banner }
 }
 
-/// Every thread named `corepin-*` of `pid` and the CPUs it may run on.
+/// Every worker thread (`corepin-w<cpu>`) of `pid` and the CPUs it may run on.
 fn worker_affinity(pid: u32) -> Vec<(String, String)> {
     let mut v = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
-        if !comm.starts_with("corepin-") || comm == "corepin-signals" {
+        if !comm.starts_with("corepin-w") {
             continue;
         }
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
@@ -243,7 +243,8 @@ fn the_uppercase_example_runs_on_every_backend() {
     for kind in corepin::RuntimeKind::compiled() {
         let cfg = corepin::LaunchConfig { cores: corepin::topology::CoreSelection::Count(2), ..Default::default() };
         let cpus = cfg.plan().unwrap();
-        let app = corepin::TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), uppercase::UpperFactory).unwrap();
+        let app =
+            corepin::TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), uppercase::UpperFactory).unwrap();
         let addr = app.local_addr();
         let server = corepin::start(kind, &cfg, &cpus, Arc::new(app)).unwrap();
         let mut s = std::net::TcpStream::connect(addr).unwrap();

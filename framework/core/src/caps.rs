@@ -111,7 +111,13 @@ impl fmt::Display for Capabilities {
             ("multishot recv", &self.multishot_recv),
             ("buffer rings", &self.buffer_rings),
         ] {
-            write!(f, "  {:<19} {} (kernel: {})", format!("{name}:"), if m.used { "used" } else { "not used" }, yes(m.kernel))?;
+            write!(
+                f,
+                "  {:<19} {} (kernel: {})",
+                format!("{name}:"),
+                if m.used { "used" } else { "not used" },
+                yes(m.kernel)
+            )?;
             if !m.used && !m.fallback.is_empty() {
                 write!(f, "; fallback: {}", m.fallback)?;
             }

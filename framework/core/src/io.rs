@@ -55,7 +55,10 @@ pub trait AsyncReadRentExt: AsyncReadRent {
                 match res {
                     Ok(0) => {
                         return BufResult(
-                            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended before the buffer was full")),
+                            Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "stream ended before the buffer was full",
+                            )),
                             buf,
                         )
                     }

@@ -172,8 +172,11 @@ impl Server {
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Capabilities, LaunchError>)>();
         let (exit_tx, exits) = mpsc::channel::<(usize, Exit)>();
         let mut threads = Vec::with_capacity(n);
-        let workers: Vec<WorkerInfo> =
-            cpus.iter().enumerate().map(|(index, c)| WorkerInfo { index, cpu: c.os, numa_node: c.numa, workers: n }).collect();
+        let workers: Vec<WorkerInfo> = cpus
+            .iter()
+            .enumerate()
+            .map(|(index, c)| WorkerInfo { index, cpu: c.os, numa_node: c.numa, workers: n })
+            .collect();
 
         for info in workers.iter().copied() {
             let settings = EngineSettings {
@@ -187,7 +190,17 @@ impl Server {
             let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
             let (pin, drain_timeout) = (cfg.pin, cfg.drain_timeout);
             let spawned = std::thread::Builder::new().name(format!("corepin-w{}", info.cpu)).spawn(move || {
-                let exit = worker_thread::<R, A>(info, settings, pin, drain_timeout, app, mesh.clone(), counters, shutdown.clone(), &ready_tx);
+                let exit = worker_thread::<R, A>(
+                    info,
+                    settings,
+                    pin,
+                    drain_timeout,
+                    app,
+                    mesh.clone(),
+                    counters,
+                    shutdown.clone(),
+                    &ready_tx,
+                );
                 if matches!(exit, Exit::Failed(_)) && shutdown.advance(Phase::Closing) {
                     mesh.wake_all();
                 }
@@ -235,7 +248,14 @@ impl Server {
             }
             return Err(e);
         }
-        Ok(Server { workers, capabilities: capabilities.into_iter().flatten().collect(), counters, handle, threads, exits })
+        Ok(Server {
+            workers,
+            capabilities: capabilities.into_iter().flatten().collect(),
+            counters,
+            handle,
+            threads,
+            exits,
+        })
     }
 
     /// Where each worker runs.
@@ -330,8 +350,10 @@ fn worker_thread<R: Runtime, A: App>(
                         let _ = ready.send((info.index, Ok(c)));
                     }
                     None => {
-                        let e = LaunchError::Worker { cpu: info.cpu, reason: "the engine reported no capabilities".into() };
-                        let _ = ready.send((info.index, Err(LaunchError::Worker { cpu: info.cpu, reason: e.to_string() })));
+                        let e =
+                            LaunchError::Worker { cpu: info.cpu, reason: "the engine reported no capabilities".into() };
+                        let _ =
+                            ready.send((info.index, Err(LaunchError::Worker { cpu: info.cpu, reason: e.to_string() })));
                         return Exit::Failed(e);
                     }
                 }
@@ -370,11 +392,14 @@ fn worker_thread<R: Runtime, A: App>(
     match outcome {
         Ok(Ok(exit)) => exit,
         Ok(Err(engine)) => {
-            let _ = ready.send((info.index, Err(LaunchError::Engine(EngineError::Build {
-                runtime: R::NAME,
-                cpu: info.cpu,
-                reason: engine.to_string(),
-            }))));
+            let _ = ready.send((
+                info.index,
+                Err(LaunchError::Engine(EngineError::Build {
+                    runtime: R::NAME,
+                    cpu: info.cpu,
+                    reason: engine.to_string(),
+                })),
+            ));
             Exit::Failed(engine.into())
         }
         Err(payload) => {

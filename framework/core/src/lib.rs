@@ -24,7 +24,7 @@ pub use caps::Capabilities;
 pub use io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
 pub use launcher::{App, AppError, LaunchConfig, LaunchError, Server, ShutdownHandle};
 pub use mesh::submit_to;
-pub use runtime::{EngineSettings, File, FdWatch, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
+pub use runtime::{EngineSettings, FdWatch, File, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
 pub use service::{Connection, Service, ServiceFactory, Stream};
 pub use tcp::TcpServer;
 pub use worker::{Worker, WorkerInfo};

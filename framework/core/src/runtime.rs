@@ -211,7 +211,8 @@ impl RingFlags {
     /// The flags corepin asks for by default: the measured best on a small VM.
     pub const BEST: Self = Self { single_issuer: true, defer_taskrun: true, coop_taskrun: false, sqpoll_idle_ms: None };
     /// No setup flags at all (the engines' own defaults).
-    pub const NONE: Self = Self { single_issuer: false, defer_taskrun: false, coop_taskrun: false, sqpoll_idle_ms: None };
+    pub const NONE: Self =
+        Self { single_issuer: false, defer_taskrun: false, coop_taskrun: false, sqpoll_idle_ms: None };
 
     /// The fallback chain tried in order, best first, ending with no flags.
     pub fn fallbacks(self) -> Vec<RingFlags> {

@@ -129,7 +129,9 @@ pub async fn read_timeout<R: Runtime, S: AsyncReadRent, B: IoBufMut>(
     })
     .await;
     match res {
-        Err(e) if is_cancelled(&e) => BufResult(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out")), buf),
+        Err(e) if is_cancelled(&e) => {
+            BufResult(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out")), buf)
+        }
         other => BufResult(other, buf),
     }
 }

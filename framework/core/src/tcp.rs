@@ -113,7 +113,8 @@ impl<F: ServiceFactory> App for TcpServer<F> {
             .ok_or_else(|| AppError::msg(format!("no listener prepared for worker {index}")))?;
         // Backends adopt the same descriptor, so its number stays valid for shutdown(2).
         let fd = std::os::fd::AsRawFd::as_raw_fd(&std_listener);
-        let listener = R::TcpListener::from_std(std_listener).map_err(|e| AppError::msg(format!("adopting the listener: {e}")))?;
+        let listener =
+            R::TcpListener::from_std(std_listener).map_err(|e| AppError::msg(format!("adopting the listener: {e}")))?;
         let service = Rc::new(self.factory.new_service::<R>(&worker));
         accept_loop::<R, F::Service<R>>(&listener, fd, &worker, service, self.max_connections_per_core).await;
         Ok(())

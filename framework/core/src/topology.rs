@@ -153,7 +153,8 @@ fn numa_from_sysfs() -> std::collections::HashMap<usize, usize> {
     let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else { return map };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(node) = name.to_str().and_then(|n| n.strip_prefix("node")).and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(node) = name.to_str().and_then(|n| n.strip_prefix("node")).and_then(|n| n.parse::<usize>().ok())
+        else {
             continue;
         };
         if let Ok(list) = std::fs::read_to_string(entry.path().join("cpulist")) {
@@ -219,7 +220,8 @@ impl Topology {
     }
 
     fn from_sysfs(numa: &std::collections::HashMap<usize, usize>) -> Vec<Cpu> {
-        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").map(|s| parse_cpu_list(&s)).unwrap_or_default();
+        let online =
+            std::fs::read_to_string("/sys/devices/system/cpu/online").map(|s| parse_cpu_list(&s)).unwrap_or_default();
         online
             .into_iter()
             .map(|os| {
@@ -243,7 +245,12 @@ impl Topology {
         let mut cpus = Vec::new();
         for t in 0..threads_per_core {
             for core in 0..cores {
-                cpus.push(Cpu { os: t * cores + core, core, package: core / cores_per_node, numa: core / cores_per_node });
+                cpus.push(Cpu {
+                    os: t * cores + core,
+                    core,
+                    package: core / cores_per_node,
+                    numa: core / cores_per_node,
+                });
             }
         }
         Topology { cpus, source: "simulated" }

@@ -128,7 +128,12 @@ thread_local! {
     static LOCAL: RefCell<Option<Rc<WorkerLocal>>> = const { RefCell::new(None) };
 }
 
-pub(crate) fn install(info: WorkerInfo, counters: Arc<Counters>, mesh: Arc<Mesh>, shutdown: Arc<Shutdown>) -> Rc<WorkerLocal> {
+pub(crate) fn install(
+    info: WorkerInfo,
+    counters: Arc<Counters>,
+    mesh: Arc<Mesh>,
+    shutdown: Arc<Shutdown>,
+) -> Rc<WorkerLocal> {
     let local = Rc::new(WorkerLocal {
         info,
         counters,

@@ -106,7 +106,9 @@ pub fn start<A: App>(kind: RuntimeKind, cfg: &LaunchConfig, cpus: &[Cpu], app: A
         #[cfg(feature = "tokio-uring")]
         RuntimeKind::TokioUring => Server::start::<TokioUringRuntime, A>(cfg, cpus, app),
         #[allow(unreachable_patterns)]
-        other => Err(LaunchError::Setup(RuntimeChoiceError::NotCompiled(other, names(&RuntimeKind::compiled())).to_string())),
+        other => {
+            Err(LaunchError::Setup(RuntimeChoiceError::NotCompiled(other, names(&RuntimeKind::compiled())).to_string()))
+        }
     }
 }
 

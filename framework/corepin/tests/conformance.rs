@@ -14,8 +14,8 @@ use corepin::runtime::{EngineSettings, OpenOptions};
 use corepin::task::{read_timeout, spawn, timeout, Elapsed};
 use corepin::topology::{current_thread_affinity, CoreSelection, Topology};
 use corepin::{
-    App, AppError, AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, BufResult, File, Runtime, Server,
-    TcpServer, TcpStream, UdpSocket, Worker,
+    App, AppError, AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, BufResult, File, Runtime,
+    Server, TcpServer, TcpStream, UdpSocket, Worker,
 };
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -135,8 +135,10 @@ pub fn the_buffer_comes_back_on_error<R: Runtime>() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("write-only");
     std::fs::write(&path, b"data").unwrap();
-    let (addr, peer) = std_peer(|s| {
-        // Reset the connection: SO_LINGER 0 then close sends RST.
+    let (connected_tx, connected_rx) = mpsc::channel::<()>();
+    let (addr, peer) = std_peer(move |s| {
+        // Wait until the client's connect has returned, then reset the connection:
+        // SO_LINGER 0 then close sends RST.
         let l = libc::linger { l_onoff: 1, l_linger: 0 };
         // SAFETY: setsockopt with a valid linger struct on our own socket.
         unsafe {
@@ -148,6 +150,7 @@ pub fn the_buffer_comes_back_on_error<R: Runtime>() {
                 std::mem::size_of::<libc::linger>() as u32,
             )
         };
+        let _ = connected_rx.recv();
         drop(s);
     });
     run::<R, _>(|| async move {
@@ -161,6 +164,7 @@ pub fn the_buffer_comes_back_on_error<R: Runtime>() {
 
         // A reset connection fails reads or writes; the buffer comes back each time.
         let mut s = R::TcpStream::connect(addr).await.unwrap();
+        connected_tx.send(()).unwrap();
         R::sleep(Duration::from_millis(100)).await;
         let mut buf = pattern(64 << 10, 1);
         let mut failed = false;
@@ -202,29 +206,29 @@ pub fn cancelled_reads_return_the_buffer_and_lose_no_data<R: Runtime>() {
     // Under the hang detector: an implementation that loses bytes leaves this loop waiting
     // for data that will never come.
     within(Duration::from_secs(60), "loss-free cancelled reads", move || {
-    run::<R, _>(|| async move {
-        let mut s = R::TcpStream::connect(addr).await.unwrap();
-        let mut got = Vec::new();
-        let mut timeouts = 0;
-        let mut buf = Vec::with_capacity(3);
-        while got.len() < TOTAL {
-            let ptr = buf.as_ptr();
-            let BufResult(r, b) = read_timeout::<R, _, _>(&mut s, buf, Duration::from_millis(1)).await;
-            assert_eq!(b.as_ptr(), ptr, "the buffer comes back from a cancelled read");
-            match r {
-                Ok(0) => panic!("unexpected end of stream after {} bytes", got.len()),
-                Ok(n) => got.extend_from_slice(&b[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => timeouts += 1,
-                Err(e) => panic!("read failed: {e}"),
+        run::<R, _>(|| async move {
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            let mut timeouts = 0;
+            let mut buf = Vec::with_capacity(3);
+            while got.len() < TOTAL {
+                let ptr = buf.as_ptr();
+                let BufResult(r, b) = read_timeout::<R, _, _>(&mut s, buf, Duration::from_millis(1)).await;
+                assert_eq!(b.as_ptr(), ptr, "the buffer comes back from a cancelled read");
+                match r {
+                    Ok(0) => panic!("unexpected end of stream after {} bytes", got.len()),
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => timeouts += 1,
+                    Err(e) => panic!("read failed: {e}"),
+                }
+                buf = b;
             }
-            buf = b;
-        }
-        let expect: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
-        assert_eq!(got, expect, "bytes lost or reordered across {timeouts} cancelled reads");
-        assert!(timeouts > 0, "the peer trickles, so some reads must have timed out");
-        let BufResult(r, _) = s.write_all(&b"!"[..]).await;
-        r.unwrap();
-    })
+            let expect: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+            assert_eq!(got, expect, "bytes lost or reordered across {timeouts} cancelled reads");
+            assert!(timeouts > 0, "the peer trickles, so some reads must have timed out");
+            let BufResult(r, _) = s.write_all(&b"!"[..]).await;
+            r.unwrap();
+        })
     });
     peer.join().unwrap();
 }
@@ -336,7 +340,8 @@ pub fn timers_and_timeouts<R: Runtime>() {
         let r = timeout::<R, _>(Duration::from_secs(10), async { 5 }).await;
         assert_eq!(r, Ok(5));
         let t = Instant::now();
-        let (a, b) = (spawn::<R, _>(R::sleep(Duration::from_millis(40))), spawn::<R, _>(R::sleep(Duration::from_millis(40))));
+        let (a, b) =
+            (spawn::<R, _>(R::sleep(Duration::from_millis(40))), spawn::<R, _>(R::sleep(Duration::from_millis(40))));
         a.await.unwrap();
         b.await.unwrap();
         assert!(t.elapsed() >= Duration::from_millis(40));
@@ -479,7 +484,8 @@ pub fn a_panicking_worker_stops_the_process_with_its_core<R: Runtime>() {
 fn echo_server<R: Runtime>(cores: CoreSelection, drain: Duration) -> (Server, SocketAddr) {
     let cfg = LaunchConfig { drain_timeout: drain, ..launch_cfg(cores) };
     let cpus = cfg.plan().unwrap();
-    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), corepin_echo::EchoFactory::default()).unwrap();
+    let app =
+        TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), corepin_echo::EchoFactory::default()).unwrap();
     let addr = app.local_addr();
     (Server::start::<R, _>(&cfg, &cpus, Arc::new(app)).unwrap(), addr)
 }
@@ -506,11 +512,13 @@ pub fn reuseport_spreads_connections_across_cores<R: Runtime>() {
         assert_eq!(echo_once(addr, &p), p);
     }
     let counters = server.counters().clone();
-    let accepted: Vec<u64> =
-        (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(&counters.core(i).connections_accepted)).collect();
+    let accepted: Vec<u64> = (0..counters.len())
+        .map(|i| corepin::worker::CoreCounters::get(&counters.core(i).connections_accepted))
+        .collect();
     assert_eq!(accepted.iter().sum::<u64>(), 64);
     assert!(accepted.iter().all(|&n| n > 0), "both cores accepted connections: {accepted:?}");
-    let bytes_in: u64 = (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(&counters.core(i).bytes_in)).sum();
+    let bytes_in: u64 =
+        (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(&counters.core(i).bytes_in)).sum();
     let expect: u64 = (0..64).map(|i| 1000 + i * 37).sum();
     assert_eq!(bytes_in, expect);
     server.shutdown_handle().drain();
@@ -566,7 +574,10 @@ pub fn the_capability_report_describes_the_engine<R: Runtime>() {
     assert!(text.contains("ring flags:") && text.contains("splice:") && text.contains("send_zc:"), "{text}");
     match (&caps.driver, caps.ring_flags) {
         (Driver::IoUring, Some(flags)) => {
-            assert!(caps.ring_flags_requested.fallbacks().contains(&flags), "accepted flags come from the fallback chain");
+            assert!(
+                caps.ring_flags_requested.fallbacks().contains(&flags),
+                "accepted flags come from the fallback chain"
+            );
             assert!(flags.single_issuer, "this kernel takes SINGLE_ISSUER: {text}");
         }
         (Driver::IoUring, None) => assert!(!caps.notes.is_empty(), "an engine that sets its own flags says so: {text}"),

@@ -136,9 +136,15 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
         ring_flags_requested: settings.ring_flags,
         ring_flags: flags,
         ring_entries: if uring { settings.ring_entries.max(256) } else { 0 },
-        splice: Mechanism::fallback(k.splice, "read + write (monoio splice is available to services through the file path)"),
+        splice: Mechanism::fallback(
+            k.splice,
+            "read + write (monoio splice is available to services through the file path)",
+        ),
         send_zc: Mechanism::fallback(k.send_zc, "send (monoio 0.2 has no SEND_ZC op)"),
-        registered_buffers: Mechanism::fallback(k.registered_buffers, "plain buffers (monoio 0.2 exposes no fixed buffers)"),
+        registered_buffers: Mechanism::fallback(
+            k.registered_buffers,
+            "plain buffers (monoio 0.2 exposes no fixed buffers)",
+        ),
         multishot_accept: Mechanism::fallback(k.multishot_accept, "one accept per connection"),
         multishot_recv: Mechanism::fallback(k.multishot_recv, "one recv per read"),
         buffer_rings: Mechanism::fallback(k.buffer_rings, "caller-owned buffers"),
@@ -168,7 +174,8 @@ impl rt::Runtime for MonoioRuntime {
         F: FnOnce() -> Fut,
         Fut: Future,
     {
-        let unavailable = if settings.force_fallback { Some("forced by configuration".to_string()) } else { io_uring_unavailable() };
+        let unavailable =
+            if settings.force_fallback { Some("forced by configuration".to_string()) } else { io_uring_unavailable() };
         let out = match unavailable {
             None => match build_uring(settings) {
                 Ok((r, flags)) => {
@@ -176,7 +183,10 @@ impl rt::Runtime for MonoioRuntime {
                     run_on(r, async move { main().await })
                 }
                 Err(reason) => {
-                    tracing::warn!(cpu = settings.cpu, "io_uring ring setup failed ({reason}); using monoio's epoll driver");
+                    tracing::warn!(
+                        cpu = settings.cpu,
+                        "io_uring ring setup failed ({reason}); using monoio's epoll driver"
+                    );
                     legacy(settings, format!("ring setup failed: {reason}"), main)?
                 }
             },
@@ -208,7 +218,11 @@ where
         .with_entries(settings.ring_entries)
         .enable_timer()
         .build()
-        .map_err(|e| EngineError::Build { runtime: "monoio", cpu: settings.cpu, reason: format!("epoll driver: {e}") })?;
+        .map_err(|e| EngineError::Build {
+            runtime: "monoio",
+            cpu: settings.cpu,
+            reason: format!("epoll driver: {e}"),
+        })?;
     CAPS.with(|c| *c.borrow_mut() = Some(report(Driver::Epoll { reason }, settings, None)));
     Ok(run_on(r, async move { main().await }))
 }

@@ -3,7 +3,9 @@
 
 use std::io;
 
-use corepin_core::{AsyncReadRent, AsyncWriteRentExt, BufResult, Connection, IoBuf, Runtime, Service, ServiceFactory, Worker};
+use corepin_core::{
+    AsyncReadRent, AsyncWriteRentExt, BufResult, Connection, IoBuf, Runtime, Service, ServiceFactory, Worker,
+};
 
 /// Builds one [`Echo`] per core.
 #[derive(Debug, Clone)]

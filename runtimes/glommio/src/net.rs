@@ -1,0 +1,262 @@
+//! TCP and UDP over glommio's sockets, with corepin's owned-buffer ("rent") I/O on top of
+//! glommio's readiness-based streams.
+//!
+//! Glommio's TCP stream is not completion-based: `poll_read` first tries a non-blocking
+//! `recv(2)` straight into the caller's memory and, when the socket is empty, arms an
+//! `IORING_OP_POLL_ADD` and waits for it; writes are a non-blocking `send(2)` with a POLL_ADD
+//! for writability when the socket buffer is full. No byte is ever held by the engine, so a
+//! read future can be dropped at any time without losing data, which is what makes
+//! [`read_cancelable`](AsyncReadRent::read_cancelable) simple here.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::pin::Pin;
+use std::task::Poll;
+
+use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
+use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
+use corepin_core::runtime;
+use futures_lite::io::{AsyncRead, AsyncWrite};
+
+use crate::engine::require_engine;
+use crate::to_io;
+
+/// `IOV_MAX` on Linux: a gather write sends at most this many buffers at once.
+const IOV_MAX: usize = 1024;
+
+/// A listening TCP socket (glommio `TcpListener`).
+pub struct GlommioTcpListener {
+    inner: glommio::net::TcpListener,
+}
+
+impl runtime::TcpListener for GlommioTcpListener {
+    type Stream = GlommioTcpStream;
+
+    fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
+        require_engine()?;
+        let fd = listener.into_raw_fd();
+        // SAFETY: `fd` is a bound, listening TCP socket whose ownership `into_raw_fd` just
+        // gave us; glommio's listener takes it over and closes it on drop.
+        let inner = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+        Ok(Self { inner })
+    }
+
+    async fn accept(&self) -> io::Result<(GlommioTcpStream, SocketAddr)> {
+        let stream = self.inner.accept().await.map_err(to_io)?;
+        let peer = stream.peer_addr().map_err(to_io)?;
+        Ok((GlommioTcpStream { inner: stream }, peer))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr().map_err(to_io)
+    }
+}
+
+/// A connected TCP stream (glommio `TcpStream`, unbuffered).
+pub struct GlommioTcpStream {
+    inner: glommio::net::TcpStream,
+}
+
+impl GlommioTcpStream {
+    /// Reads into `buf` through glommio's readiness-based `poll_read`; with `cancel`, stops
+    /// once it fires if nothing was read yet.
+    async fn read_into<B: IoBufMut>(&mut self, mut buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
+        let total = buf.bytes_total();
+        if total == 0 {
+            return BufResult(Ok(0), buf);
+        }
+        let ptr = buf.stable_mut_ptr();
+        let mut cancelled = cancel.map(CancelToken::cancelled);
+        let inner = &mut self.inner;
+        let res = poll_fn(|cx| {
+            // SAFETY: `ptr` is valid for writes of `total` bytes for as long as `buf` lives
+            // (IoBufMut contract), and `buf` is owned by this future and untouched until the
+            // poll_fn completes. The slice lives only for this call. Glommio's poll_read hands
+            // the pointer to recv(2), which only writes; nothing reads the bytes beyond the
+            // initialised prefix before `set_init` below records what recv wrote.
+            let slice = unsafe { std::slice::from_raw_parts_mut(ptr, total) };
+            if let Poll::Ready(r) = Pin::new(&mut *inner).poll_read(cx, slice) {
+                return Poll::Ready(r);
+            }
+            // Nothing was read and nothing is in flight that could consume bytes: the data
+            // stays in the socket, so stopping here loses nothing.
+            if let Some(c) = cancelled.as_mut() {
+                if Pin::new(c).poll(cx).is_ready() {
+                    return Poll::Ready(Err(cancelled_error()));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Ok(n) = res {
+            // SAFETY: recv(2) wrote `n <= total` bytes at the start of the buffer.
+            unsafe { buf.set_init(n) };
+        }
+        BufResult(res, buf)
+    }
+}
+
+impl AsyncReadRent for GlommioTcpStream {
+    fn read<B: IoBufMut>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
+        self.read_into(buf, None)
+    }
+
+    fn read_cancelable<B: IoBufMut>(
+        &mut self,
+        buf: B,
+        cancel: &CancelToken,
+    ) -> impl Future<Output = BufResult<usize, B>> {
+        self.read_into(buf, Some(cancel))
+    }
+}
+
+/// One non-blocking `sendmsg(2)` gathering `iov`: `None` when the socket buffer is full.
+fn try_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+    loop {
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: every iovec points at initialised bytes of a buffer the caller keeps alive
+        // for this call; the kernel only reads them. MSG_NOSIGNAL turns a closed peer into
+        // EPIPE instead of SIGPIPE.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r >= 0 {
+            return Some(Ok(r as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return None,
+            _ => return Some(Err(err)),
+        }
+    }
+}
+
+impl AsyncWriteRent for GlommioTcpStream {
+    /// A non-blocking `send(2)` straight from the caller's buffer (with MSG_NOSIGNAL, which
+    /// glommio's own send lacks); only when the socket buffer is full does glommio's write
+    /// path wait for writability (a POLL_ADD) and send.
+    async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        let init = buf.as_init_slice();
+        let iov = [libc::iovec { iov_base: init.as_ptr() as *mut libc::c_void, iov_len: init.len() }];
+        if let Some(res) = try_sendmsg(self.inner.as_raw_fd(), &iov) {
+            return BufResult(res, buf);
+        }
+        let inner = &mut self.inner;
+        let res = poll_fn(|cx| Pin::new(&mut *inner).poll_write(cx, buf.as_init_slice())).await;
+        BufResult(res, buf)
+    }
+
+    /// One `sendmsg(2)` gathering every buffer (up to `IOV_MAX`). When the socket buffer is
+    /// full, waits through glommio's write path with the first non-empty buffer and returns
+    /// what that wrote (a short write, which the contract allows).
+    async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| b.bytes_init() > 0)
+            .take(IOV_MAX)
+            .map(|b| libc::iovec { iov_base: b.stable_ptr() as *mut libc::c_void, iov_len: b.bytes_init() })
+            .collect();
+        if iov.is_empty() {
+            return BufResult(Ok(0), bufs);
+        }
+        if let Some(res) = try_sendmsg(self.inner.as_raw_fd(), &iov) {
+            return BufResult(res, bufs);
+        }
+        drop(iov);
+        let inner = &mut self.inner;
+        let res = match bufs.iter().find(|b| b.bytes_init() > 0) {
+            Some(first) => poll_fn(|cx| Pin::new(&mut *inner).poll_write(cx, first.as_init_slice())).await,
+            None => Ok(0),
+        };
+        BufResult(res, bufs)
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown(Shutdown::Write).await.map_err(to_io)
+    }
+}
+
+impl runtime::TcpStream for GlommioTcpStream {
+    async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        require_engine()?;
+        let inner = glommio::net::TcpStream::connect(addr).await.map_err(to_io)?;
+        Ok(Self { inner })
+    }
+
+    fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
+        require_engine()?;
+        let fd = stream.into_raw_fd();
+        // SAFETY: `fd` is a connected TCP socket whose ownership `into_raw_fd` just gave us;
+        // glommio's stream takes it over and closes it on drop.
+        let inner = unsafe { glommio::net::TcpStream::from_raw_fd(fd) };
+        Ok(Self { inner })
+    }
+
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.peer_addr().map_err(to_io)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr().map_err(to_io)
+    }
+
+    fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.inner.set_nodelay(on).map_err(to_io)
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+/// A UDP socket (glommio `UdpSocket`).
+///
+/// Glommio tries a non-blocking `sendmsg`/`recvmsg` on the caller's memory first; when it
+/// has to wait it goes through io_uring with a buffer of its own and copies.
+pub struct GlommioUdpSocket {
+    inner: glommio::net::UdpSocket,
+}
+
+impl runtime::UdpSocket for GlommioUdpSocket {
+    fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
+        require_engine()?;
+        let fd = socket.into_raw_fd();
+        // SAFETY: `fd` is a bound UDP socket whose ownership `into_raw_fd` just gave us;
+        // glommio's socket takes it over and closes it on drop.
+        let inner = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
+        Ok(Self { inner })
+    }
+
+    async fn send_to<B: IoBuf>(&self, buf: B, to: SocketAddr) -> BufResult<usize, B> {
+        let res = self.inner.send_to(buf.as_init_slice(), to).await.map_err(to_io);
+        BufResult(res, buf)
+    }
+
+    async fn recv_from<B: IoBufMut>(&self, mut buf: B) -> BufResult<(usize, SocketAddr), B> {
+        let total = buf.bytes_total();
+        // SAFETY: the memory is valid for writes of `total` bytes while `buf` lives (IoBufMut
+        // contract); `buf` is owned by this future and not touched until the receive ends.
+        // Glommio either recvmsg(2)s into it directly or copies a received datagram into it;
+        // it never reads the uninitialised bytes, and if this future is dropped mid-wait the
+        // kernel writes into glommio's own buffer, not this one.
+        let slice = unsafe { std::slice::from_raw_parts_mut(buf.stable_mut_ptr(), total) };
+        let res = self.inner.recv_from(slice).await.map_err(to_io);
+        if let Ok((n, _)) = res {
+            // SAFETY: `n <= total` bytes at the start of the buffer were written.
+            unsafe { buf.set_init(n.min(total)) };
+        }
+        BufResult(res, buf)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr().map_err(to_io)
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
