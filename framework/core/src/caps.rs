@@ -92,6 +92,9 @@ impl fmt::Display for Capabilities {
         }
         let req = self.ring_flags_requested.names();
         match &self.ring_flags {
+            _ if matches!(self.driver, Driver::Epoll { .. }) => {
+                writeln!(f, "  ring flags:         none (epoll driver, no ring)")?
+            }
             Some(got) => {
                 let got = got.names();
                 writeln!(

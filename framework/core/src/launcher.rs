@@ -357,6 +357,7 @@ fn worker_thread<R: Runtime, A: App>(
                         return Exit::Failed(e);
                     }
                 }
+                tracing::debug!(core = info.cpu, runtime = R::NAME, worker = info.index, "worker started");
                 drop(crate::task::spawn::<R, _>(inbox_loop::<R>(local.clone())));
                 let worker = Worker::current().expect("installed above");
                 let run = catch_panic(app.run::<R>(worker.clone()));
@@ -384,6 +385,7 @@ fn worker_thread<R: Runtime, A: App>(
                     worker.shut_down_connections();
                     let _ = race(worker.connections_idle(), R::sleep(Duration::from_secs(1))).await;
                 }
+                tracing::debug!(core = info.cpu, "worker stopped");
                 exit
             }
         })

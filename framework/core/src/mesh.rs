@@ -209,7 +209,7 @@ struct ReplySlot {
 }
 
 thread_local! {
-    static REPLIES: RefCell<slab::Slab<ReplySlot>> = RefCell::new(slab::Slab::new());
+    static REPLIES: RefCell<slab::Slab<ReplySlot>> = const { RefCell::new(slab::Slab::new()) };
 }
 
 fn complete(slot: usize, reply: Reply) {

@@ -373,7 +373,10 @@ pub fn fd_readiness_waits_for_data<R: Runtime>() {
 
 // ---- the launcher ----------------------------------------------------------------------
 
-struct RecordPlacement(Mutex<Vec<(usize, usize, usize, Vec<usize>, String)>>);
+/// (worker index, cpu, NUMA node, affinity, thread name) as each worker saw itself.
+type Placed = (usize, usize, usize, Vec<usize>, String);
+
+struct RecordPlacement(Mutex<Vec<Placed>>);
 
 impl App for RecordPlacement {
     async fn run<R: Runtime>(&self, w: Worker) -> Result<(), AppError> {
