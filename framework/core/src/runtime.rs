@@ -267,6 +267,25 @@ impl RingFlags {
         Ok(f)
     }
 
+    /// An `io_uring::Builder` (io-uring 0.6, the version monoio and tokio-uring use) with these
+    /// setup flags, for backends that let corepin configure their ring.
+    pub fn uring_builder(&self) -> io_uring::Builder {
+        let mut b = io_uring::IoUring::builder();
+        if self.single_issuer {
+            b.setup_single_issuer();
+        }
+        if self.defer_taskrun {
+            b.setup_defer_taskrun();
+        }
+        if self.coop_taskrun {
+            b.setup_coop_taskrun();
+        }
+        if let Some(ms) = self.sqpoll_idle_ms {
+            b.setup_sqpoll(ms);
+        }
+        b
+    }
+
     /// The accepted flags by their kernel names.
     pub fn names(&self) -> Vec<&'static str> {
         let mut v = Vec::new();

@@ -87,29 +87,12 @@ fn back<T, B>((res, buf): (io::Result<T>, Owned<B>)) -> BufResult<T, B> {
 type UringRt = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
 type LegacyRt = monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>;
 
-fn uring_builder(flags: RingFlags) -> io_uring::Builder {
-    let mut b = io_uring::IoUring::builder();
-    if flags.single_issuer {
-        b.setup_single_issuer();
-    }
-    if flags.defer_taskrun {
-        b.setup_defer_taskrun();
-    }
-    if flags.coop_taskrun {
-        b.setup_coop_taskrun();
-    }
-    if let Some(ms) = flags.sqpoll_idle_ms {
-        b.setup_sqpoll(ms);
-    }
-    b
-}
-
 fn build_uring(settings: &EngineSettings) -> Result<(UringRt, RingFlags), String> {
     let mut last = String::new();
     for flags in settings.ring_flags.fallbacks() {
         let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(settings.ring_entries)
-            .uring_builder(uring_builder(flags))
+            .uring_builder(flags.uring_builder())
             .enable_timer()
             .build();
         match built {

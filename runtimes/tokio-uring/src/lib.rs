@@ -73,7 +73,7 @@ impl TokioUringRuntime {
                     n.join("|")
                 }
             };
-            let urb = ring::uring_builder(flags);
+            let urb = flags.uring_builder();
             // Probe with a bare ring first: a refused flag costs one io_uring_setup, and a
             // failed tokio-uring Runtime::new would leak its tokio runtime (it is held in a
             // ManuallyDrop until the driver is built).

@@ -35,24 +35,6 @@ pub(crate) fn candidates(requested: RingFlags) -> (Vec<RingFlags>, Option<&'stat
     (usable, note)
 }
 
-/// An io_uring builder with `flags` set.
-pub(crate) fn uring_builder(flags: RingFlags) -> io_uring::Builder {
-    let mut b = io_uring::IoUring::builder();
-    if flags.single_issuer {
-        b.setup_single_issuer();
-    }
-    if flags.defer_taskrun {
-        b.setup_defer_taskrun();
-    }
-    if flags.coop_taskrun {
-        b.setup_coop_taskrun();
-    }
-    if let Some(ms) = flags.sqpoll_idle_ms {
-        b.setup_sqpoll(ms);
-    }
-    b
-}
-
 /// The capability report of a tokio-uring engine with `accepted` flags.
 pub(crate) fn capabilities(
     requested: RingFlags,
