@@ -18,6 +18,14 @@ def main():
     conns, msgs_per_conn = 16, 3000
     srv = subprocess.Popen([binary, "echo", "--runtime", runtime, "--cores", "0-0", "--listen", "127.0.0.1:0", *extra],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        probe(srv, runtime, extra, conns, msgs_per_conn)
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def probe(srv, runtime, extra, conns, msgs_per_conn):
     addr, flags = None, "?"
     for line in srv.stdout:
         if "listening on" in line:
@@ -61,8 +69,8 @@ def main():
     total = conns * msgs_per_conn
     hz = os.sysconf("SC_CLK_TCK")
     print(f"{runtime:12} {' '.join(extra) or '-':28} flags={flags:32} msgs/s={total / wall:9.0f}  "
-          f"server CPU/msg={ticks / hz / total * 1e6:6.2f} us")
-    srv.terminate(); srv.wait()
+          f"server CPU/msg={ticks / hz / total * 1e6:6.2f} us", flush=True)
 
 if __name__ == "__main__":
     main()
+

@@ -119,10 +119,7 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
         ring_flags_requested: settings.ring_flags,
         ring_flags: flags,
         ring_entries: if uring { settings.ring_entries.max(256) } else { 0 },
-        splice: Mechanism::fallback(
-            k.splice,
-            "read + write (monoio splice is available to services through the file path)",
-        ),
+        splice: Mechanism::fallback(k.splice, "read + write (the runtime contract has no splice op yet)"),
         send_zc: Mechanism::fallback(k.send_zc, "send (monoio 0.2 has no SEND_ZC op)"),
         registered_buffers: Mechanism::fallback(
             k.registered_buffers,
