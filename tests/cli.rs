@@ -228,6 +228,16 @@ fn bad_arguments_give_one_clear_line_and_a_failing_exit() {
     fails_with_one_line(&["echo", "--listen", "not-an-address"], "--listen");
     fails_with_one_line(&["echo", "--ring-flags", "turbo"], "unknown ring flag");
     fails_with_one_line(&["echo", "--bogus"], "--bogus");
+    // An engine that cannot start says so once, naming the one backend with a fallback.
+    for rt in ["glommio", "tokio-uring"].into_iter().filter(|r| runtimes().contains(r)) {
+        let out =
+            Command::new(BIN).args(["echo", "--runtime", rt, "--epoll", "--listen", "127.0.0.1:0"]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches("could not start").count(), 1, "the cause is stated once: {err}");
+        assert!(err.contains("monoio"), "points at the backend that has a fallback: {err}");
+        fails_with_one_line(&["echo", "--runtime", rt, "--epoll", "--listen", "127.0.0.1:0"], "could not start");
+    }
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     fails_with_one_line(&["echo", "--listen", &addr], "address already in use");

@@ -140,6 +140,12 @@ impl ShutdownHandle {
     }
 }
 
+/// What a worker thread tells the launcher: that its engine is up, then how it ended.
+enum Event {
+    Ready(usize, Capabilities),
+    Exit(Exit),
+}
+
 enum Exit {
     Done,
     Failed(LaunchError),
@@ -152,7 +158,9 @@ pub struct Server {
     counters: Arc<Counters>,
     handle: ShutdownHandle,
     threads: Vec<JoinHandle<()>>,
-    exits: mpsc::Receiver<(usize, Exit)>,
+    events: mpsc::Receiver<Event>,
+    /// Exits that arrived while `start` was still waiting for every worker to be ready.
+    early_exits: Vec<Exit>,
 }
 
 impl Server {
@@ -169,8 +177,7 @@ impl Server {
         let handle = ShutdownHandle { shutdown: shutdown.clone(), mesh: mesh.clone() };
         // Locked memory is a per-process budget; each engine gets an equal share.
         let memlock_budget = memlock_limit().map(|l| (l / n as u64) as usize).unwrap_or(64 << 20);
-        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Capabilities, LaunchError>)>();
-        let (exit_tx, exits) = mpsc::channel::<(usize, Exit)>();
+        let (event_tx, events) = mpsc::channel::<Event>();
         let mut threads = Vec::with_capacity(n);
         let workers: Vec<WorkerInfo> = cpus
             .iter()
@@ -187,7 +194,7 @@ impl Server {
                 force_fallback: cfg.force_fallback,
             };
             let (app, mesh, counters, shutdown) = (app.clone(), mesh.clone(), counters.clone(), shutdown.clone());
-            let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
+            let event_tx = event_tx.clone();
             let (pin, drain_timeout) = (cfg.pin, cfg.drain_timeout);
             let spawned = std::thread::Builder::new().name(format!("corepin-w{}", info.cpu)).spawn(move || {
                 let exit = worker_thread::<R, A>(
@@ -199,13 +206,13 @@ impl Server {
                     mesh.clone(),
                     counters,
                     shutdown.clone(),
-                    &ready_tx,
+                    &event_tx,
                 );
                 if matches!(exit, Exit::Failed(_)) && shutdown.advance(Phase::Closing) {
                     mesh.wake_all();
                 }
                 close_inbox(&mesh, info.index);
-                let _ = exit_tx.send((info.index, exit));
+                let _ = event_tx.send(Event::Exit(exit));
             });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -218,31 +225,29 @@ impl Server {
                 }
             }
         }
-        drop(ready_tx);
-        drop(exit_tx);
+        drop(event_tx);
 
+        // Wait until every engine is up, or for the first worker that ends in failure (its
+        // own error, as the worker raised it). Successful early exits are kept for `wait`.
         let mut capabilities: Vec<Option<Capabilities>> = vec![None; n];
+        let mut early_exits = Vec::new();
         let mut first_error = None;
-        for _ in 0..n {
-            match ready_rx.recv() {
-                Ok((i, Ok(c))) => capabilities[i] = Some(c),
-                Ok((_, Err(e))) => {
-                    first_error.get_or_insert(e);
-                    handle.close();
+        while capabilities.iter().any(Option::is_none) {
+            match events.recv() {
+                Ok(Event::Ready(i, c)) => capabilities[i] = Some(c),
+                Ok(Event::Exit(Exit::Failed(e))) => {
+                    first_error = Some(e);
+                    break;
                 }
-                Err(_) => break,
+                Ok(Event::Exit(done)) => early_exits.push(done),
+                Err(_) => {
+                    first_error = Some(LaunchError::Setup("a worker stopped before it was ready".into()));
+                    break;
+                }
             }
-        }
-        if first_error.is_none() && capabilities.iter().any(Option::is_none) {
-            // A worker ended before reporting ready: its exit says why.
-            if let Ok((_, Exit::Failed(e))) = exits.recv_timeout(Duration::from_secs(5)) {
-                first_error = Some(e);
-            } else {
-                first_error = Some(LaunchError::Setup("a worker stopped before it was ready".into()));
-            }
-            handle.close();
         }
         if let Some(e) = first_error {
+            handle.close();
             for t in threads {
                 let _ = t.join();
             }
@@ -254,7 +259,8 @@ impl Server {
             counters,
             handle,
             threads,
-            exits,
+            events,
+            early_exits,
         })
     }
 
@@ -278,14 +284,21 @@ impl Server {
     /// Waits for every worker to finish. The first failure closes the others and is returned.
     pub fn wait(self) -> Result<(), LaunchError> {
         let mut first_error = None;
-        for _ in 0..self.threads.len() {
-            match self.exits.recv() {
-                Ok((_, Exit::Done)) => {}
-                Ok((_, Exit::Failed(e))) => {
-                    self.handle.close();
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => break,
+        let mut exited = 0;
+        let mut next = self.early_exits.into_iter();
+        while exited < self.threads.len() {
+            let exit = match next.next() {
+                Some(exit) => exit,
+                None => match self.events.recv() {
+                    Ok(Event::Exit(exit)) => exit,
+                    Ok(Event::Ready(..)) => continue,
+                    Err(_) => break,
+                },
+            };
+            exited += 1;
+            if let Exit::Failed(e) = exit {
+                self.handle.close();
+                first_error.get_or_insert(e);
             }
         }
         for t in self.threads {
@@ -333,30 +346,26 @@ fn worker_thread<R: Runtime, A: App>(
     mesh: Arc<Mesh>,
     counters: Arc<Counters>,
     shutdown: Arc<Shutdown>,
-    ready: &mpsc::Sender<(usize, Result<Capabilities, LaunchError>)>,
+    events: &mpsc::Sender<Event>,
 ) -> Exit {
     if pin && !pin_current_thread(info.cpu) {
-        let e = LaunchError::Worker { cpu: info.cpu, reason: "sched_setaffinity refused to pin the thread".into() };
-        let _ = ready.send((info.index, Err(LaunchError::Worker { cpu: info.cpu, reason: e.to_string() })));
-        return Exit::Failed(e);
+        return Exit::Failed(LaunchError::Worker {
+            cpu: info.cpu,
+            reason: "sched_setaffinity refused to pin the thread".into(),
+        });
     }
     let local = install(info, counters, mesh, shutdown);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         R::block_on(&settings, || {
             let local = local.clone();
             async move {
-                match R::capabilities() {
-                    Some(c) => {
-                        let _ = ready.send((info.index, Ok(c)));
-                    }
-                    None => {
-                        let e =
-                            LaunchError::Worker { cpu: info.cpu, reason: "the engine reported no capabilities".into() };
-                        let _ =
-                            ready.send((info.index, Err(LaunchError::Worker { cpu: info.cpu, reason: e.to_string() })));
-                        return Exit::Failed(e);
-                    }
-                }
+                let Some(caps) = R::capabilities() else {
+                    return Exit::Failed(LaunchError::Worker {
+                        cpu: info.cpu,
+                        reason: "the engine reported no capabilities".into(),
+                    });
+                };
+                let _ = events.send(Event::Ready(info.index, caps));
                 tracing::debug!(core = info.cpu, runtime = R::NAME, worker = info.index, "worker started");
                 drop(crate::task::spawn::<R, _>(inbox_loop::<R>(local.clone())));
                 let worker = Worker::current().expect("installed above");
@@ -393,21 +402,9 @@ fn worker_thread<R: Runtime, A: App>(
     uninstall();
     match outcome {
         Ok(Ok(exit)) => exit,
-        Ok(Err(engine)) => {
-            let _ = ready.send((
-                info.index,
-                Err(LaunchError::Engine(EngineError::Build {
-                    runtime: R::NAME,
-                    cpu: info.cpu,
-                    reason: engine.to_string(),
-                })),
-            ));
-            Exit::Failed(engine.into())
-        }
+        Ok(Err(engine)) => Exit::Failed(engine.into()),
         Err(payload) => {
-            let message = crate::task::panic_message(&*payload);
-            let _ = ready.send((info.index, Err(LaunchError::Panicked { cpu: info.cpu, message: message.clone() })));
-            Exit::Failed(LaunchError::Panicked { cpu: info.cpu, message })
+            Exit::Failed(LaunchError::Panicked { cpu: info.cpu, message: crate::task::panic_message(&*payload) })
         }
     }
 }

@@ -227,17 +227,15 @@ where
     if settings.force_fallback {
         return Err(build_error(
             settings,
-            "a fallback driver was forced, but glommio has none: it runs on io_uring only (choose monoio or \
-             tokio-uring for an epoll fallback)"
+            "a fallback driver was forced, but glommio has none: it runs on io_uring only (monoio's epoll \
+             driver is the fallback: --runtime monoio --epoll)"
                 .into(),
         ));
     }
     if let Some(why) = caps::io_uring_unavailable() {
         return Err(build_error(
             settings,
-            format!(
-                "io_uring is unavailable ({why}) and glommio has no fallback driver (choose monoio or tokio-uring)"
-            ),
+            format!("io_uring is unavailable ({why}) and glommio has no fallback driver (monoio falls back to epoll)"),
         ));
     }
     let plan = plan(settings, caps::memlock_limit(), kernel_charges_rings()).map_err(|r| build_error(settings, r))?;

@@ -134,13 +134,13 @@ impl Runtime for TokioUringRuntime {
             return Err(Self::build_error(
                 settings,
                 "tokio-uring has no epoll fallback driver, so a forced fallback cannot be honoured; \
-                 use the monoio or glommio backend for a readiness-based engine",
+                 use the monoio backend, whose epoll driver is the readiness-based fallback",
             ));
         }
         if let Some(why) = io_uring_unavailable() {
             return Err(Self::build_error(
                 settings,
-                format!("{why}; tokio-uring has no epoll fallback, use the monoio or glommio backend"),
+                format!("{why}; tokio-uring has no epoll fallback, use the monoio backend (its epoll driver is the fallback)"),
             ));
         }
         if CAPS.with(|c| c.borrow().is_some()) || tokio::runtime::Handle::try_current().is_ok() {
