@@ -6,12 +6,11 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use crate::buf::{BufResult, IoBuf, IoBufMut};
 use crate::io::{AsyncReadRent, AsyncWriteRent, CancelToken};
 use crate::runtime::{Runtime, TcpStream};
-use crate::worker::{CoreCounters, Counters, Worker};
+use crate::worker::{CoreCounters, Worker};
 
 /// Answers requests of type `Req`.
 pub trait Service<Req> {
@@ -42,17 +41,17 @@ pub struct Connection<R: Runtime> {
     pub worker: Worker,
 }
 
-/// A stream that adds what it reads and writes to its core's byte counters.
+/// A stream that adds what it reads and writes to its core's byte counters. It reaches them
+/// through the core-local worker handle, so a connection touches no cross-core refcount.
 pub struct Stream<S> {
     inner: S,
-    counters: Arc<Counters>,
-    core: usize,
+    worker: Worker,
 }
 
 impl<S> Stream<S> {
-    /// Wraps `inner`, counting into worker `core`'s counters.
-    pub fn new(inner: S, counters: Arc<Counters>, core: usize) -> Self {
-        Self { inner, counters, core }
+    /// Wraps `inner`, counting into `worker`'s core counters.
+    pub fn new(inner: S, worker: Worker) -> Self {
+        Self { inner, worker }
     }
     /// The raw stream.
     pub fn get_ref(&self) -> &S {
@@ -64,10 +63,10 @@ impl<S> Stream<S> {
     }
     /// Adds `n` sent bytes (for transfers that bypass `write`, such as splice).
     pub fn count_out(&self, n: usize) {
-        CoreCounters::add(&self.counters.core(self.core).bytes_out, n as u64);
+        CoreCounters::add(&self.worker.counters().bytes_out, n as u64);
     }
     fn count_in(&self, n: usize) {
-        CoreCounters::add(&self.counters.core(self.core).bytes_in, n as u64);
+        CoreCounters::add(&self.worker.counters().bytes_in, n as u64);
     }
 }
 

@@ -154,7 +154,7 @@ async fn accept_loop<R: Runtime, S: Service<Connection<R>, Response = ()> + 'sta
                 let _ = stream.set_nodelay(true);
                 let guard = worker.register_connection(stream.as_raw_fd());
                 let conn = Connection {
-                    stream: Stream::new(stream, worker.all_counters().clone(), worker.info().index),
+                    stream: Stream::new(stream, worker.clone()),
                     peer,
                     worker: worker.clone(),
                 };
