@@ -153,11 +153,7 @@ async fn accept_loop<R: Runtime, S: Service<Connection<R>, Response = ()> + 'sta
                 }
                 let _ = stream.set_nodelay(true);
                 let guard = worker.register_connection(stream.as_raw_fd());
-                let conn = Connection {
-                    stream: Stream::new(stream, worker.clone()),
-                    peer,
-                    worker: worker.clone(),
-                };
+                let conn = Connection { stream: Stream::new(stream, worker.clone()), peer, worker: worker.clone() };
                 let svc = service.clone();
                 drop(spawn::<R, _>(async move {
                     if let Err(e) = svc.call(conn).await {

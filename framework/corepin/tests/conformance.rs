@@ -348,27 +348,46 @@ pub fn timers_and_timeouts<R: Runtime>() {
     });
 }
 
-/// A foreign descriptor (a datagram socketpair) is not readable until its peer sends.
-pub fn fd_readiness_waits_for_data<R: Runtime>() {
+/// Awaits readiness of `fd` through the runtime: not readable before `make_readable` runs
+/// (from another thread), readable after, and still readable while the data is unread.
+fn check_fd_readiness<R: Runtime>(fd: std::os::fd::RawFd, make_readable: impl FnOnce() + Send + 'static) {
     use corepin::FdWatch;
-    let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    a.set_nonblocking(true).unwrap();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
     run::<R, _>(|| async move {
         let w = R::FdWatch::new(fd).unwrap();
         let early = timeout::<R, _>(Duration::from_millis(30), w.readable()).await;
         assert!(early.is_err(), "readable before anything was sent");
-        let sender = thread::spawn(move || {
+        let writer = thread::spawn(move || {
             thread::sleep(Duration::from_millis(20));
-            b.send(b"x").unwrap();
-            b
+            make_readable();
         });
-        timeout::<R, _>(Duration::from_secs(10), w.readable()).await.expect("readable after a send").unwrap();
-        let _b = sender.join().unwrap();
-        // Level-triggered: still readable while the byte is unread.
+        timeout::<R, _>(Duration::from_secs(10), w.readable()).await.expect("readable after a write").unwrap();
+        writer.join().unwrap();
+        // Level-triggered: still readable while the data is unread.
         timeout::<R, _>(Duration::from_secs(10), w.readable()).await.expect("still readable").unwrap();
     });
+}
+
+/// A foreign socket (the datagram socketpair the mesh uses as a doorbell) and a foreign
+/// non-socket descriptor (an eventfd, the shape of AF_XDP wakeups) are awaited natively.
+pub fn fd_readiness_waits_for_data<R: Runtime>() {
+    let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    check_fd_readiness::<R>(std::os::fd::AsRawFd::as_raw_fd(&a), move || {
+        b.send(b"x").unwrap();
+    });
     drop(a);
+
+    // SAFETY: eventfd returns a new descriptor we own (or -1, checked below).
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(efd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: `efd` was just created and is owned by nobody else.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+    check_fd_readiness::<R>(efd, move || {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a valid buffer to the eventfd, which outlives this call.
+        assert_eq!(unsafe { libc::write(efd, one.as_ptr().cast(), 8) }, 8);
+    });
+    drop(owned);
 }
 
 // ---- the launcher ----------------------------------------------------------------------
