@@ -547,6 +547,52 @@ pub fn reuseport_spreads_connections_across_cores<R: Runtime>() {
     within(Duration::from_secs(30), "drain", move || server.wait()).unwrap();
 }
 
+/// A core at its connection limit closes new connections at once and keeps serving the
+/// open ones; once one closes, new connections are served again.
+pub fn connections_beyond_the_per_core_limit_are_closed<R: Runtime>() {
+    let cfg = launch_cfg(CoreSelection::Count(1));
+    let cpus = cfg.plan().unwrap();
+    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), 1, corepin_echo::EchoFactory::default())
+        .unwrap()
+        .max_connections_per_core(2);
+    let addr = app.local_addr();
+    let server = Server::start::<R, _>(&cfg, &cpus, Arc::new(app)).unwrap();
+    let roundtrip = |s: &mut StdStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut b = vec![0u8; msg.len()];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(b, msg);
+    };
+    let mut first = StdStream::connect(addr).unwrap();
+    let mut second = StdStream::connect(addr).unwrap();
+    roundtrip(&mut first, b"one");
+    roundtrip(&mut second, b"two");
+    let mut third = StdStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = third.write_all(b"three");
+    let mut b = [0u8; 5];
+    assert!(!matches!(third.read(&mut b), Ok(n) if n > 0), "a connection over the limit was served");
+    roundtrip(&mut first, b"still served");
+    drop(second);
+    // The slot frees once the server sees the close; retry until a new connection is served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = StdStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"again");
+        let mut b = [0u8; 5];
+        if matches!(s.read_exact(&mut b), Ok(())) {
+            assert_eq!(&b, b"again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a freed slot was never reused");
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(first);
+    server.shutdown_handle().drain();
+    within(Duration::from_secs(30), "drain", move || server.wait()).unwrap();
+}
+
 /// Draining stops new connections, lets open ones finish, and closes stragglers at the
 /// deadline; the server then exits cleanly.
 pub fn graceful_drain_lets_open_connections_finish<R: Runtime>() {
@@ -641,6 +687,7 @@ corepin::per_runtime_tests! {
     cross_core_messages_round_trip,
     a_panicking_worker_stops_the_process_with_its_core,
     reuseport_spreads_connections_across_cores,
+    connections_beyond_the_per_core_limit_are_closed,
     graceful_drain_lets_open_connections_finish,
     the_capability_report_describes_the_engine,
     a_finished_app_ends_the_server,
