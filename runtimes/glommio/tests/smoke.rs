@@ -6,22 +6,18 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
 use corepin_core::buf::{BufResult, IoBuf};
 use corepin_core::caps::Driver;
 use corepin_core::io::{is_cancelled, AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
-use corepin_core::runtime::{
-    EngineError, EngineSettings, FdWatch, File, OpenOptions, Runtime, TcpListener, TcpStream, UdpSocket,
-};
+use corepin_core::runtime::{EngineError, EngineSettings, FdWatch, Runtime, TcpListener, TcpStream};
 use corepin_core::task::{spawn, timeout};
 use corepin_glommio::GlommioRuntime as G;
 
 type Listener = <G as Runtime>::TcpListener;
 type Stream = <G as Runtime>::TcpStream;
-type Udp = <G as Runtime>::UdpSocket;
 type Watch = <G as Runtime>::FdWatch;
 
 const LONG: Duration = Duration::from_secs(5);
@@ -187,89 +183,6 @@ fn read_cancelable_returns_the_buffer_and_loses_no_data() {
     });
 }
 
-#[test]
-fn udp_round_trip() {
-    run(|| async {
-        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let b = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let a_addr = a.local_addr().unwrap();
-        let b_addr = b.local_addr().unwrap();
-        assert!(a.as_raw_fd() >= 0);
-
-        // b waits first (the io_uring recvmsg path), then a sends.
-        let receiver = spawn::<G, _>(async move {
-            let BufResult(r, buf) = b.recv_from(Vec::with_capacity(1500)).await;
-            let (n, from) = r.unwrap();
-            (n, from, buf, b)
-        });
-        G::sleep(Duration::from_millis(20)).await;
-        let BufResult(r, _) = a.send_to(b"ping".to_vec(), b_addr).await;
-        assert_eq!(r.unwrap(), 4);
-        let (n, from, buf, b) = receiver.await.unwrap();
-        assert_eq!((n, from), (4, a_addr));
-        assert_eq!(&buf[..], b"ping");
-
-        // The reply finds the datagram already queued (the direct recvmsg path).
-        let BufResult(r, _) = b.send_to(&b"pong!"[..], a_addr).await;
-        assert_eq!(r.unwrap(), 5);
-        G::sleep(Duration::from_millis(10)).await;
-        let BufResult(r, buf) = timeout::<G, _>(LONG, a.recv_from(Vec::with_capacity(16))).await.unwrap();
-        assert_eq!(r.unwrap(), (5, b_addr));
-        assert_eq!(&buf[..], b"pong!");
-    });
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("corepin-glommio-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[test]
-fn file_write_at_read_at_metadata_sync() {
-    let dir = TempDir::new("file");
-    let path = dir.0.join("data.bin");
-    let p2 = path.clone();
-    run(move || async move {
-        let f = <G as Runtime>::File::open_with(&p2, OpenOptions::CREATE).await.unwrap();
-        let BufResult(r, _) = f.write_at(b"hello world".to_vec(), 0).await;
-        assert_eq!(r.unwrap(), 11);
-        let BufResult(r, _) = f.write_at("glommio", 6).await;
-        assert_eq!(r.unwrap(), 7);
-        f.sync_all().await.unwrap();
-        let md = f.metadata().await.unwrap();
-        assert_eq!(md.len, 13);
-        assert!(md.is_file && !md.is_dir);
-        assert!(f.as_raw_fd() >= 0);
-
-        let r = <G as Runtime>::File::open(&p2).await.unwrap();
-        let BufResult(res, buf) = r.read_at(Vec::with_capacity(64), 0).await;
-        assert_eq!(res.unwrap(), 13);
-        assert_eq!(&buf[..], b"hello glommio");
-        let BufResult(res, buf) = r.read_at(Vec::with_capacity(4), 6).await;
-        assert_eq!(res.unwrap(), 4);
-        assert_eq!(&buf[..], b"glom");
-        let BufResult(res, _) = r.read_at(Vec::with_capacity(4), 100).await;
-        assert_eq!(res.unwrap(), 0, "reading past the end is end of file");
-
-        let missing = <G as Runtime>::File::open(&p2.with_extension("missing")).await;
-        let err = missing.err().expect("opening a missing file fails");
-        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-    });
-    assert_eq!(std::fs::read(&path).unwrap(), b"hello glommio");
-}
-
 /// Spawns `watch.readable()` and returns a flag that turns true when it completes.
 fn watch_in_background(watch: Rc<Watch>) -> Rc<Cell<bool>> {
     let fired = Rc::new(Cell::new(false));
@@ -289,68 +202,6 @@ async fn wait_for(flag: &Cell<bool>) {
         G::sleep(Duration::from_millis(10)).await;
     }
     panic!("the watch never completed");
-}
-
-#[test]
-fn fd_watch_on_a_unix_datagram_socketpair() {
-    run(|| async {
-        let (a, b) = UnixDatagram::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        let watch = Rc::new(Watch::new(a.as_raw_fd()).unwrap());
-
-        let fired = watch_in_background(watch.clone());
-        G::sleep(Duration::from_millis(50)).await;
-        assert!(!fired.get(), "readable before anything was sent");
-
-        b.send(b"ding").unwrap();
-        wait_for(&fired).await;
-
-        // Level-triggered and non-consuming: still readable, and the datagram is intact.
-        timeout::<G, _>(LONG, watch.readable()).await.unwrap().unwrap();
-        let mut buf = [0u8; 16];
-        assert_eq!(a.recv(&mut buf).unwrap(), 4);
-        assert_eq!(&buf[..4], b"ding");
-
-        // Drained: not readable again until the next send.
-        let again = watch_in_background(watch.clone());
-        G::sleep(Duration::from_millis(50)).await;
-        assert!(!again.get(), "readable after the socket was drained");
-        b.send(b"dong").unwrap();
-        wait_for(&again).await;
-        assert_eq!(a.recv(&mut buf).unwrap(), 4);
-    });
-}
-
-#[test]
-fn fd_watch_on_an_eventfd() {
-    run(|| async {
-        // SAFETY: eventfd returns a fresh descriptor (or -1, checked below).
-        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: `raw` is a fresh descriptor we own.
-        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let watch = Rc::new(Watch::new(efd.as_raw_fd()).unwrap());
-
-        let fired = watch_in_background(watch.clone());
-        G::sleep(Duration::from_millis(50)).await;
-        assert!(!fired.get(), "readable before the eventfd was written");
-
-        let mut file = std::fs::File::from(efd.try_clone().unwrap());
-        file.write_all(&1u64.to_ne_bytes()).unwrap();
-        wait_for(&fired).await;
-        timeout::<G, _>(LONG, watch.readable()).await.unwrap().unwrap();
-
-        // Reading the counter makes it not readable again.
-        let mut v = [0u8; 8];
-        // SAFETY: `v` is 8 writable bytes, as eventfd reads need.
-        assert_eq!(unsafe { libc::read(efd.as_raw_fd(), v.as_mut_ptr().cast(), 8) }, 8);
-        assert_eq!(u64::from_ne_bytes(v), 1);
-        let again = watch_in_background(watch.clone());
-        G::sleep(Duration::from_millis(50)).await;
-        assert!(!again.get(), "readable after the counter was read");
-        file.write_all(&2u64.to_ne_bytes()).unwrap();
-        wait_for(&again).await;
-    });
 }
 
 #[test]
@@ -404,121 +255,4 @@ fn a_watch_whose_wait_was_dropped_still_works() {
         std::fs::File::from(efd.try_clone().unwrap()).write_all(&1u64.to_ne_bytes()).unwrap();
         timeout::<G, _>(LONG, watch.readable()).await.expect("readable after a write").unwrap();
     });
-}
-
-#[test]
-fn writes_to_a_reset_connection_fail_and_return_the_buffer() {
-    run(|| async {
-        let (s, mut c) = pair().await;
-        let l = libc::linger { l_onoff: 1, l_linger: 0 };
-        // SAFETY: setsockopt with a valid linger struct on a socket we own.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&l as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0);
-        drop(s); // RST
-        G::sleep(Duration::from_millis(20)).await;
-        let mut buf = vec![1u8; 64 << 10];
-        let mut failed = false;
-        for _ in 0..64 {
-            let ptr = buf.as_ptr();
-            let BufResult(r, b) = c.write(buf).await;
-            assert_eq!(b.as_ptr(), ptr);
-            buf = b;
-            if r.is_err() {
-                failed = true;
-                break;
-            }
-        }
-        assert!(failed, "writing to a reset connection fails");
-        let BufResult(r, b) = c.writev(vec![vec![1u8; 16]]).await;
-        assert!(r.is_err());
-        assert_eq!(b.len(), 1);
-    });
-}
-
-#[test]
-fn an_engine_stopped_with_operations_in_flight_exits_cleanly() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        run(|| async move {
-            let s = Stream::connect(addr).await.unwrap();
-            G::spawn_detached(async move {
-                let mut s = s;
-                let _ = s.read(Vec::with_capacity(1024)).await;
-            });
-            G::spawn_detached(async move { G::sleep(Duration::from_secs(3600)).await });
-            let u = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            G::spawn_detached(async move {
-                let _ = u.recv_from(Vec::with_capacity(1500)).await;
-            });
-            let (a, _b) = UnixDatagram::pair().unwrap();
-            G::spawn_detached(async move {
-                let w = Watch::new(a.as_raw_fd()).unwrap();
-                let _ = w.readable().await;
-                drop(a);
-            });
-            G::sleep(Duration::from_millis(20)).await;
-        });
-        let _ = tx.send(());
-    });
-    rx.recv_timeout(Duration::from_secs(30)).expect("the engine tears down with operations in flight");
-    drop(l);
-}
-
-#[test]
-fn many_cancelled_reads_against_a_trickling_peer_lose_nothing() {
-    const TOTAL: usize = 300;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let peer = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        for i in 0..TOTAL {
-            s.write_all(&[(i % 251) as u8]).unwrap();
-            if i % 7 == 0 {
-                std::thread::sleep(Duration::from_millis(3));
-            }
-        }
-        let mut done = [0u8; 1];
-        let _ = std::io::Read::read(&mut s, &mut done);
-    });
-    run(|| async move {
-        let mut s = Stream::connect(addr).await.unwrap();
-        let mut got = Vec::new();
-        let mut cancelled = 0;
-        let mut buf = Vec::with_capacity(3);
-        while got.len() < TOTAL {
-            let token = CancelToken::new();
-            let t2 = token.clone();
-            G::spawn_detached(async move {
-                G::sleep(Duration::from_millis(1)).await;
-                t2.cancel();
-            });
-            let ptr = buf.as_ptr();
-            let BufResult(r, b) = s.read_cancelable(buf, &token).await;
-            assert_eq!(b.as_ptr(), ptr, "the same buffer comes back");
-            match r {
-                Ok(0) => panic!("unexpected end of stream after {} bytes", got.len()),
-                Ok(n) => got.extend_from_slice(&b[..n]),
-                Err(e) if is_cancelled(&e) => cancelled += 1,
-                Err(e) => panic!("read failed: {e}"),
-            }
-            buf = b;
-            buf.clear();
-        }
-        let expect: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
-        assert_eq!(got, expect, "bytes lost or reordered across {cancelled} cancelled reads");
-        assert!(cancelled > 0, "the peer trickles, so some reads were cancelled");
-        let BufResult(r, _) = s.write_all(&b"!"[..]).await;
-        r.unwrap();
-    });
-    peer.join().unwrap();
 }
