@@ -142,7 +142,7 @@ impl ShutdownHandle {
 
 /// What a worker thread tells the launcher: that its engine is up, then how it ended.
 enum Event {
-    Ready(usize, Capabilities),
+    Ready(usize, Box<Capabilities>),
     Exit(Exit),
 }
 
@@ -234,7 +234,7 @@ impl Server {
         let mut first_error = None;
         while capabilities.iter().any(Option::is_none) {
             match events.recv() {
-                Ok(Event::Ready(i, c)) => capabilities[i] = Some(c),
+                Ok(Event::Ready(i, c)) => capabilities[i] = Some(*c),
                 Ok(Event::Exit(Exit::Failed(e))) => {
                     first_error = Some(e);
                     break;
@@ -365,7 +365,7 @@ fn worker_thread<R: Runtime, A: App>(
                         reason: "the engine reported no capabilities".into(),
                     });
                 };
-                let _ = events.send(Event::Ready(info.index, caps));
+                let _ = events.send(Event::Ready(info.index, Box::new(caps)));
                 tracing::debug!(core = info.cpu, runtime = R::NAME, worker = info.index, "worker started");
                 drop(crate::task::spawn::<R, _>(inbox_loop::<R>(local.clone())));
                 let worker = Worker::current().expect("installed above");

@@ -109,10 +109,6 @@ fn build_uring(settings: &EngineSettings) -> Result<(UringRt, RingFlags), String
 fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -> Capabilities {
     let k = KernelSupport::get();
     let uring = driver == Driver::IoUring;
-    let mut notes = Vec::new();
-    if settings.memlock_budget < 64 * 1024 {
-        notes.push(format!("memlock budget {} B: no registered buffers", settings.memlock_budget));
-    }
     Capabilities {
         runtime: "monoio",
         driver,
@@ -130,7 +126,7 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
         buffer_rings: Mechanism::fallback(k.buffer_rings, "caller-owned buffers"),
         fd_readiness: if uring { "io_uring POLL_ADD (native)" } else { "epoll (native)" },
         rent_copies: false,
-        notes,
+        notes: Vec::new(),
     }
 }
 
