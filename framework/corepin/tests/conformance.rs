@@ -475,6 +475,30 @@ pub fn cross_core_messages_round_trip<R: Runtime>() {
     assert_eq!(got, vec![format!("0->1:{}:{}", name(cpus[1]), cpus[1]), format!("1->0:{}:{}", name(cpus[0]), cpus[0])]);
 }
 
+struct PanickingJob(Mutex<Option<Result<(), corepin::mesh::MeshError>>>);
+
+impl App for PanickingJob {
+    async fn run<R: Runtime>(&self, w: Worker) -> Result<(), AppError> {
+        if w.info().index == 0 {
+            let r = corepin::submit_to(1, || async { panic!("deliberate job panic") }).await;
+            *self.0.lock().unwrap() = Some(r);
+        }
+        w.draining().await;
+        Ok(())
+    }
+}
+
+/// A job that panics on its target answers the caller with `Panicked`, and the target worker
+/// then stops the process like any other panic.
+pub fn a_panicking_cross_core_job_answers_its_caller<R: Runtime>() {
+    let app = Arc::new(PanickingJob(Mutex::new(None)));
+    let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), app.clone());
+    let cpu1 = server.workers()[1].cpu;
+    let err = within(Duration::from_secs(30), "panic shutdown", move || server.wait()).unwrap_err();
+    assert!(matches!(err, corepin::LaunchError::Panicked { cpu, .. } if cpu == cpu1), "{err}");
+    assert_eq!(*app.0.lock().unwrap(), Some(Err(corepin::mesh::MeshError::Panicked(1))));
+}
+
 struct Panics;
 
 impl App for Panics {
@@ -685,6 +709,7 @@ corepin::per_runtime_tests! {
     each_worker_is_pinned_to_its_own_core,
     placement_spreads_over_a_simulated_two_node_topology,
     cross_core_messages_round_trip,
+    a_panicking_cross_core_job_answers_its_caller,
     a_panicking_worker_stops_the_process_with_its_core,
     reuseport_spreads_connections_across_cores,
     connections_beyond_the_per_core_limit_are_closed,
