@@ -1,6 +1,7 @@
 //! The `corepin` command: runs corepin's reference services on a chosen backend.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// TCP echo: returns every byte a client sends.
     Echo(EchoArgs),
+    /// Static file server: HTTP/1.1 GET/HEAD with keep-alive, ranges and zero-copy bodies.
+    Files(FilesArgs),
     /// Prints the topology, the chosen cores and each compiled backend's capability report.
     Caps(CommonArgs),
 }
@@ -59,6 +62,51 @@ struct EchoArgs {
     /// Read buffer per connection, in bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     buffer_size: usize,
+}
+
+#[derive(Args)]
+struct FilesArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Directory to serve (default: the demo site shipped in the repository).
+    root: Option<PathBuf>,
+    /// Address to listen on (one SO_REUSEPORT listener per core).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// List directories that have no index.html (otherwise 403).
+    #[arg(long)]
+    list_dirs: bool,
+    /// Follow symlinks that lead outside ROOT (refused by default).
+    #[arg(long)]
+    follow_symlinks: bool,
+    /// Serve Prometheus metrics on this address (its own listener and thread).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Log every request (tracing target corepin::access, to stderr).
+    #[arg(long)]
+    access_log: bool,
+    /// Open connections per core beyond which new ones are closed at once
+    /// (default: the descriptor limit shared out over the cores).
+    #[arg(long)]
+    max_connections_per_core: Option<usize>,
+    /// Seconds a client has from the first byte of a request to the end of its head.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds an idle keep-alive connection is kept.
+    #[arg(long, default_value_t = 60.0)]
+    idle_timeout: f64,
+    /// Seconds any single write to a client may take (slow or stalled readers are closed).
+    #[arg(long, default_value_t = 30.0)]
+    send_timeout: f64,
+    /// Files up to this many bytes are served from each core's memory cache (0: never).
+    #[arg(long, default_value_t = corepin_files::DEFAULT_MEMORY_MAX)]
+    memory_max: u64,
+    /// Bytes of small files each core may cache.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    cache_size: u64,
+    /// How larger files are sent: `sendfile` (zero-copy) or `read-write` (the fallback).
+    #[arg(long, default_value = "sendfile")]
+    transfer: String,
 }
 
 struct Prepared {
@@ -130,6 +178,87 @@ fn run_echo(args: EchoArgs) -> Result<()> {
     Ok(())
 }
 
+fn seconds(name: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        anyhow::bail!("--{name} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The demo site shipped in the repository.
+fn demo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/services/files/demo"))
+}
+
+fn nofile_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `r` is a valid out-parameter for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+        return 1 << 20;
+    }
+    r.rlim_cur
+}
+
+fn run_files(args: FilesArgs) -> Result<()> {
+    let p = prepare(&args.common)?;
+    let listen: SocketAddr = args
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:8080", args.listen))?;
+    let metrics_addr: Option<SocketAddr> = match &args.metrics {
+        Some(m) => Some(m.parse().with_context(|| format!("--metrics {m:?} is not an address like 127.0.0.1:9090"))?),
+        None => None,
+    };
+    let large_bodies = match args.transfer.as_str() {
+        "sendfile" => corepin_files::LargeBodies::Sendfile,
+        "read-write" => corepin_files::LargeBodies::ReadWrite,
+        other => anyhow::bail!("--transfer {other:?} is not one of: sendfile, read-write"),
+    };
+    let root = args.root.clone().unwrap_or_else(demo_root);
+    let mut cfg = corepin_files::FilesConfig::new(&root);
+    cfg.list_dirs = args.list_dirs;
+    cfg.follow_symlinks = args.follow_symlinks;
+    cfg.header_timeout = seconds("header-timeout", args.header_timeout)?;
+    cfg.idle_timeout = seconds("idle-timeout", args.idle_timeout)?;
+    cfg.send_timeout = seconds("send-timeout", args.send_timeout)?;
+    cfg.memory_max = args.memory_max;
+    cfg.cache_bytes = args.cache_size;
+    cfg.large_bodies = large_bodies;
+    cfg.access_log = args.access_log;
+    let factory = corepin_files::FilesFactory::new(cfg, p.cpus.len())?;
+    let files_metrics = factory.metrics().clone();
+    let confinement = factory.root().confinement();
+    let served = factory.root().path().to_path_buf();
+    // Keep some descriptors for listeners, rings, files being sent and the metrics endpoint.
+    let per_core = args
+        .max_connections_per_core
+        .unwrap_or_else(|| (nofile_limit().saturating_sub(256) / 2 / p.cpus.len() as u64).max(1) as usize);
+    let app = TcpServer::bind(listen, p.cpus.len(), factory)?.max_connections_per_core(per_core);
+    let addr = app.local_addr();
+    let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
+    let metrics = match metrics_addr {
+        Some(a) => Some(
+            corepin_files::metrics::MetricsServer::start(a, server.counters().clone(), files_metrics)
+                .with_context(|| format!("cannot serve metrics on {a}"))?,
+        ),
+        None => None,
+    };
+    print_banner("files", addr, &p, &server);
+    println!("root: {} (confined with {:?})", served.display(), confinement);
+    println!("max connections per core: {per_core}");
+    if let Some(m) = &metrics {
+        println!("metrics: http://{}/metrics", m.local_addr());
+    }
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    server.wait_with_signals()?;
+    drop(metrics);
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
 fn run_caps(c: CommonArgs) -> Result<()> {
     let p = prepare(&c)?;
     println!("topology: {}", p.topology);
@@ -174,6 +303,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Echo(a) => run_echo(a),
+        Command::Files(a) => run_files(a),
         Command::Caps(c) => run_caps(c),
     };
     match result {

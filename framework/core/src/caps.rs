@@ -69,6 +69,8 @@ pub struct Capabilities {
     pub buffer_rings: Mechanism,
     /// How readiness of foreign descriptors (eventfd, AF_XDP) is awaited.
     pub fd_readiness: &'static str,
+    /// How [`send_file`](crate::runtime::TcpStream::send_file) moves file bytes to a socket.
+    pub file_transfer: &'static str,
     /// Whether owned-buffer I/O copies through an engine-internal buffer.
     pub rent_copies: bool,
     /// Anything else a user should know (limits, refusals).
@@ -127,6 +129,7 @@ impl fmt::Display for Capabilities {
             writeln!(f)?;
         }
         writeln!(f, "  fd readiness:       {}", self.fd_readiness)?;
+        writeln!(f, "  file transfer:      {}", self.file_transfer)?;
         writeln!(f, "  rent I/O copies:    {}", yes(self.rent_copies))?;
         for n in &self.notes {
             writeln!(f, "  note: {n}")?;

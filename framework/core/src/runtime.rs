@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -73,6 +73,49 @@ pub trait TcpStream: AsyncReadRent + AsyncWriteRent + Sized + 'static {
     fn set_nodelay(&self, on: bool) -> io::Result<()>;
     /// The descriptor, for socket options and forced shutdown at drain.
     fn as_raw_fd(&self) -> RawFd;
+
+    /// Completes once the socket can take more bytes. Call it only after a transfer made
+    /// directly on the descriptor (such as `sendfile(2)`) failed with `EAGAIN`: backends
+    /// built on edge-triggered readiness may report one stale readiness, never a missed one.
+    fn writable(&mut self) -> impl Future<Output = io::Result<()>>;
+
+    /// Sends up to `len` bytes of `file`, starting at `offset`, from the page cache to the
+    /// socket without passing through user space, and returns how many were sent (at least
+    /// one unless `len` is 0; fewer than `len` is a short write, as with `write`). `Ok(0)` for
+    /// a non-zero `len` means the file ended before `offset`.
+    ///
+    /// The default is `sendfile(2)` on the non-blocking socket, waiting with
+    /// [`writable`](Self::writable) whenever the socket buffer is full. Each call is a
+    /// synchronous syscall, so the file is only borrowed while the future runs: dropping the
+    /// future leaves nothing in flight. A page-cache miss is read inside that syscall (see
+    /// docs/zero-copy.md). `EINVAL`/`ENOSYS` mean the file system cannot do this; callers
+    /// fall back to reading and writing.
+    fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> impl Future<Output = io::Result<usize>> {
+        async move {
+            if len == 0 {
+                return Ok(0);
+            }
+            // sendfile(2) moves at most 0x7ffff000 bytes per call.
+            let len = len.min(0x7fff_f000);
+            let mut off = i64::try_from(offset)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset beyond i64::MAX"))?;
+            loop {
+                // SAFETY: both descriptors are open for the duration of the call (the socket
+                // is owned by `self`, the file is borrowed); `off` is a valid in/out offset
+                // that sendfile updates instead of the file position.
+                let n = unsafe { libc::sendfile(self.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+                if n >= 0 {
+                    return Ok(n as usize);
+                }
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => self.writable().await?,
+                    _ => return Err(err),
+                }
+            }
+        }
+    }
 }
 
 /// A UDP socket with owned-buffer datagram I/O.
@@ -167,6 +210,8 @@ impl Metadata {
 pub trait File: Sized + 'static {
     /// Opens `path` with `options`.
     fn open_with(path: &Path, options: OpenOptions) -> impl Future<Output = io::Result<Self>>;
+    /// Adopts a file opened by other means (for example `openat2(2)` confined to a root).
+    fn from_std(file: std::fs::File) -> io::Result<Self>;
     /// Opens `path` read-only.
     fn open(path: &Path) -> impl Future<Output = io::Result<Self>> {
         Self::open_with(path, OpenOptions::READ)

@@ -112,4 +112,11 @@ impl<S: TcpStream> Stream<S> {
     pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.inner.as_raw_fd()
     }
+
+    /// [`TcpStream::send_file`], counting the bytes sent.
+    pub async fn send_file(&mut self, file: std::os::fd::BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        let n = self.inner.send_file(file, offset, len).await?;
+        self.count_out(n);
+        Ok(n)
+    }
 }

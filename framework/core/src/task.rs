@@ -109,31 +109,82 @@ pub async fn read_timeout<R: Runtime, S: AsyncReadRent, B: IoBufMut>(
     buf: B,
     dur: Duration,
 ) -> BufResult<usize, B> {
+    read_timeout_or::<R, S, B, _>(stream, buf, dur, std::future::pending::<()>()).await
+}
+
+/// [`read_timeout`] that also stops, as losslessly, when `stop` completes first (for
+/// example [`Worker::draining`](crate::Worker::draining), to close idle keep-alive
+/// connections at once). A stop is `ErrorKind::ConnectionAborted`.
+pub async fn read_timeout_or<R: Runtime, S: AsyncReadRent, B: IoBufMut, F: Future>(
+    stream: &mut S,
+    buf: B,
+    dur: Duration,
+    stop: F,
+) -> BufResult<usize, B> {
     let token = CancelToken::new();
     let mut read = pin!(stream.read_cancelable(buf, &token));
     let mut sleep = pin!(R::sleep(dur));
-    let mut fired = false;
+    let mut stop = pin!(stop);
+    let mut why: Option<std::io::ErrorKind> = None;
     let BufResult(res, buf) = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = read.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
-        if !fired && sleep.as_mut().poll(cx).is_ready() {
-            fired = true;
-            token.cancel();
-            // The backend completes promptly once cancelled; poll it again now.
-            if let Poll::Ready(r) = read.as_mut().poll(cx) {
-                return Poll::Ready(r);
+        if why.is_none() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                why = Some(std::io::ErrorKind::TimedOut);
+            } else if stop.as_mut().poll(cx).is_ready() {
+                why = Some(std::io::ErrorKind::ConnectionAborted);
+            }
+            if why.is_some() {
+                token.cancel();
+                // The backend completes promptly once cancelled; poll it again now.
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
             }
         }
         Poll::Pending
     })
     .await;
-    match res {
-        Err(e) if is_cancelled(&e) => {
-            BufResult(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out")), buf)
+    match (res, why) {
+        (Err(e), Some(kind)) if is_cancelled(&e) => {
+            let msg = if kind == std::io::ErrorKind::TimedOut { "read timed out" } else { "read stopped" };
+            BufResult(Err(std::io::Error::new(kind, msg)), buf)
         }
-        other => BufResult(other, buf),
+        (other, _) => BufResult(other, buf),
     }
+}
+
+/// Runs a socket operation `fut` with a deadline and loses nothing on timeout: when `dur`
+/// passes, the socket `fd` is shut down in both directions (`shutdown(2)`), which makes any
+/// read, write, poll or transfer pending on it complete at once, and `fut` is then awaited to
+/// completion so its buffers come back and nothing stays in flight. Returns the output and
+/// whether the deadline fired (the connection is then unusable and should be dropped).
+///
+/// Use it for writes to clients that stop reading: a completion-based send blocked on a full
+/// socket buffer cannot be dropped safely, and on some engines not cancelled at all.
+pub async fn with_deadline<R: Runtime, F: Future>(fd: std::os::fd::RawFd, dur: Duration, fut: F) -> (F::Output, bool) {
+    let mut fut = pin!(fut);
+    let mut sleep = pin!(R::sleep(dur));
+    let mut fired = false;
+    let out = std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(v);
+        }
+        if !fired && sleep.as_mut().poll(cx).is_ready() {
+            fired = true;
+            // SAFETY: shutdown(2) on a descriptor the caller keeps open only changes socket
+            // state; on a non-socket it fails with ENOTSOCK and does nothing.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(v);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    (out, fired)
 }
 
 /// A task panicked; its message.

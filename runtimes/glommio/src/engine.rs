@@ -179,7 +179,7 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
         ring_flags_requested: settings.ring_flags,
         ring_flags: None,
         ring_entries: plan.ring_depth,
-        splice: Mechanism::fallback(kernel.splice, "read + write (glommio has no splice API)"),
+        splice: Mechanism::fallback(kernel.splice, "sendfile(2) (glommio has no splice API)"),
         send_zc: Mechanism::fallback(kernel.send_zc, "send(2) from the caller's buffer (glommio has no SEND_ZC)"),
         registered_buffers: Mechanism::fallback(
             kernel.registered_buffers,
@@ -195,6 +195,7 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
         ),
         buffer_rings: Mechanism::fallback(kernel.buffer_rings, "the caller's buffer (TCP) or glommio's io_memory (UDP)"),
         fd_readiness: FD_READINESS,
+        file_transfer: "sendfile(2), waiting for room through an epoll descriptor (EPOLLOUT) watched like any foreign fd",
         rent_copies: true,
         notes,
     }

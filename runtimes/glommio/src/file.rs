@@ -44,6 +44,14 @@ impl runtime::File for GlommioFile {
         Ok(Self { inner })
     }
 
+    fn from_std(file: std::fs::File) -> io::Result<Self> {
+        require_engine()?;
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        // SAFETY: `fd` is an open file whose ownership `into_raw_fd` just gave us; glommio's
+        // buffered file takes it over and closes it on drop.
+        Ok(Self { inner: unsafe { BufferedFile::from_raw_fd(fd) } })
+    }
+
     async fn read_at<B: IoBufMut>(&self, mut buf: B, pos: u64) -> BufResult<usize, B> {
         let total = buf.bytes_total();
         if total == 0 {

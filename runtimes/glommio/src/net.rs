@@ -11,7 +11,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -21,6 +21,7 @@ use corepin_core::runtime;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
 use crate::engine::require_engine;
+use crate::fdwatch::GlommioFdWatch;
 use crate::to_io;
 
 /// `IOV_MAX` on Linux: a gather write sends at most this many buffers at once.
@@ -46,7 +47,7 @@ impl runtime::TcpListener for GlommioTcpListener {
     async fn accept(&self) -> io::Result<(GlommioTcpStream, SocketAddr)> {
         let stream = self.inner.accept().await.map_err(to_io)?;
         let peer = stream.peer_addr().map_err(to_io)?;
-        Ok((GlommioTcpStream { inner: stream }, peer))
+        Ok((GlommioTcpStream { write_watch: None, inner: stream }, peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -56,7 +57,41 @@ impl runtime::TcpListener for GlommioTcpListener {
 
 /// A connected TCP stream (glommio `TcpStream`, unbuffered).
 pub struct GlommioTcpStream {
+    // Field order matters: the write watch (an epoll instance holding the socket) goes first.
+    /// Made on the first [`writable`](runtime::TcpStream::writable) wait.
+    write_watch: Option<WriteWatch>,
     inner: glommio::net::TcpStream,
+}
+
+/// Writability of a socket, for transfers made by syscalls on its descriptor (`sendfile`).
+///
+/// Glommio has no public readiness API, but it can wait for a descriptor to become readable
+/// (see the fdwatch module). An epoll instance with the socket registered for `EPOLLOUT`
+/// (level-triggered) is readable exactly while the socket is writable, so waiting for the
+/// epoll descriptor's readability through corepin's glommio fd watch is a wait for room in
+/// the socket buffer. Made once per stream, and only by streams that wait.
+struct WriteWatch {
+    watch: GlommioFdWatch,
+    epoll: OwnedFd,
+}
+
+impl WriteWatch {
+    fn new(socket: RawFd) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a negative result is an error.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ep` is a fresh descriptor nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
+        let mut ev = libc::epoll_event { events: libc::EPOLLOUT as u32, u64: 0 };
+        // SAFETY: both descriptors are open; `ev` is a valid event for the call.
+        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let watch = <GlommioFdWatch as runtime::FdWatch>::new(epoll.as_raw_fd())?;
+        Ok(Self { watch, epoll })
+    }
 }
 
 impl GlommioTcpStream {
@@ -184,7 +219,7 @@ impl runtime::TcpStream for GlommioTcpStream {
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         require_engine()?;
         let inner = glommio::net::TcpStream::connect(addr).await.map_err(to_io)?;
-        Ok(Self { inner })
+        Ok(Self { write_watch: None, inner })
     }
 
     fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
@@ -193,7 +228,7 @@ impl runtime::TcpStream for GlommioTcpStream {
         // SAFETY: `fd` is a connected TCP socket whose ownership `into_raw_fd` just gave us;
         // glommio's stream takes it over and closes it on drop.
         let inner = unsafe { glommio::net::TcpStream::from_raw_fd(fd) };
-        Ok(Self { inner })
+        Ok(Self { write_watch: None, inner })
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -210,6 +245,19 @@ impl runtime::TcpStream for GlommioTcpStream {
 
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    async fn writable(&mut self) -> io::Result<()> {
+        if self.write_watch.is_none() {
+            self.write_watch = Some(WriteWatch::new(self.inner.as_raw_fd())?);
+        }
+        match &self.write_watch {
+            Some(w) => {
+                debug_assert!(w.epoll.as_raw_fd() >= 0);
+                runtime::FdWatch::readable(&w.watch).await
+            }
+            None => Err(io::Error::other("write watch missing")),
+        }
     }
 }
 

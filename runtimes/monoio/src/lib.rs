@@ -115,7 +115,10 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
         ring_flags_requested: settings.ring_flags,
         ring_flags: flags,
         ring_entries: if uring { settings.ring_entries.max(256) } else { 0 },
-        splice: Mechanism::fallback(k.splice, "read + write (the runtime contract has no splice op yet)"),
+        splice: Mechanism::fallback(
+            k.splice,
+            "sendfile(2) (io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md)",
+        ),
         send_zc: Mechanism::fallback(k.send_zc, "send (monoio 0.2 has no SEND_ZC op)"),
         registered_buffers: Mechanism::fallback(
             k.registered_buffers,
@@ -125,6 +128,11 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
         multishot_recv: Mechanism::fallback(k.multishot_recv, "one recv per read"),
         buffer_rings: Mechanism::fallback(k.buffer_rings, "caller-owned buffers"),
         fd_readiness: if uring { "io_uring POLL_ADD (native)" } else { "epoll (native)" },
+        file_transfer: if uring {
+            "sendfile(2), waiting for room with io_uring POLL_ADD"
+        } else {
+            "sendfile(2), waiting for room with epoll"
+        },
         rent_copies: false,
         notes: Vec::new(),
     }
@@ -292,6 +300,11 @@ impl rt::TcpStream for TcpStream {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+    async fn writable(&mut self) -> io::Result<()> {
+        // Not relaxed: on the epoll driver Monoio then re-checks with poll(2) and waits for a
+        // fresh edge if its cached readiness is stale (our sendfile just hit EAGAIN).
+        self.0.writable(false).await
+    }
 }
 
 /// A UDP socket.
@@ -329,6 +342,9 @@ impl rt::File for File {
             .open(path)
             .await
             .map(Self)
+    }
+    fn from_std(file: std::fs::File) -> io::Result<Self> {
+        monoio::fs::File::from_std(file).map(Self)
     }
     async fn read_at<B: IoBufMut>(&self, buf: B, pos: u64) -> BufResult<usize, B> {
         back(self.0.read_at(Owned(buf), pos).await)

@@ -29,6 +29,10 @@ impl contract::File for File {
         Ok(Self { inner })
     }
 
+    fn from_std(file: std::fs::File) -> io::Result<Self> {
+        Ok(Self { inner: tokio_uring::fs::File::from_std(file) })
+    }
+
     async fn read_at<B: IoBufMut>(&self, buf: B, pos: u64) -> BufResult<usize, B> {
         back(self.inner.read_at(Owned(buf), pos).await)
     }

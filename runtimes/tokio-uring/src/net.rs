@@ -105,7 +105,8 @@ impl AsRawFd for FdRef {
 pub struct TcpStream {
     // Field order matters: `readiness` is dropped (deregistered from epoll) before `inner` can
     // close the descriptor it refers to.
-    /// Lazily made epoll registration used by `read_cancelable` (see the module docs).
+    /// Lazily made epoll registration used by `read_cancelable` and `writable` (see the
+    /// module docs).
     readiness: Option<AsyncFd<FdRef>>,
     /// The socket; shared with in-flight `MSG_DONTWAIT` receives so they keep it open.
     inner: Rc<tokio_uring::net::TcpStream>,
@@ -120,14 +121,15 @@ impl TcpStream {
     fn readiness(&mut self) -> io::Result<&AsyncFd<FdRef>> {
         if self.readiness.is_none() {
             if tokio::runtime::Handle::try_current().is_err() {
-                return Err(io::Error::other("read_cancelable needs the tokio-uring runtime on this thread"));
+                return Err(io::Error::other("readiness waits need the tokio-uring runtime on this thread"));
             }
             let fd = FdRef(self.inner.as_raw_fd());
             // SAFETY: the descriptor belongs to `self.inner`, which closes it only when the last
             // `Rc` of the socket (held by `self` and by in-flight receives) is gone; `readiness`
             // is declared before `inner`, so it is dropped (and deregistered) first, while the
             // descriptor is still open and refers to the same socket.
-            self.readiness = Some(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?);
+            self.readiness =
+                Some(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?);
         }
         match &self.readiness {
             Some(r) => Ok(r),
@@ -234,6 +236,15 @@ impl contract::TcpStream for TcpStream {
 
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    async fn writable(&mut self) -> io::Result<()> {
+        let mut guard = self.readiness()?.writable().await?;
+        // The contract calls this only after a syscall on the descriptor hit EAGAIN, which
+        // tokio's edge-triggered reactor did not see: clear what it cached, so a stale
+        // readiness costs one retry and the next wait is for a fresh edge.
+        guard.clear_ready();
+        Ok(())
     }
 }
 

@@ -49,7 +49,7 @@ pub(crate) fn capabilities(
         ring_flags_requested: requested,
         ring_flags: Some(accepted),
         ring_entries,
-        splice: Mechanism::fallback(k.splice, "read + write (tokio-uring 0.5 has no splice API)"),
+        splice: Mechanism::fallback(k.splice, "sendfile(2) (tokio-uring 0.5 has no splice API)"),
         send_zc: Mechanism::fallback(
             k.send_zc,
             "plain send (tokio-uring 0.5 has send_zc on UdpSocket only, not on TcpStream)",
@@ -71,6 +71,7 @@ pub(crate) fn capabilities(
             "caller-owned buffers (tokio-uring 0.5 has no provided buffer rings)",
         ),
         fd_readiness: "tokio AsyncFd on the runtime's epoll reactor, confirmed with poll(2) for level semantics",
+        file_transfer: "sendfile(2), waiting for room with tokio AsyncFd (epoll)",
         rent_copies: false,
         notes,
     }
