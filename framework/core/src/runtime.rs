@@ -99,23 +99,46 @@ pub trait TcpStream: AsyncReadRent + AsyncWriteRent + Sized + 'static {
             let len = len.min(0x7fff_f000);
             let mut off = i64::try_from(offset)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset beyond i64::MAX"))?;
+            let sock = self.as_raw_fd();
             loop {
-                // SAFETY: both descriptors are open for the duration of the call (the socket
-                // is owned by `self`, the file is borrowed); `off` is a valid in/out offset
-                // that sendfile updates instead of the file position.
-                let n = unsafe { libc::sendfile(self.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
-                if n >= 0 {
-                    return Ok(n as usize);
-                }
-                let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::WouldBlock => self.writable().await?,
-                    _ => return Err(err),
+                let res = sendfile_nonblocking(sock, file.as_raw_fd(), &mut off, len);
+                match res {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                    Err(e) => return Err(e),
                 }
             }
         }
     }
+}
+
+/// One `sendfile(2)` that never blocks the thread. Completion-based engines often accept
+/// sockets in blocking mode (io_uring does not need `O_NONBLOCK`), and a blocking sendfile
+/// would stall the whole core until the client reads; so a blocking socket is switched to
+/// non-blocking for this one call and back (the caller holds the stream exclusively, so no
+/// other operation on it can observe the switch).
+fn sendfile_nonblocking(sock: RawFd, file: RawFd, off: &mut i64, len: usize) -> io::Result<usize> {
+    // SAFETY: F_GETFL only reads the flags of a descriptor the caller keeps open.
+    let flags = unsafe { libc::fcntl(sock, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let blocking = flags & libc::O_NONBLOCK == 0;
+    // SAFETY: F_SETFL on the caller's open socket changes only its O_NONBLOCK flag.
+    if blocking && unsafe { libc::fcntl(sock, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are open for the duration of the call (the caller owns the
+    // socket and borrows the file); `off` is a valid in/out offset that sendfile updates
+    // instead of the file position.
+    let n = unsafe { libc::sendfile(sock, file, off, len) };
+    let res = if n >= 0 { Ok(n as usize) } else { Err(io::Error::last_os_error()) };
+    if blocking {
+        // SAFETY: as above; restores the flags read before the call.
+        unsafe { libc::fcntl(sock, libc::F_SETFL, flags) };
+    }
+    res
 }
 
 /// A UDP socket with owned-buffer datagram I/O.

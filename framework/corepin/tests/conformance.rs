@@ -695,7 +695,123 @@ pub fn a_finished_app_ends_the_server<R: Runtime>() {
     assert_eq!(app.0.load(Ordering::SeqCst), 2);
 }
 
+// ---- file transfer and write deadlines ---------------------------------------------------
+
+fn temp_file(name: &str, data: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("corepin-conf-{}-{name}", std::process::id()));
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// send_file moves a file range to a socket byte for byte, waiting for room while the peer
+/// reads slowly (so the socket fills and `writable` is exercised), and reports the end of
+/// the file as a zero-length transfer.
+pub fn send_file_moves_file_ranges_through_a_full_socket<R: Runtime>() {
+    let data = pattern(24 << 20, 3);
+    let path = temp_file(&format!("sendfile-{}", R::NAME), &data);
+    let (first, len) = (1000u64, (20 << 20) as usize);
+    let expect = data[first as usize..first as usize + len].to_vec();
+    let (addr, peer) = std_peer(move |mut s| {
+        // Read slowly at first so the sender meets a full socket buffer.
+        let mut got = Vec::with_capacity(len);
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < len {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "sender closed early");
+            got.extend_from_slice(&buf[..n]);
+            if got.len() < (1 << 20) {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert!(got == expect, "the peer received different bytes");
+    });
+    let p = path.clone();
+    within(Duration::from_secs(60), "send_file", move || {
+        run::<R, _>(|| async move {
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            let mut sent = 0usize;
+            let mut calls = 0;
+            while sent < len {
+                let n = s.send_file(std::os::fd::AsFd::as_fd(&f), first + sent as u64, len - sent).await.unwrap();
+                assert!(n > 0);
+                sent += n;
+                calls += 1;
+            }
+            assert_eq!(sent, len);
+            assert!(calls > 1, "a 20 MiB transfer to a slow reader should take several calls");
+            let past_end = s.send_file(std::os::fd::AsFd::as_fd(&f), data.len() as u64, 10).await.unwrap();
+            assert_eq!(past_end, 0, "a transfer past the end of the file sends nothing");
+        })
+    });
+    peer.join().unwrap();
+    let _ = std::fs::remove_file(path);
+}
+
+/// A write to a peer that never reads ends at its deadline: the socket is shut down, the
+/// write completes (its buffer comes back) and the deadline is reported; a write that
+/// finishes in time is untouched.
+pub fn a_write_deadline_frees_a_stalled_write<R: Runtime>() {
+    let (tx, rx) = mpsc::channel::<()>();
+    let (addr, peer) = std_peer(move |s| {
+        // Never read; keep the socket open until the test is done.
+        let _ = rx.recv_timeout(Duration::from_secs(30));
+        drop(s);
+    });
+    within(Duration::from_secs(30), "a write deadline", move || {
+        run::<R, _>(|| async move {
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let fd = s.as_raw_fd();
+            let (BufResult(r, buf), fired) =
+                corepin::task::with_deadline::<R, _>(fd, Duration::from_secs(5), s.write_all(b"small".to_vec())).await;
+            assert!(!fired && r.is_ok() && buf == b"small");
+            let big = vec![7u8; 64 << 20];
+            let started = Instant::now();
+            let (BufResult(r, buf), fired) =
+                corepin::task::with_deadline::<R, _>(fd, Duration::from_millis(300), s.write_all(big)).await;
+            assert!(fired, "64 MiB cannot fit a socket nobody reads");
+            assert!(r.is_err(), "the write fails once the socket is shut down: {r:?}");
+            assert_eq!(buf.len(), 64 << 20, "the buffer comes back");
+            assert!(started.elapsed() < Duration::from_secs(20));
+        })
+    });
+    tx.send(()).unwrap();
+    peer.join().unwrap();
+
+    // The same for send_file: a transfer to a reader that stopped must not hold the thread
+    // (an engine's blocking socket would), so the deadline fires and frees it.
+    let path = temp_file(&format!("stalled-{}", R::NAME), &pattern(64 << 20, 1));
+    let (tx, rx) = mpsc::channel::<()>();
+    let (addr, peer) = std_peer(move |s| {
+        let _ = rx.recv_timeout(Duration::from_secs(30));
+        drop(s);
+    });
+    let p = path.clone();
+    within(Duration::from_secs(30), "a send_file deadline", move || {
+        run::<R, _>(|| async move {
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let fd = s.as_raw_fd();
+            let f = std::fs::File::open(&p).unwrap();
+            let mut sent = 0usize;
+            loop {
+                let fut = s.send_file(std::os::fd::AsFd::as_fd(&f), sent as u64, (64 << 20) - sent);
+                match corepin::task::with_deadline::<R, _>(fd, Duration::from_millis(300), fut).await {
+                    (Ok(n), false) => sent += n,
+                    (_, true) => break,
+                    (Err(e), false) => panic!("send_file failed before its deadline: {e}"),
+                }
+                assert!(sent < 64 << 20, "nobody reads, so 64 MiB cannot all be sent");
+            }
+        })
+    });
+    let _ = std::fs::remove_file(path);
+    tx.send(()).unwrap();
+    peer.join().unwrap();
+}
+
 corepin::per_runtime_tests! {
+    send_file_moves_file_ranges_through_a_full_socket,
+    a_write_deadline_frees_a_stalled_write,
     short_reads_and_writes_are_completed_by_the_helpers,
     eof_is_a_zero_length_read,
     the_buffer_comes_back_on_error,

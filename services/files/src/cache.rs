@@ -9,6 +9,7 @@ use bytes::Bytes;
 use corepin_core::runtime::Metadata;
 
 struct Entry {
+    generation: u64,
     modified: SystemTime,
     len: u64,
     data: Bytes,
@@ -17,7 +18,8 @@ struct Entry {
 /// Small-file bodies of one core, evicted oldest-inserted first beyond a byte budget.
 pub struct Cache {
     map: HashMap<(u64, u64), Entry>,
-    order: VecDeque<(u64, u64)>,
+    order: VecDeque<((u64, u64), u64)>,
+    generation: u64,
     bytes: u64,
     budget: u64,
 }
@@ -25,7 +27,7 @@ pub struct Cache {
 impl Cache {
     /// An empty cache holding at most `budget` bytes of bodies.
     pub fn new(budget: u64) -> Self {
-        Self { map: HashMap::new(), order: VecDeque::new(), bytes: 0, budget }
+        Self { map: HashMap::new(), order: VecDeque::new(), generation: 0, bytes: 0, budget }
     }
 
     /// The body of the file `meta` describes, if cached and unchanged.
@@ -50,17 +52,21 @@ impl Cache {
         }
         while self.bytes + len > self.budget {
             match self.order.pop_front() {
-                Some(k) => self.remove(&k),
+                // Only the entry inserted with this generation; a later re-insert stays.
+                Some((k, g)) if self.map.get(&k).is_some_and(|e| e.generation == g) => self.remove(&k),
+                Some(_) => {}
                 None => break,
             }
         }
-        self.map.insert(key, Entry { modified: meta.modified, len: meta.len, data });
-        self.order.push_back(key);
+        self.generation += 1;
+        let generation = self.generation;
+        self.map.insert(key, Entry { generation, modified: meta.modified, len: meta.len, data });
+        self.order.push_back((key, generation));
         self.bytes += len;
-        // Keys of replaced entries linger in `order`; keep it from growing without bound.
+        // Replaced entries leave stale keys in `order`; keep it from growing without bound.
         if self.order.len() > 2 * self.map.len() + 64 {
             let map = &self.map;
-            self.order.retain(|k| map.contains_key(k));
+            self.order.retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
         }
     }
 

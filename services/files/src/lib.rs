@@ -820,10 +820,12 @@ impl<R: Runtime> Conn<'_, R> {
                 if let Some(s) = suffix {
                     self.write_chunks(vec![Chunk::Shared(s)]).await?;
                 }
-                if paths.1 > 0 {
+                // An empty body counts under the path it would have taken.
+                let rw_configured = self.cfg().large_bodies == LargeBodies::ReadWrite;
+                if paths.1 > 0 || (paths.0 == 0 && rw_configured) {
                     self.counters.transfer(TransferPath::ReadWrite, paths.1);
                 }
-                if paths.0 > 0 || paths.1 == 0 {
+                if paths.0 > 0 || (paths.1 == 0 && !rw_configured) {
                     self.counters.transfer(TransferPath::Sendfile, paths.0);
                 }
                 Ok(())
