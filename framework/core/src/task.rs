@@ -17,7 +17,9 @@ use crate::buf::{BufResult, IoBufMut};
 use crate::io::{is_cancelled, AsyncReadRent, CancelToken};
 use crate::runtime::Runtime;
 
-/// A one-shot, core-local event that any number of tasks can wait for.
+/// A one-shot, core-local event that any number of tasks can wait for. A wait that is
+/// dropped before the event fires takes its waker out again, so events that live as long as
+/// the worker (such as draining) do not collect one waker per abandoned wait.
 #[derive(Clone, Default)]
 pub struct LocalEvent {
     inner: Rc<EventInner>,
@@ -26,7 +28,7 @@ pub struct LocalEvent {
 #[derive(Default)]
 struct EventInner {
     fired: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: RefCell<slab::Slab<Waker>>,
 }
 
 impl LocalEvent {
@@ -37,7 +39,8 @@ impl LocalEvent {
     /// Fires the event; waiting tasks wake, later waits complete at once.
     pub fn fire(&self) {
         if !self.inner.fired.replace(true) {
-            for w in self.inner.waiters.borrow_mut().drain(..) {
+            let waiters = std::mem::take(&mut *self.inner.waiters.borrow_mut());
+            for (_, w) in waiters {
                 w.wake();
             }
         }
@@ -47,17 +50,45 @@ impl LocalEvent {
         self.inner.fired.get()
     }
     /// Completes once the event has fired.
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.inner.fired.get() {
-                return Poll::Ready(());
+    pub fn wait(&self) -> EventWait<'_> {
+        EventWait { event: self, key: None }
+    }
+}
+
+/// The future of [`LocalEvent::wait`].
+pub struct EventWait<'a> {
+    event: &'a LocalEvent,
+    key: Option<usize>,
+}
+
+impl Future for EventWait<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let inner = &self.event.inner;
+        if inner.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut waiters = inner.waiters.borrow_mut();
+        match self.key.and_then(|k| waiters.get_mut(k)) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            Some(w) => *w = cx.waker().clone(),
+            None => {
+                let k = waiters.insert(cx.waker().clone());
+                drop(waiters);
+                self.key = Some(k);
             }
-            let mut w = self.inner.waiters.borrow_mut();
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for EventWait<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key {
+            if !self.event.inner.fired.get() {
+                self.event.inner.waiters.borrow_mut().try_remove(k);
             }
-            Poll::Pending
-        })
+        }
     }
 }
 
@@ -273,4 +304,33 @@ where
 /// Runs `fut`, catching a panic into `Err(message)` (used by the launcher for worker mains).
 pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
     CatchUnwind(fut).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noop_cx(f: impl FnOnce(&mut Context<'_>)) {
+        let mut cx = Context::from_waker(Waker::noop());
+        f(&mut cx)
+    }
+
+    #[test]
+    fn abandoned_waits_leave_no_waker_behind() {
+        let ev = LocalEvent::new();
+        noop_cx(|cx| {
+            for _ in 0..1000 {
+                let mut w = pin!(ev.wait());
+                assert!(w.as_mut().poll(cx).is_pending());
+                assert!(w.as_mut().poll(cx).is_pending(), "a second poll reuses the slot");
+            }
+            assert_eq!(ev.inner.waiters.borrow().len(), 0, "every dropped wait removed its waker");
+            let mut kept = pin!(ev.wait());
+            assert!(kept.as_mut().poll(cx).is_pending());
+            assert_eq!(ev.inner.waiters.borrow().len(), 1);
+            ev.fire();
+            assert!(kept.as_mut().poll(cx).is_ready());
+            assert!(pin!(ev.wait()).poll(cx).is_ready(), "waits after firing complete at once");
+        });
+    }
 }
