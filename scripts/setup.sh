@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Installs what building corepin needs from the system (Debian/Ubuntu, as root or via sudo).
-# Idempotent: does nothing when everything is already there.
+# Installs what building and testing corepin need from the system (Debian/Ubuntu, as root or
+# via sudo): the hwloc library for topology, a C toolchain, and curl, the independent HTTP
+# client the file server's tests compare against. `scripts/setup.sh --bench` also installs the
+# peers the benchmarks measure against (nginx, wrk). Idempotent: does nothing when everything
+# is already there.
 set -euo pipefail
-pkgs=(libhwloc-dev pkg-config build-essential)
+pkgs=(libhwloc-dev pkg-config build-essential curl)
+if [ "${1:-}" = "--bench" ]; then
+  pkgs+=(nginx wrk)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,8 +27,13 @@ impl Drop for Running {
 }
 
 fn start_echo(runtime: &str, extra: &[&str]) -> Running {
+    start("echo", runtime, extra, "rent I/O copies")
+}
+
+/// Starts `corepin <service>` and reads its banner up to the line containing `last`.
+fn start(service: &str, runtime: &str, extra: &[&str], last: &str) -> Running {
     let mut child = Command::new(BIN)
-        .args(["echo", "--runtime", runtime, "--cores", "all", "--listen", "127.0.0.1:0", "--drain-timeout", "20"])
+        .args([service, "--runtime", runtime, "--cores", "all", "--listen", "127.0.0.1:0", "--drain-timeout", "20"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -37,17 +42,17 @@ fn start_echo(runtime: &str, extra: &[&str]) -> Running {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();
     let mut addr = None;
-    // The banner ends with the capability report's "rent I/O copies" line.
+    let listening = format!("corepin {service} listening on ");
     loop {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 {
             panic!("corepin exited before its banner was complete:\n{banner}");
         }
-        if let Some(rest) = line.trim().strip_prefix("corepin echo listening on ") {
+        if let Some(rest) = line.trim().strip_prefix(listening.as_str()) {
             addr = Some(rest.parse().unwrap());
         }
         banner.push_str(&line);
-        if line.contains("rent I/O copies") {
+        if line.contains(last) {
             // Notes may follow; they are printed before stdout is flushed, so read what is there.
             break;
         }
@@ -241,6 +246,68 @@ fn bad_arguments_give_one_clear_line_and_a_failing_exit() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     fails_with_one_line(&["echo", "--listen", &addr], "address already in use");
+}
+
+/// One HTTP/1.1 exchange with `Connection: close`: (status line, body).
+fn http_get(addr: SocketAddr, path: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let end = all.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&all[..end]).to_string();
+    (head.lines().next().unwrap_or("").to_string(), all[end..].to_vec())
+}
+
+/// The README's main command serves the demo site shipped in the repository on every
+/// backend, exposes metrics, and drains and exits 0 on SIGTERM.
+#[test]
+fn files_serves_the_demo_site_with_metrics_and_drains_on_sigterm() {
+    use sha2::{Digest, Sha256};
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("services/files/demo");
+    for rt in runtimes() {
+        let mut s = start("files", rt, &["--metrics", "127.0.0.1:0", "--access-log"], "metrics: http://");
+        assert!(s.banner.contains("confined with Openat2"), "{}", s.banner);
+        assert!(s.banner.contains("file transfer:"), "{}", s.banner);
+        let metrics: SocketAddr = s
+            .banner
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics: http://"))
+            .and_then(|l| l.strip_suffix("/metrics"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let (status, body) = http_get(s.addr, "/");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body, std::fs::read(demo.join("index.html")).unwrap());
+        let (status, body) = http_get(s.addr, "/downloads/sample.bin");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(Sha256::digest(&body), Sha256::digest(std::fs::read(demo.join("downloads/sample.bin")).unwrap()));
+        assert_eq!(http_get(s.addr, "/downloads/").0, "HTTP/1.1 403 Forbidden", "no listing unless asked");
+        assert_eq!(http_get(s.addr, "/%2e%2e/Cargo.toml").0, "HTTP/1.1 400 Bad Request");
+        let (status, text) = http_get(metrics, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("corepin_file_transfers_all_cores_total{path=\"sendfile\"} 1"), "{text}");
+        assert!(text.contains("corepin_file_transfers_all_cores_total{path=\"memory\"} 1"), "{text}");
+        assert!(text.contains("corepin_http_responses_all_cores_total{class=\"4xx\"} 2"), "{text}");
+        // SAFETY: kill(2) with a valid pid and signal number.
+        assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
+        let status = wait_exit(&mut s.child, Duration::from_secs(25));
+        assert!(status.success(), "{rt}: exit after SIGTERM: {status:?}");
+    }
+}
+
+#[test]
+fn files_bad_arguments_give_one_clear_line() {
+    fails_with_one_line(&["files", "/nonexistent/corepin-root"], "cannot serve /nonexistent/corepin-root");
+    fails_with_one_line(&["files", env!("CARGO_MANIFEST_DIR"), "--transfer", "teleport"], "--transfer");
+    fails_with_one_line(&["files", "--metrics", "nowhere"], "--metrics");
+    fails_with_one_line(&["files", "--header-timeout", "0"], "--header-timeout");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    fails_with_one_line(&["files", file], "not a directory");
 }
 
 #[allow(dead_code)]

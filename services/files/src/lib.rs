@@ -103,7 +103,7 @@ impl FilesConfig {
 }
 
 /// Files up to this size are served from memory by default (docs/zero-copy.md).
-pub const DEFAULT_MEMORY_MAX: u64 = 64 * 1024;
+pub const DEFAULT_MEMORY_MAX: u64 = 32 * 1024;
 
 /// Builds the per-core file service.
 pub struct FilesFactory {

@@ -315,7 +315,7 @@ pub fn validators_give_not_modified<R: Runtime>() {
     assert_eq!(r.status, 200, "If-None-Match wins over If-Modified-Since");
     // HEAD answers conditionally too, and a 304 keeps the connection usable.
     let mut s = connect(srv.addr);
-    let raw = format!("HEAD /1m.bin HTTP/1.1\r\nHost: t\r\n\r\nGET /1m.bin HTTP/1.1\r\nHost: t\r\nIf-None-Match: *\r\n\r\nGET /one.bin HTTP/1.1\r\nHost: t\r\n\r\n");
+    let raw = "HEAD /1m.bin HTTP/1.1\r\nHost: t\r\n\r\nGET /1m.bin HTTP/1.1\r\nHost: t\r\nIf-None-Match: *\r\n\r\nGET /one.bin HTTP/1.1\r\nHost: t\r\n\r\n";
     s.write_all(raw.as_bytes()).unwrap();
     let mut p = Vec::new();
     assert_eq!(read_resp(&mut s, &mut p, true).unwrap().status, 200);
