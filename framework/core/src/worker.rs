@@ -53,19 +53,23 @@ impl CoreCounters {
     }
 }
 
-/// The counters of every core, shared with metrics readers.
+/// One value per core, each on its own cache line: the owning core writes its slot, any
+/// thread may read all of them (for metrics). Services use it for their own counters.
 #[derive(Debug)]
-pub struct Counters {
-    cores: Vec<CachePadded<CoreCounters>>,
+pub struct PerCore<T> {
+    cores: Vec<CachePadded<T>>,
 }
 
-impl Counters {
-    /// Counters for `n` cores.
+impl<T: Default> PerCore<T> {
+    /// Default values for `n` cores.
     pub fn new(n: usize) -> Arc<Self> {
-        Arc::new(Self { cores: (0..n).map(|_| CachePadded::new(CoreCounters::default())).collect() })
+        Arc::new(Self { cores: (0..n).map(|_| CachePadded::new(T::default())).collect() })
     }
-    /// One core's counters.
-    pub fn core(&self, index: usize) -> &CoreCounters {
+}
+
+impl<T> PerCore<T> {
+    /// Core `index`'s value.
+    pub fn core(&self, index: usize) -> &T {
         &self.cores[index]
     }
     /// Number of cores.
@@ -77,6 +81,9 @@ impl Counters {
         self.cores.is_empty()
     }
 }
+
+/// The framework's connection counters of every core, shared with metrics readers.
+pub type Counters = PerCore<CoreCounters>;
 
 /// The process-wide shutdown phase, advanced by signals or by a failing worker.
 #[derive(Debug, Default)]

@@ -356,7 +356,7 @@ impl<R: Runtime> Service<Connection<R>> for Files {
     async fn call(&self, conn: Connection<R>) -> io::Result<()> {
         let mut c = Conn {
             svc: self,
-            counters: self.metrics.core(self.core),
+            counters: self.metrics.core(self.core.min(self.metrics.len() - 1)),
             c: conn,
             inbuf: Vec::with_capacity(4096),
             start: 0,

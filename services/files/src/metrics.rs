@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use corepin_core::worker::{CoreCounters, Counters};
-use crossbeam_utils::CachePadded;
+use corepin_core::worker::{CoreCounters, Counters, PerCore};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -79,29 +78,7 @@ impl CoreFileCounters {
 }
 
 /// Every core's file-server counters.
-#[derive(Debug)]
-pub struct FileMetrics {
-    cores: Vec<CachePadded<CoreFileCounters>>,
-}
-
-impl FileMetrics {
-    /// Counters for `n` cores.
-    pub fn new(n: usize) -> Arc<Self> {
-        Arc::new(Self { cores: (0..n).map(|_| CachePadded::new(CoreFileCounters::default())).collect() })
-    }
-    /// Core `i`'s counters (indices beyond the configured count share the last slot).
-    pub fn core(&self, i: usize) -> &CoreFileCounters {
-        &self.cores[i.min(self.cores.len().saturating_sub(1))]
-    }
-    /// Number of cores.
-    pub fn len(&self) -> usize {
-        self.cores.len()
-    }
-    /// No cores.
-    pub fn is_empty(&self) -> bool {
-        self.cores.is_empty()
-    }
-}
+pub type FileMetrics = PerCore<CoreFileCounters>;
 
 /// Renders the framework's connection counters and the file server's counters.
 #[derive(Debug)]

@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""corepin's benchmark suite: one command, every workload, peers measured in the same run.
+
+    python3 benches/bench.py            # default profile (about 10 minutes here)
+    python3 benches/bench.py --quick    # smoke profile (CI): every workload, tiny matrix
+    python3 benches/bench.py --only echo,scale
+
+Workloads (each a function in WORKLOADS; adding one is a local change: write a function that
+returns its results and its markdown, and register it):
+
+* echo   closed-loop ping-pong (corepin-loadgen) against corepin's echo on each backend, the
+         same echo written directly on raw Monoio, Glommio and tokio-uring (corepin's own
+         overhead), tokio multi-thread (epoll) and a hand-written io_uring loop (the floor).
+* files  the file server against nginx with wrk (benches/files_vs_nginx.py).
+* scale  resident memory per idle connection at ~19,000 connections (corepin-loadgen hold).
+
+Method. The server runs pinned to CPU 0 with one worker, the load generator on CPU 1 (on a
+2-core machine the generator saturates its own core from about 16 connections on, so
+messages/s is a shared ceiling there). The primary figure is the server's CPU time per
+message, from /proc/<pid>/stat (utime + stime) around the measured window; throughput and
+latency percentiles are reported beside it. Each server is started once per workload and
+warmed before every measured run. Results: benches/results/latest.{json,md} and SVG plots in
+benches/results/plots/ (corepin-plot, with plotters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = REPO / "target" / "release"
+RESULTS = REPO / "benches" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVER_CPU, CLIENT_CPU = 0, 1
+
+BACKENDS = ("monoio", "glommio", "tokio-uring")
+PEERS = ("monoio", "glommio", "tokio-uring", "tokio-mt", "uring")
+
+
+@dataclass
+class Profile:
+    conns: list[int]
+    sizes: list[int]
+    secs: float
+    warmup: float
+    scale_conns: int
+    files_args: list[str]
+
+
+PROFILES = {
+    "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"]),
+    "quick": Profile([1, 16], [64], 0.5, 0.2, 1000, ["--secs", "1", "--warmup", "0"]),
+}
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def echo_command(server: str, port: int) -> list[str]:
+    """The command line of an echo server, by name (`corepin-<backend>` or a peer engine)."""
+    listen = f"127.0.0.1:{port}"
+    if server.startswith("corepin-"):
+        backend = server.removeprefix("corepin-")
+        return [str(TARGET / "corepin"), "echo", "--runtime", backend, "--cores", f"{SERVER_CPU}-{SERVER_CPU}",
+                "--listen", listen]
+    return [str(TARGET / "corepin-peer-echo"), server, "--listen", listen, "--cpu", str(SERVER_CPU)]
+
+
+def start_server(name: str, stack: contextlib.ExitStack) -> Server:
+    port = free_port()
+    cmd = ["taskset", "-c", str(SERVER_CPU)] + echo_command(name, port)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = Server(name, proc, port)
+    stack.callback(server.stop)
+    deadline = time.monotonic() + 20
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{name} exited before listening: {' '.join(cmd)}")
+        if "listening on" in line:
+            # Drain the rest of its stdout in the background so it never blocks on a full pipe.
+            subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+            return server
+    raise RuntimeError(f"{name} did not start listening within 20 s")
+
+
+def loadgen(args: list[str]) -> dict:
+    cmd = ["taskset", "-c", str(CLIENT_CPU), str(TARGET / "corepin-loadgen")] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # Exit 2: the run finished but saw wrong echoes or I/O errors; the JSON counts them.
+    if out.returncode not in (0, 2) or not out.stdout.strip():
+        raise RuntimeError(f"loadgen failed ({' '.join(cmd)}): {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- workloads ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    results: list[dict] = field(default_factory=list)
+    markdown: str = ""
+
+
+def echo_servers(args: argparse.Namespace) -> list[str]:
+    return [f"corepin-{b}" for b in args.backends] + list(args.peers)
+
+
+def run_echo(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    out = Outcome()
+    for name in echo_servers(args):
+        with contextlib.ExitStack() as local:
+            server = start_server(name, local)
+            for size in prof.sizes:
+                for conns in prof.conns:
+                    common = ["echo", "--addr", f"127.0.0.1:{server.port}", "--conns", str(conns), "--size", str(size),
+                              "--cpu", str(CLIENT_CPU)]
+                    loadgen(common + ["--secs", str(prof.warmup), "--warmup", "0"])
+                    before = cpu_ticks(server.proc.pid)
+                    r = loadgen(common + ["--secs", str(prof.secs), "--warmup", "0"])
+                    used_us = (cpu_ticks(server.proc.pid) - before) * 1e6 / CLK_TCK
+                    r["server"] = name
+                    r["server_cpu_us_per_msg"] = used_us / r["messages"] if r["messages"] else None
+                    r["server_busy"] = used_us / (r["secs"] * 1e6) if r["secs"] else None
+                    out.results.append(r)
+                    print(f"  echo {name:<20} {size:>6} B {conns:>5} conns  {r['msgs_per_sec']:>10,.0f} msg/s  "
+                          f"{fmt_us(r['server_cpu_us_per_msg'])} CPU/msg  p99 {fmt_us(r['p99_us'])}  "
+                          f"errors {r['errors']}", flush=True)
+    out.markdown = echo_markdown(out.results, prof)
+    return out
+
+
+def run_files(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    json_path = RESULTS / "files_vs_nginx.json"
+    cmd = [sys.executable, str(REPO / "benches" / "files_vs_nginx.py"), "--json", str(json_path),
+           "--runtimes", ",".join(args.backends)] + prof.files_args
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    sys.stdout.write(run.stdout)
+    if run.returncode != 0:
+        raise RuntimeError(f"files benchmark failed: {run.stderr.strip()}")
+    table = "\n".join(line for line in run.stdout.splitlines() if line.startswith("|"))
+    header = next((line for line in run.stdout.splitlines() if line.startswith("corepin files vs nginx")), "")
+    data = json.loads(json_path.read_text())
+    return Outcome(results=data.get("results", []), markdown=f"{header}\n\n{table}\n")
+
+
+def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    out = Outcome()
+    for name in echo_servers(args):
+        with contextlib.ExitStack() as local:
+            server = start_server(name, local)
+            addr = f"127.0.0.1:{server.port}"
+            # Warm the server (allocator arenas, first connection paths) before the baseline.
+            loadgen(["echo", "--addr", addr, "--conns", "8", "--size", "64", "--secs", "0.3", "--warmup", "0",
+                     "--cpu", str(CLIENT_CPU)])
+            time.sleep(0.2)
+            base = rss_kib(server.proc.pid)
+            hold = subprocess.Popen(["taskset", "-c", str(CLIENT_CPU), str(TARGET / "corepin-loadgen"), "hold",
+                                     "--addr", addr, "--conns", str(prof.scale_conns), "--secs", "120"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            local.callback(lambda: (hold.kill(), hold.wait()))
+            assert hold.stdout is not None
+            line = hold.stdout.readline()
+            if not line:
+                raise RuntimeError(f"hold failed against {name}: {hold.stderr.read() if hold.stderr else ''}")
+            held = json.loads(line)["held"]
+            # Wait until the server has accepted everything (its RSS stops growing).
+            last, stable_since = -1, time.monotonic()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                cur = rss_kib(server.proc.pid)
+                if cur != last:
+                    last, stable_since = cur, time.monotonic()
+                elif time.monotonic() - stable_since > 1.0:
+                    break
+                time.sleep(0.1)
+            total = rss_kib(server.proc.pid)
+            per_conn = (total - base) * 1024 / held
+            r = {"server": name, "conns": held, "rss_base_kib": base, "rss_kib": total,
+                 "bytes_per_conn": per_conn, "mib_per_100k": per_conn * 100_000 / (1 << 20)}
+            out.results.append(r)
+            print(f"  scale {name:<20} {held} idle conns: RSS {base} -> {total} KiB, {per_conn:,.0f} B/conn, "
+                  f"{r['mib_per_100k']:,.0f} MiB per 100k", flush=True)
+    rows = ["| server | idle connections | RSS before | RSS with them | per connection | per 100,000 |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in out.results:
+        rows.append(f"| {r['server']} | {r['conns']:,} | {r['rss_base_kib'] / 1024:.1f} MiB | "
+                    f"{r['rss_kib'] / 1024:.1f} MiB | {r['bytes_per_conn'] / 1024:.2f} KiB | "
+                    f"{r['mib_per_100k']:,.0f} MiB |")
+    out.markdown = ("Resident memory of the server process (VmRSS) with idle connections open, one worker; "
+                    "kernel socket memory is not included.\n\n" + "\n".join(rows) + "\n")
+    return out
+
+
+WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack], Outcome]] = {
+    "echo": run_echo,
+    "files": run_files,
+    "scale": run_scale,
+}
+
+
+# ---- reporting ---------------------------------------------------------------------------
+
+
+def fmt_us(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.0f} µs" if v >= 100 else f"{v:.2f} µs"
+
+
+def best_peer(rows: list[dict]) -> dict | None:
+    peers = [r for r in rows if not r["server"].startswith("corepin-") and r.get("server_cpu_us_per_msg")]
+    return min(peers, key=lambda r: r["server_cpu_us_per_msg"]) if peers else None
+
+
+def echo_markdown(results: list[dict], prof: Profile) -> str:
+    parts = []
+    for size in prof.sizes:
+        rows = [r for r in results if r["size"] == size]
+        servers = list(dict.fromkeys(r["server"] for r in rows))
+        parts.append(f"#### Echo, {size} B messages: server CPU per message (messages/s)\n")
+        head = "| server | " + " | ".join(f"{c} conn{'s' if c > 1 else ''}" for c in prof.conns) + \
+               " | CPU/msg vs best peer |"
+        parts.append(head)
+        parts.append("|---|" + "---:|" * (len(prof.conns) + 1))
+        for s in servers:
+            cells, ratios = [], []
+            for c in prof.conns:
+                r = next((x for x in rows if x["server"] == s and x["conns"] == c), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                bp = best_peer([x for x in rows if x["conns"] == c])
+                if bp and r.get("server_cpu_us_per_msg"):
+                    ratios.append(r["server_cpu_us_per_msg"] / bp["server_cpu_us_per_msg"])
+                flag = " ⚠" if r.get("errors") else ""
+                cells.append(f"{fmt_us(r.get('server_cpu_us_per_msg'))} ({r['msgs_per_sec']:,.0f}){flag}")
+            geo = (f"{prod(ratios) ** (1 / len(ratios)):.2f}" if ratios else "n/a")
+            parts.append(f"| {s} | " + " | ".join(cells) + f" | {geo} |")
+        c_lat = 128 if 128 in prof.conns else prof.conns[-1]
+        parts.append(f"\nLatency at {c_lat} connections, {size} B:\n")
+        parts.append("| server | p50 | p99 | p99.9 | messages/s | vs best peer msgs/s |")
+        parts.append("|---|---:|---:|---:|---:|---:|")
+        lat_rows = [r for r in rows if r["conns"] == c_lat]
+        best_tp = max((r["msgs_per_sec"] for r in lat_rows if not r["server"].startswith("corepin-")), default=None)
+        for r in lat_rows:
+            ratio = f"{r['msgs_per_sec'] / best_tp:.2f}" if best_tp else "n/a"
+            parts.append(f"| {r['server']} | {fmt_us(r['p50_us'])} | {fmt_us(r['p99_us'])} | {fmt_us(r['p999_us'])} | "
+                         f"{r['msgs_per_sec']:,.0f} | {ratio} |")
+        parts.append("")
+    parts.append("CPU/msg vs best peer: the geometric mean over connection counts of the server's CPU per message "
+                 "divided by that of the cheapest peer (raw engines, tokio, the io_uring floor) at the same "
+                 "point; below 1.00 is cheaper than every peer.\n")
+    return "\n".join(parts)
+
+
+def prod(xs: list[float]) -> float:
+    p = 1.0
+    for x in xs:
+        p *= x
+    return p
+
+
+def machine() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def build() -> None:
+    cmd = ["cargo", "build", "--release", "--bin", "corepin", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
+    print("building:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke profile: every workload, tiny matrix")
+    ap.add_argument("--only", default=",".join(WORKLOADS), help=f"workloads to run (default: {','.join(WORKLOADS)})")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="corepin backends")
+    ap.add_argument("--peers", default=",".join(PEERS), help="peer echo servers (empty for none)")
+    ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
+    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    args = ap.parse_args()
+    args.backends = [b for b in args.backends.split(",") if b]
+    args.peers = [p for p in args.peers.split(",") if p]
+    only = [w for w in args.only.split(",") if w]
+    unknown = [w for w in only if w not in WORKLOADS]
+    if unknown:
+        print(f"error: unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if (os.cpu_count() or 1) < 2:
+        print("error: needs at least 2 CPUs (server and load generator on separate cores)", file=sys.stderr)
+        return 2
+    for tool in ["taskset"] + (["nginx", "wrk"] if "files" in only else []):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"error: {tool} not found; run scripts/setup.sh --bench", file=sys.stderr)
+            return 2
+    prof = PROFILES["quick" if args.quick else "default"]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_build:
+        build()
+    meta = machine() | {"profile": "quick" if args.quick else "default", "workloads": only}
+    print(f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; kernel {meta['kernel']}; "
+          f"profile {meta['profile']}", flush=True)
+    report: dict = {"meta": meta}
+    md = [f"### Benchmarks ({meta['date']}, {meta['cpu_model'] or 'unknown CPU'}, {meta['cpus']} CPUs, "
+          f"kernel {meta['kernel']}, profile {meta['profile']})\n",
+          f"Server pinned to CPU {SERVER_CPU} with one worker; load generator on CPU {CLIENT_CPU}. "
+          "The primary figure is the server's CPU time per message or request.\n"]
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        for w in only:
+            print(f"== {w}", flush=True)
+            outcome = WORKLOADS[w](args, prof, stack)
+            report[w] = outcome.results
+            md.append(f"### {w}\n\n{outcome.markdown}")
+    report["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    (out_dir / "latest.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "latest.md").write_text("\n".join(md))
+    plots = out_dir / "plots"
+    if "echo" in only:
+        subprocess.run([str(TARGET / "corepin-plot"), "--input", str(out_dir / "latest.json"), "--out-dir", str(plots)],
+                       check=True)
+    print("\n".join(md))
+    print(f"results: {out_dir / 'latest.json'}, {out_dir / 'latest.md'}, plots in {plots} "
+          f"({report['meta']['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

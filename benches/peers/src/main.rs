@@ -1,0 +1,170 @@
+//! `corepin-peer-echo`: TCP echo servers written directly against each engine corepin runs
+//! on (Monoio, Glommio, tokio-uring), plus two references: tokio's epoll multi-thread runtime
+//! and a minimal hand-written io_uring loop (the floor). The benchmark harness runs them next
+//! to `corepin echo` to show what corepin costs over each raw engine.
+//!
+//! Every engine serves from one thread pinned to `--cpu`, on a listener made the same way as
+//! corepin's (SO_REUSEADDR, backlog 4096, non-blocking), with TCP_NODELAY on each accepted
+//! socket and one `--buffer-size` buffer per connection. Only the I/O path differs.
+
+mod glommio;
+mod monoio;
+mod tokio_mt;
+mod tokio_uring;
+mod uring;
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+
+/// Entries of the io_uring submission queue for the engines that take a size (corepin's
+/// default `ring_entries`, and Monoio's own default).
+pub(crate) const RING_ENTRIES: u32 = 1024;
+
+/// Listen backlog, the same as corepin's listeners.
+const BACKLOG: libc::c_int = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    /// Raw Monoio on its io_uring driver.
+    Monoio,
+    /// Raw Glommio executor.
+    Glommio,
+    /// Raw tokio-uring.
+    TokioUring,
+    /// Tokio's multi-thread (epoll) runtime with one worker thread.
+    TokioMt,
+    /// A hand-written io_uring event loop (the floor).
+    Uring,
+}
+
+/// TCP echo server on one pinned core, written directly against one engine.
+#[derive(Debug, Parser)]
+#[command(name = "corepin-peer-echo", version)]
+struct Args {
+    /// The engine to serve with.
+    #[arg(value_enum)]
+    engine: Engine,
+    /// Address to listen on (port 0 picks a free port; the real one is printed).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The CPU to pin the serving thread to.
+    #[arg(long)]
+    cpu: usize,
+    /// Read buffer size per connection, in bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    buffer_size: usize,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("corepin-peer-echo: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.buffer_size == 0 {
+        bail!("--buffer-size must be at least 1");
+    }
+    pin_to_cpu(args.cpu)?;
+    exit_on_signal()?;
+    let listener = bind(args.listen)?;
+    let size = args.buffer_size;
+    match args.engine {
+        Engine::Monoio => monoio::run(listener, size),
+        Engine::Glommio => glommio::run(listener, args.cpu, size),
+        Engine::TokioUring => tokio_uring::run(listener, size),
+        Engine::TokioMt => tokio_mt::run(listener, args.cpu, size),
+        Engine::Uring => uring::run(listener, size),
+    }
+}
+
+/// Pins the calling thread (and the threads it creates from now on) to `cpu`.
+pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        bail!("--cpu {cpu} is out of range");
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE, checked above, so CPU_SET stays inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        let e = io::Error::last_os_error();
+        bail!("cannot pin to CPU {cpu}: {e} (is it online and in this process's cpuset?)");
+    }
+    Ok(())
+}
+
+/// A listening socket made like corepin's: SO_REUSEADDR (std sets it), backlog 4096,
+/// non-blocking. Each engine adopts it with its own `from_std`/`from_raw_fd`.
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    // SAFETY: listen(2) on a socket we own; calling it again only raises the backlog.
+    if unsafe { libc::listen(l.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error()).context("listen");
+    }
+    l.set_nonblocking(true).context("setting the listener non-blocking")?;
+    Ok(l)
+}
+
+/// Tells the harness the server accepts connections: exactly one line on stdout.
+pub(crate) fn announce(addr: io::Result<SocketAddr>) -> io::Result<()> {
+    let addr = addr?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "listening on {addr}")?;
+    out.flush()
+}
+
+/// How long to stop accepting after running out of descriptors or memory.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Says whether to back off for [`ACCEPT_BACKOFF`] after a failed accept (the server keeps
+/// serving either way). When descriptors or memory run out, the listen queue stays full and
+/// accept would fail again at once, so spinning on it would only burn the core; a correctly
+/// sized benchmark never gets here. Anything else (the peer went away before it was
+/// accepted, and the like) is not worth a line.
+pub(crate) fn accept_failed(e: &io::Error) -> bool {
+    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+    if exhausted {
+        eprintln!("corepin-peer-echo: accept: {e}; pausing {} ms", ACCEPT_BACKOFF.as_millis());
+    }
+    exhausted
+}
+
+/// Exits with status 0 on SIGTERM or SIGINT.
+///
+/// The two signals are blocked in this thread before any other thread exists, so every
+/// thread (the engines' included) inherits the mask and none is interrupted by them; one
+/// thread waits for them with sigwait(2) and ends the process. The serving thread never sees
+/// a signal (no EINTR in io_uring_enter or epoll_wait).
+fn exit_on_signal() -> Result<()> {
+    // SAFETY: an all-zero sigset_t is a valid out-parameter for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc)).context("blocking SIGTERM/SIGINT");
+    }
+    let waiter = move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-parameter.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            std::process::exit(0);
+        }
+    };
+    std::thread::Builder::new().name("signals".into()).spawn(waiter).context("spawning the signal thread")?;
+    Ok(())
+}
