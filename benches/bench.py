@@ -181,7 +181,7 @@ def run_echo(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStac
 
 
 def run_files(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
-    json_path = RESULTS / "files_vs_nginx.json"
+    json_path = Path(args.out) / "files_vs_nginx.json"
     cmd = [sys.executable, str(REPO / "benches" / "files_vs_nginx.py"), "--json", str(json_path),
            "--runtimes", ",".join(args.backends)] + prof.files_args
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -332,8 +332,10 @@ def main() -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS), help="corepin backends")
     ap.add_argument("--peers", default=",".join(PEERS), help="peer echo servers (empty for none)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
-    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--out", help="results directory (default: benches/results, or benches/results/quick "
+                    "with --quick)")
     args = ap.parse_args()
+    args.out = args.out or str(RESULTS / "quick" if args.quick else RESULTS)
     args.backends = [b for b in args.backends.split(",") if b]
     args.peers = [p for p in args.peers.split(",") if p]
     only = [w for w in args.only.split(",") if w]
