@@ -320,7 +320,7 @@ def machine() -> dict:
 
 
 def build() -> None:
-    cmd = ["cargo", "build", "--release", "--bin", "corepin", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
+    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
     print("building:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
