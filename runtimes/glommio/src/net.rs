@@ -72,7 +72,8 @@ pub struct GlommioTcpStream {
 /// the socket buffer. Made once per stream, and only by streams that wait.
 struct WriteWatch {
     watch: GlommioFdWatch,
-    epoll: OwnedFd,
+    /// The epoll instance the watch waits on; owned here so it lives exactly as long.
+    _epoll: OwnedFd,
 }
 
 impl WriteWatch {
@@ -90,7 +91,7 @@ impl WriteWatch {
             return Err(io::Error::last_os_error());
         }
         let watch = <GlommioFdWatch as runtime::FdWatch>::new(epoll.as_raw_fd())?;
-        Ok(Self { watch, epoll })
+        Ok(Self { watch, _epoll: epoll })
     }
 }
 
@@ -252,10 +253,7 @@ impl runtime::TcpStream for GlommioTcpStream {
             self.write_watch = Some(WriteWatch::new(self.inner.as_raw_fd())?);
         }
         match &self.write_watch {
-            Some(w) => {
-                debug_assert!(w.epoll.as_raw_fd() >= 0);
-                runtime::FdWatch::readable(&w.watch).await
-            }
+            Some(w) => runtime::FdWatch::readable(&w.watch).await,
             None => Err(io::Error::other("write watch missing")),
         }
     }
