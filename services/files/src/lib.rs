@@ -264,20 +264,29 @@ fn if_range_holds(value: &[u8], tag: &str, meta: &Metadata) -> bool {
     }
 }
 
-fn mime_of(name: &str) -> String {
-    let m = mime_guess::from_path(name).first_or_octet_stream();
-    if m.type_() == mime_guess::mime::TEXT || m.essence_str() == "application/javascript" {
-        format!("{}; charset=utf-8", m.essence_str())
-    } else {
-        m.essence_str().to_string()
+/// A Content-Type from the file name's extension, with a charset for text (no allocation).
+struct ContentType(&'static str);
+
+impl ContentType {
+    fn of(name: &str) -> Self {
+        Self(mime_guess::from_path(name).first_raw().unwrap_or("application/octet-stream"))
     }
 }
 
+impl std::fmt::Display for ContentType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)?;
+        if self.0.starts_with("text/") || self.0 == "application/javascript" {
+            f.write_str("; charset=utf-8")?;
+        }
+        Ok(())
+    }
+}
+
+/// A multipart boundary that differs per response (std's randomly keyed hasher).
 fn random_boundary() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    format!("corepin-{:016x}", h.finish())
+    use std::hash::BuildHasher;
+    format!("corepin-{:016x}", std::collections::hash_map::RandomState::new().hash_one(0u8))
 }
 
 fn listing_html(display: &str, entries: &[fsroot::DirEntry]) -> String {
@@ -343,6 +352,8 @@ struct Conn<'s, R: Runtime> {
     start: usize,
     /// The response head being built; moves into writes and comes back.
     head: Vec<u8>,
+    /// Chunks queued for the next gather write; the list's allocation is reused.
+    out: Vec<Chunk>,
     /// The read + write buffer, allocated on first use.
     rw_buf: Option<Vec<u8>>,
     /// Bytes of the current response sent so far.
@@ -361,6 +372,7 @@ impl<R: Runtime> Service<Connection<R>> for Files {
             inbuf: Vec::with_capacity(4096),
             start: 0,
             head: Vec::with_capacity(512),
+            out: Vec::with_capacity(4),
             rw_buf: None,
             sent: 0,
         };
@@ -641,7 +653,7 @@ impl<R: Runtime> Conn<'_, R> {
             Some(r) if head.if_range.is_none_or(|ir| if_range_holds(ir, &tag, &meta)) => range::resolve(r, len),
             _ => RangeAnswer::Whole,
         };
-        let mime = mime_of(name);
+        let mime = ContentType::of(name);
         let cached = (len <= self.cfg().memory_max).then(|| self.svc.cache.borrow().get(&meta)).flatten();
         let source = |file: File| match cached.clone() {
             Some(b) => Source::Memory(b),
@@ -747,25 +759,34 @@ impl<R: Runtime> Conn<'_, R> {
         Ok(chunks)
     }
 
-    fn take_head(&mut self) -> Chunk {
-        Chunk::Owned(std::mem::take(&mut self.head))
+    /// Queues the response head (moved out of its buffer until the write gives it back).
+    fn queue_head(&mut self) {
+        let head = std::mem::take(&mut self.head);
+        self.out.push(Chunk::Owned(head));
     }
 
-    fn give_back(&mut self, chunks: Vec<Chunk>) {
-        if let Some(Chunk::Owned(v)) = chunks.into_iter().next() {
-            self.head = v;
+    /// Writes every queued chunk in one gather write, then takes back the head buffer and
+    /// keeps the list's allocation for the next response.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
         }
+        let chunks = std::mem::take(&mut self.out);
+        let mut back = self.write_chunks(chunks).await?;
+        for chunk in back.drain(..) {
+            if let Chunk::Owned(v) = chunk {
+                self.head = v;
+            }
+        }
+        self.out = back;
+        Ok(())
     }
 
     async fn respond(&mut self, plan: Plan) -> Result<(), End> {
         self.sent = 0;
+        self.queue_head();
         match plan.body {
-            Body::None => {
-                let head = self.take_head();
-                let back = self.write_chunks(vec![head]).await?;
-                self.give_back(back);
-                Ok(())
-            }
+            Body::None => self.flush().await,
             Body::Fill { file, meta } => {
                 let data = self.read_whole(file, meta.len).await?;
                 let short = (data.len() as u64) < meta.len;
@@ -773,9 +794,8 @@ impl<R: Runtime> Conn<'_, R> {
                     self.svc.cache.borrow_mut().insert(&meta, data.clone());
                 }
                 let n = data.len() as u64;
-                let head = self.take_head();
-                let back = self.write_chunks(vec![head, Chunk::Shared(data)]).await?;
-                self.give_back(back);
+                self.out.push(Chunk::Shared(data));
+                self.flush().await?;
                 self.counters.transfer(TransferPath::Memory, n);
                 if short {
                     return Err(End::Truncated);
@@ -783,43 +803,40 @@ impl<R: Runtime> Conn<'_, R> {
                 Ok(())
             }
             Body::Parts { source: Source::Memory(data), parts, suffix } => {
-                let mut chunks = Vec::with_capacity(2 + 2 * parts.len());
-                chunks.push(self.take_head());
                 let mut n = 0;
                 for p in parts {
                     if let Some(pre) = p.prefix {
-                        chunks.push(Chunk::Shared(pre));
+                        self.out.push(Chunk::Shared(pre));
                     }
                     n += p.len;
-                    chunks.push(Chunk::Shared(Bytes::slice(&data, p.first as usize..(p.first + p.len) as usize)));
+                    self.out.push(Chunk::Shared(Bytes::slice(&data, p.first as usize..(p.first + p.len) as usize)));
                 }
                 if let Some(s) = suffix {
-                    chunks.push(Chunk::Shared(s));
+                    self.out.push(Chunk::Shared(s));
                 }
-                let back = self.write_chunks(chunks).await?;
-                self.give_back(back);
+                self.flush().await?;
                 if plan.status < 300 {
                     self.counters.transfer(TransferPath::Memory, n);
                 }
                 Ok(())
             }
             Body::Parts { source: Source::File(file), parts, suffix } => {
-                let head = self.take_head();
-                let back = self.write_chunks(vec![head]).await?;
-                self.give_back(back);
                 let mut state = FileState::<R> { std: Some(file), rt: None };
                 let mut paths = (0u64, 0u64);
                 for p in parts {
+                    // The head and each part's framing leave in one write before its bytes.
                     if let Some(pre) = p.prefix {
-                        self.write_chunks(vec![Chunk::Shared(pre)]).await?;
+                        self.out.push(Chunk::Shared(pre));
                     }
+                    self.flush().await?;
                     let (by_sendfile, by_rw) = self.send_range(&mut state, p.first, p.len).await?;
                     paths.0 += by_sendfile;
                     paths.1 += by_rw;
                 }
                 if let Some(s) = suffix {
-                    self.write_chunks(vec![Chunk::Shared(s)]).await?;
+                    self.out.push(Chunk::Shared(s));
                 }
+                self.flush().await?;
                 // An empty body counts under the path it would have taken.
                 let rw_configured = self.cfg().large_bodies == LargeBodies::ReadWrite;
                 if paths.1 > 0 || (paths.0 == 0 && rw_configured) {
