@@ -141,7 +141,9 @@ fn describe_cores(cpus: &[Cpu]) -> String {
     cpus.iter().map(|c| format!("{} (node {})", c.os, c.numa)).collect::<Vec<_>>().join(", ")
 }
 
-fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server) {
+/// Prints the start-up banner (address, runtime, cores, capability report, then `extra`
+/// lines) and flushes it, so a supervisor reading stdout sees it at once.
+fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server, extra: &[String]) {
     println!("corepin {what} listening on {addr}");
     println!("runtime: {}", p.kind);
     println!("topology: {}", p.topology);
@@ -156,26 +158,31 @@ fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server) {
             }
         }
     }
+    for line in extra {
+        println!("{line}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
 
 fn run_echo(args: EchoArgs) -> Result<()> {
     let p = prepare(&args.common)?;
-    let listen: SocketAddr = args
-        .listen
-        .parse()
-        .with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:7000", args.listen))?;
+    let listen = parse_addr("listen", &args.listen)?;
     if args.buffer_size == 0 {
         anyhow::bail!("--buffer-size must be at least 1");
     }
     let app = TcpServer::bind(listen, p.cpus.len(), corepin_echo::EchoFactory { buffer_size: args.buffer_size })?;
     let addr = app.local_addr();
     let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
-    print_banner("echo", addr, &p, &server);
+    print_banner("echo", addr, &p, &server, &[]);
     server.wait_with_signals()?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Parses the socket address given to `--{flag}`.
+fn parse_addr(flag: &str, value: &str) -> Result<SocketAddr> {
+    value.parse().with_context(|| format!("--{flag} {value:?} is not an address like 127.0.0.1:8080"))
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -201,14 +208,8 @@ fn nofile_limit() -> u64 {
 
 fn run_files(args: FilesArgs) -> Result<()> {
     let p = prepare(&args.common)?;
-    let listen: SocketAddr = args
-        .listen
-        .parse()
-        .with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:8080", args.listen))?;
-    let metrics_addr: Option<SocketAddr> = match &args.metrics {
-        Some(m) => Some(m.parse().with_context(|| format!("--metrics {m:?} is not an address like 127.0.0.1:9090"))?),
-        None => None,
-    };
+    let listen = parse_addr("listen", &args.listen)?;
+    let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
     let large_bodies = match args.transfer.as_str() {
         "sendfile" => corepin_files::LargeBodies::Sendfile,
         "read-write" => corepin_files::LargeBodies::ReadWrite,
@@ -243,16 +244,14 @@ fn run_files(args: FilesArgs) -> Result<()> {
         ),
         None => None,
     };
-    print_banner("files", addr, &p, &server);
-    println!("root: {} (confined with {:?})", served.display(), confinement);
-    println!("max connections per core: {per_core}");
+    let mut extra = vec![
+        format!("root: {} (confined with {:?})", served.display(), confinement),
+        format!("max connections per core: {per_core}"),
+    ];
     if let Some(m) = &metrics {
-        println!("metrics: http://{}/metrics", m.local_addr());
+        extra.push(format!("metrics: http://{}/metrics", m.local_addr()));
     }
-    {
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-    }
+    print_banner("files", addr, &p, &server, &extra);
     server.wait_with_signals()?;
     drop(metrics);
     tracing::info!("stopped cleanly");
