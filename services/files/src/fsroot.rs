@@ -93,6 +93,12 @@ const OPEN_FLAGS: i32 = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | li
 impl Root {
     /// Opens `path` as the root.
     pub fn open(path: &Path, follow_symlinks: bool) -> io::Result<Root> {
+        Self::open_confined(path, follow_symlinks, None)
+    }
+
+    /// [`open`](Self::open), optionally forcing the confinement (tests use it to exercise the
+    /// pre-5.6 fallback on a kernel that has `openat2`).
+    pub fn open_confined(path: &Path, follow_symlinks: bool, force: Option<Confinement>) -> io::Result<Root> {
         let canonical = std::fs::canonicalize(path)?;
         let dir: OwnedFd = File::open(&canonical)?.into();
         let meta = std::fs::metadata(&canonical)?;
@@ -100,10 +106,11 @@ impl Root {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", path.display())));
         }
         let dot = CString::new(".").map_err(io::Error::other)?;
-        let confinement = match openat2(&dir, &dot, OPEN_FLAGS, libc::RESOLVE_BENEATH) {
-            Ok(_) => Confinement::Openat2,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => Confinement::CheckOpened,
-            Err(e) => return Err(e),
+        let confinement = match (force, openat2(&dir, &dot, OPEN_FLAGS, libc::RESOLVE_BENEATH)) {
+            (Some(c), _) => c,
+            (None, Ok(_)) => Confinement::Openat2,
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ENOSYS) => Confinement::CheckOpened,
+            (None, Err(e)) => return Err(e),
         };
         Ok(Root { dir, canonical, follow_symlinks, confinement })
     }
@@ -178,4 +185,36 @@ pub fn list(dir: &File) -> io::Result<Vec<DirEntry>> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both confinements refuse symlinks that lead out of the root (a file, or a directory
+    /// on the way) and allow those that stay inside; following them out takes the flag.
+    #[test]
+    fn both_confinements_keep_opens_inside_the_root() {
+        let base = std::env::temp_dir().join(format!("corepin-fsroot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("root/sub")).unwrap();
+        std::fs::create_dir_all(base.join("outside")).unwrap();
+        std::fs::write(base.join("root/sub/in.txt"), b"in").unwrap();
+        std::fs::write(base.join("outside/secret.txt"), b"out").unwrap();
+        std::os::unix::fs::symlink("sub/in.txt", base.join("root/link-in")).unwrap();
+        std::os::unix::fs::symlink(base.join("outside/secret.txt"), base.join("root/link-out")).unwrap();
+        std::os::unix::fs::symlink("../outside", base.join("root/dir-out")).unwrap();
+        for c in [Confinement::Openat2, Confinement::CheckOpened] {
+            let root = Root::open_confined(&base.join("root"), false, Some(c)).unwrap();
+            assert_eq!(root.confinement(), c);
+            assert!(root.open_file("sub/in.txt").is_ok(), "{c:?}");
+            assert!(root.open_file("link-in").is_ok(), "{c:?}: a symlink inside the root works");
+            assert!(matches!(root.open_file("link-out"), Err(OpenError::Forbidden)), "{c:?}");
+            assert!(matches!(root.open_file("dir-out/secret.txt"), Err(OpenError::Forbidden)), "{c:?}");
+            assert!(matches!(root.open_file("missing"), Err(OpenError::NotFound)), "{c:?}");
+            let follow = Root::open_confined(&base.join("root"), true, Some(c)).unwrap();
+            assert!(follow.open_file("link-out").is_ok(), "{c:?}: --follow-symlinks");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }
