@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -287,12 +287,26 @@ fn files_serves_the_demo_site_with_metrics_and_drains_on_sigterm() {
         assert_eq!(Sha256::digest(&body), Sha256::digest(std::fs::read(demo.join("downloads/sample.bin")).unwrap()));
         assert_eq!(http_get(s.addr, "/downloads/").0, "HTTP/1.1 403 Forbidden", "no listing unless asked");
         assert_eq!(http_get(s.addr, "/%2e%2e/Cargo.toml").0, "HTTP/1.1 400 Bad Request");
-        let (status, text) = http_get(metrics, "/metrics");
-        assert_eq!(status, "HTTP/1.1 200 OK");
-        let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("corepin_file_transfers_all_cores_total{path=\"sendfile\"} 1"), "{text}");
-        assert!(text.contains("corepin_file_transfers_all_cores_total{path=\"memory\"} 1"), "{text}");
-        assert!(text.contains("corepin_http_responses_all_cores_total{class=\"4xx\"} 2"), "{text}");
+        // A transfer is counted once it has left, a moment after the client has read it:
+        // scrape until every figure shows (10 s at most), then check them.
+        let wanted = [
+            "corepin_file_transfers_all_cores_total{path=\"sendfile\"} 1",
+            "corepin_file_transfers_all_cores_total{path=\"memory\"} 1",
+            "corepin_http_responses_all_cores_total{class=\"4xx\"} 2",
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let (status, text) = http_get(metrics, "/metrics");
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            let text = String::from_utf8(text).unwrap();
+            if wanted.iter().all(|w| text.contains(w)) || Instant::now() >= deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for w in wanted {
+            assert!(text.contains(w), "{rt}: no `{w}` in\n{text}");
+        }
         // SAFETY: kill(2) with a valid pid and signal number.
         assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
         let status = wait_exit(&mut s.child, Duration::from_secs(25));

@@ -121,6 +121,20 @@ impl Srv {
     }
 }
 
+/// The server counts a response once it has left, which can be a moment after the client has
+/// read it: polls `read` until `done` holds (10 s at most) and returns the last reading, for
+/// the caller to assert on.
+fn settle<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = read();
+        if done(&v) || Instant::now() >= deadline {
+            return v;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---- a raw HTTP/1.1 client ---------------------------------------------------------------
 
 #[derive(Debug)]
@@ -232,8 +246,10 @@ pub fn bodies_arrive_byte_for_byte_on_every_path<R: Runtime>() {
     let srv = serve::<R>(|_| {});
     check_all_sizes(srv.addr);
     check_all_sizes(srv.addr); // second round: small files now come from the cache
-    assert!(srv.transfers(TransferPath::Memory) >= 4, "1 B and 4 KiB twice from memory");
-    assert!(srv.transfers(TransferPath::Sendfile) >= 4, "1 MiB and 100 MiB twice by sendfile");
+    let memory = settle(|| srv.transfers(TransferPath::Memory), |n| *n >= 4);
+    assert!(memory >= 4, "1 B and 4 KiB twice from memory, counted {memory}");
+    let sendfile = settle(|| srv.transfers(TransferPath::Sendfile), |n| *n >= 4);
+    assert!(sendfile >= 4, "1 MiB and 100 MiB twice by sendfile, counted {sendfile}");
     assert_eq!(srv.transfers(TransferPath::ReadWrite), 0);
     srv.stop();
 
@@ -242,7 +258,8 @@ pub fn bodies_arrive_byte_for_byte_on_every_path<R: Runtime>() {
         c.large_bodies = LargeBodies::ReadWrite;
     });
     check_all_sizes(srv.addr);
-    assert!(srv.transfers(TransferPath::ReadWrite) >= 4);
+    let rw = settle(|| srv.transfers(TransferPath::ReadWrite), |n| *n >= 4);
+    assert!(rw >= 4, "1 B, 4 KiB, 1 MiB and 100 MiB by read + write, counted {rw}");
     assert_eq!(srv.transfers(TransferPath::Memory) + srv.transfers(TransferPath::Sendfile), 0);
     srv.stop();
 }
@@ -596,8 +613,14 @@ pub fn slow_and_vanishing_clients_are_closed<R: Runtime>() {
     while srv.active() > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
-    let timeouts: u64 =
-        (0..srv.metrics.len()).map(|c| srv.metrics.core(c).timeouts.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let timeouts = settle(
+        || -> u64 {
+            (0..srv.metrics.len())
+                .map(|c| srv.metrics.core(c).timeouts.load(std::sync::atomic::Ordering::Relaxed))
+                .sum()
+        },
+        |n| *n >= 3,
+    );
     assert_eq!(timeouts, 3, "header, idle and send timeouts counted");
     // Reading everything now ends early: the server gave up on this client.
     let mut got = 0usize;
@@ -639,7 +662,8 @@ pub fn the_connection_limit_holds<R: Runtime>() {
     let _ = c.write_all(b"GET /one.bin HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(closed_by_server(&mut c), "the third connection is closed");
     drop(a);
-    thread::sleep(Duration::from_millis(200));
+    // The slot frees once the server has seen the close.
+    assert_eq!(settle(|| srv.active(), |n| *n <= 1), 1, "the closed connection was released");
     assert_eq!(get(srv.addr, "/one.bin", "").status, 200, "a freed slot is reused");
     srv.stop();
 }
@@ -679,13 +703,15 @@ pub fn metrics_are_exposed<R: Runtime>() {
     let _ = get(srv.addr, "/1m.bin", "");
     let _ = get(srv.addr, "/nope", "");
     let m = MetricsServer::start("127.0.0.1:0".parse().unwrap(), srv.counters.clone(), srv.metrics.clone()).unwrap();
-    let mut s = connect(m.local_addr());
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();
-    let r = read_resp(&mut s, &mut Vec::new(), false).unwrap();
-    assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
-    let text = String::from_utf8(r.body).unwrap();
-    let value = |line: &str| -> u64 {
+    let scrape = || -> String {
+        let mut s = connect(m.local_addr());
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();
+        let r = read_resp(&mut s, &mut Vec::new(), false).unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+        String::from_utf8(r.body).unwrap()
+    };
+    let value = |text: &str, line: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(line))
             .unwrap_or_else(|| panic!("no {line} in\n{text}"))
@@ -695,6 +721,12 @@ pub fn metrics_are_exposed<R: Runtime>() {
             .parse()
             .unwrap()
     };
+    let responses = |text: &str| {
+        value(text, "corepin_http_responses_all_cores_total{class=\"2xx\"}")
+            + value(text, "corepin_http_responses_all_cores_total{class=\"4xx\"}")
+    };
+    let text = settle(scrape, |t| responses(t) >= 4);
+    let value = |line: &str| value(&text, line);
     assert_eq!(value("corepin_file_transfers_all_cores_total{path=\"memory\"}"), 2);
     assert_eq!(value("corepin_file_transfers_all_cores_total{path=\"sendfile\"}"), 1);
     assert_eq!(value("corepin_file_transfers_all_cores_total{path=\"read-write\"}"), 0);
