@@ -697,10 +697,11 @@ pub fn a_finished_app_ends_the_server<R: Runtime>() {
 
 // ---- file transfer and write deadlines ---------------------------------------------------
 
-fn temp_file(name: &str, data: &[u8]) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("corepin-conf-{}-{name}", std::process::id()));
-    std::fs::write(&path, data).unwrap();
-    path
+/// A file holding `data`, removed when the returned path drops (also when the test fails).
+fn temp_file(name: &str, data: &[u8]) -> tempfile::TempPath {
+    let mut f = tempfile::Builder::new().prefix(&format!("corepin-conf-{name}-")).tempfile().unwrap();
+    f.write_all(data).unwrap();
+    f.into_temp_path()
 }
 
 /// send_file moves a file range to a socket byte for byte, waiting for room while the peer
@@ -725,7 +726,7 @@ pub fn send_file_moves_file_ranges_through_a_full_socket<R: Runtime>() {
         }
         assert!(got == expect, "the peer received different bytes");
     });
-    let p = path.clone();
+    let p = path.to_path_buf();
     within(Duration::from_secs(60), "send_file", move || {
         run::<R, _>(|| async move {
             let mut s = R::TcpStream::connect(addr).await.unwrap();
@@ -745,7 +746,6 @@ pub fn send_file_moves_file_ranges_through_a_full_socket<R: Runtime>() {
         })
     });
     peer.join().unwrap();
-    let _ = std::fs::remove_file(path);
 }
 
 /// A write to a peer that never reads ends at its deadline: the socket is shut down, the
@@ -786,7 +786,7 @@ pub fn a_write_deadline_frees_a_stalled_write<R: Runtime>() {
         let _ = rx.recv_timeout(Duration::from_secs(30));
         drop(s);
     });
-    let p = path.clone();
+    let p = path.to_path_buf();
     within(Duration::from_secs(30), "a send_file deadline", move || {
         run::<R, _>(|| async move {
             let mut s = R::TcpStream::connect(addr).await.unwrap();
@@ -804,7 +804,6 @@ pub fn a_write_deadline_frees_a_stalled_write<R: Runtime>() {
             }
         })
     });
-    let _ = std::fs::remove_file(path);
     tx.send(()).unwrap();
     peer.join().unwrap();
 }
