@@ -271,6 +271,7 @@ fn files_serves_the_demo_site_with_metrics_and_drains_on_sigterm() {
         let mut s = start("files", rt, &["--metrics", "127.0.0.1:0", "--access-log"], "metrics: http://");
         assert!(s.banner.contains("confined with Openat2"), "{}", s.banner);
         assert!(s.banner.contains("file transfer:"), "{}", s.banner);
+        assert!(s.banner.contains("file reads:"), "{}", s.banner);
         let metrics: SocketAddr = s
             .banner
             .lines()

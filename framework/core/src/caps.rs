@@ -71,6 +71,8 @@ pub struct Capabilities {
     pub fd_readiness: &'static str,
     /// How [`send_file`](crate::runtime::TcpStream::send_file) moves file bytes to a socket.
     pub file_transfer: &'static str,
+    /// How file reads are done, and whether a page-cache miss can block the worker.
+    pub file_reads: &'static str,
     /// Whether owned-buffer I/O copies through an engine-internal buffer.
     pub rent_copies: bool,
     /// Anything else a user should know (limits, refusals).
@@ -130,6 +132,7 @@ impl fmt::Display for Capabilities {
         }
         writeln!(f, "  fd readiness:       {}", self.fd_readiness)?;
         writeln!(f, "  file transfer:      {}", self.file_transfer)?;
+        writeln!(f, "  file reads:         {}", self.file_reads)?;
         writeln!(f, "  rent I/O copies:    {}", yes(self.rent_copies))?;
         for n in &self.notes {
             writeln!(f, "  note: {n}")?;

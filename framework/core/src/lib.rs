@@ -2,8 +2,9 @@
 //!
 //! Owned-buffer I/O ([`buf`], [`io`]), the contract every backend implements ([`runtime`]),
 //! the service abstraction ([`service`]), the thread-per-core launcher ([`launcher`],
-//! [`topology`], [`worker`]), cross-core messaging ([`mesh`]) and the capability report
-//! ([`caps`]). No engine is named here; backends are leaf crates that implement [`runtime`].
+//! [`topology`], [`worker`]), cross-core messaging ([`mesh`]), the capability report
+//! ([`caps`]) and a page-cache probe that keeps disk reads off the worker ([`pagecache`]).
+//! No engine is named here; backends are leaf crates that implement [`runtime`].
 
 #![warn(missing_docs)]
 
@@ -12,6 +13,7 @@ pub mod caps;
 pub mod io;
 pub mod launcher;
 pub mod mesh;
+pub mod pagecache;
 pub mod runtime;
 pub mod service;
 pub mod task;

@@ -196,6 +196,7 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
         buffer_rings: Mechanism::fallback(kernel.buffer_rings, "the caller's buffer (TCP) or glommio's io_memory (UDP)"),
         fd_readiness: FD_READINESS,
         file_transfer: "sendfile(2), waiting for room through an epoll descriptor (EPOLLOUT) watched like any foreign fd",
+        file_reads: "io_uring READ (glommio buffered file): a page-cache miss waits in the kernel, not on the worker",
         rent_copies: true,
         notes,
     }

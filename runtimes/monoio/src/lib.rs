@@ -133,6 +133,11 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
         } else {
             "sendfile(2), waiting for room with epoll"
         },
+        file_reads: if uring {
+            "io_uring READ: a page-cache miss waits in the kernel, not on the worker"
+        } else {
+            "pread(2) on the worker: a page-cache miss blocks the core (the epoll driver has no async file I/O)"
+        },
         rent_copies: false,
         notes: Vec::new(),
     }

@@ -72,6 +72,7 @@ pub(crate) fn capabilities(
         ),
         fd_readiness: "tokio AsyncFd on the runtime's epoll reactor, confirmed with poll(2) for level semantics",
         file_transfer: "sendfile(2), waiting for room with tokio AsyncFd (epoll)",
+        file_reads: "io_uring READ: a page-cache miss waits in the kernel, not on the worker",
         rent_copies: false,
         notes,
     }

@@ -25,12 +25,13 @@ pub mod target;
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use corepin_core::pagecache::{self, Residency};
 use corepin_core::runtime::{File as _, Metadata};
 use corepin_core::task::{read_timeout_or, with_deadline};
 use corepin_core::{
@@ -821,7 +822,7 @@ impl<R: Runtime> Conn<'_, R> {
                 Ok(())
             }
             Body::Parts { source: Source::File(file), parts, suffix } => {
-                let mut state = FileState::<R> { std: Some(file), rt: None };
+                let mut state = FileState::<R>::Std(file);
                 let mut paths = (0u64, 0u64);
                 for p in parts {
                     // The head and each part's framing leave in one write before its bytes.
@@ -869,87 +870,120 @@ impl<R: Runtime> Conn<'_, R> {
     }
 
     /// Sends `len` bytes at `first` of the file; returns (bytes by sendfile, bytes by read+write).
+    ///
+    /// Sendfile reads the file on the worker's thread, so it only gets windows that the page
+    /// cache holds; a window with a missing page goes a chunk at a time through the engine's
+    /// file read (io_uring: the disk wait happens in the kernel, not on the core), and the
+    /// next window is probed again.
     async fn send_range(&mut self, state: &mut FileState<R>, first: u64, len: u64) -> Result<(u64, u64), End> {
-        let fd = self.c.stream.as_raw_fd();
         let timeout = self.cfg().send_timeout;
-        let mut pos = first;
-        let end = first + len;
-        let mut by_sendfile = 0;
-        if self.cfg().large_bodies == LargeBodies::Sendfile {
-            while pos < end {
-                let Some(file) = state.std.as_ref() else { break };
-                let want = (end - pos).min(1 << 30) as usize;
-                let (res, timed_out) =
-                    with_deadline::<R, _>(fd, timeout, self.c.stream.send_file(file.as_fd(), pos, want)).await;
-                if timed_out {
-                    return Err(End::Timeout);
-                }
-                match res {
-                    Ok(0) => return Err(End::Truncated),
-                    Ok(n) => {
-                        pos += n as u64;
-                        by_sendfile += n as u64;
-                        self.sent += n as u64;
+        let mut sendfile = self.cfg().large_bodies == LargeBodies::Sendfile;
+        let (mut pos, end) = (first, first + len);
+        let (mut by_sendfile, mut by_rw) = (0, 0);
+        while pos < end {
+            let mut cold = false;
+            if sendfile {
+                let window = (end - pos).min(SENDFILE_WINDOW);
+                cold = pagecache::residency(state.fd()?, pos, window) == Residency::NotCached;
+                if !cold {
+                    let sock = self.c.stream.as_raw_fd();
+                    let fut = self.c.stream.send_file(state.fd()?, pos, window as usize);
+                    let (res, timed_out) = with_deadline::<R, _>(sock, timeout, fut).await;
+                    if timed_out {
+                        return Err(End::Timeout);
                     }
-                    Err(e) if io_kind_is_unsupported(&e) && by_sendfile == 0 => {
-                        tracing::debug!("sendfile refused ({e}); reading and writing instead");
-                        break;
+                    match res {
+                        Ok(0) => return Err(End::Truncated),
+                        Ok(n) => {
+                            pos += n as u64;
+                            by_sendfile += n as u64;
+                            self.sent += n as u64;
+                        }
+                        Err(e) if io_kind_is_unsupported(&e) && by_sendfile == 0 => {
+                            tracing::debug!("sendfile refused ({e}); reading and writing instead");
+                            sendfile = false;
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
+                    continue;
                 }
             }
-        }
-        let mut by_rw = 0;
-        if pos < end {
-            if state.rt.is_none() {
-                let f = state.std.take().ok_or_else(|| End::Io(io::Error::other("file handle missing")))?;
-                state.rt = Some(R::File::from_std(f).map_err(End::Io)?);
+            // One chunk through the engine: the read + write path, or a cold window.
+            let want = (end - pos).min(self.cfg().read_write_chunk.max(4096) as u64) as usize;
+            let n = self.copy_chunk(state, pos, want).await?;
+            if cold {
+                self.counters.cold(n as u64);
             }
-            let chunk = self.cfg().read_write_chunk.max(4096);
-            let mut buf = self.rw_buf.take().unwrap_or_else(|| Vec::with_capacity(chunk));
-            let mut result = Ok(());
-            while pos < end {
-                let Some(f) = state.rt.as_ref() else { break };
-                let want = ((end - pos) as usize).min(buf.capacity());
-                buf.clear();
-                let BufResult(res, slice) = f.read_at(buf.slice(0..want), pos).await;
-                buf = slice.into_inner();
-                let n = match res {
-                    Ok(0) => {
-                        result = Err(End::Truncated);
-                        break;
-                    }
-                    Ok(n) => n,
-                    Err(e) => {
-                        result = Err(e.into());
-                        break;
-                    }
-                };
-                let (BufResult(res, slice), timed_out) =
-                    with_deadline::<R, _>(fd, timeout, self.c.stream.write_all(buf.slice(0..n))).await;
-                buf = slice.into_inner();
-                if timed_out {
-                    result = Err(End::Timeout);
-                    break;
-                }
-                if let Err(e) = res {
-                    result = Err(e.into());
-                    break;
-                }
-                pos += n as u64;
-                by_rw += n as u64;
-                self.sent += n as u64;
-            }
-            self.rw_buf = Some(buf);
-            result?;
+            pos += n as u64;
+            by_rw += n as u64;
+            self.sent += n as u64;
         }
         Ok((by_sendfile, by_rw))
     }
+
+    /// Reads up to `want` bytes at `pos` through the engine's file I/O and writes them to the
+    /// client; returns how many went out.
+    async fn copy_chunk(&mut self, state: &mut FileState<R>, pos: u64, want: usize) -> Result<usize, End> {
+        let mut buf = self.rw_buf.take().unwrap_or_default();
+        buf.clear();
+        buf.reserve(want);
+        let BufResult(res, slice) = state.engine()?.read_at(buf.slice(0..want), pos).await;
+        buf = slice.into_inner();
+        let n = match res {
+            Ok(0) => Err(End::Truncated),
+            Ok(n) => Ok(n),
+            Err(e) => Err(End::from(e)),
+        };
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                self.rw_buf = Some(buf);
+                return Err(e);
+            }
+        };
+        let sock = self.c.stream.as_raw_fd();
+        let (BufResult(res, slice), timed_out) =
+            with_deadline::<R, _>(sock, self.cfg().send_timeout, self.c.stream.write_all(buf.slice(0..n))).await;
+        self.rw_buf = Some(slice.into_inner());
+        if timed_out {
+            return Err(End::Timeout);
+        }
+        res?;
+        Ok(n)
+    }
 }
 
-/// A file being sent: a std handle for `sendfile`, turned into the engine's file for the
-/// read + write fallback.
-struct FileState<R: Runtime> {
-    std: Option<File>,
-    rt: Option<R::File>,
+/// The most one sendfile call is given, and so the span probed in the page cache before it:
+/// about what a socket's send buffer takes in one go.
+const SENDFILE_WINDOW: u64 = 4 << 20;
+
+/// A file being sent: a std handle (for `sendfile`), adopted by the engine the first time a
+/// chunk must be read through it; sendfile then goes on with the engine file's descriptor.
+enum FileState<R: Runtime> {
+    Std(File),
+    Engine(R::File),
+    /// The engine refused to adopt the file (the error went to the caller).
+    Lost,
+}
+
+impl<R: Runtime> FileState<R> {
+    fn fd(&self) -> Result<BorrowedFd<'_>, End> {
+        match self {
+            FileState::Std(f) => Ok(f.as_fd()),
+            // SAFETY: the engine's file owns this descriptor and lives as long as `self`.
+            FileState::Engine(f) => Ok(unsafe { BorrowedFd::borrow_raw(f.as_raw_fd()) }),
+            FileState::Lost => Err(End::Io(io::Error::other("the file could not be adopted by the engine"))),
+        }
+    }
+
+    fn engine(&mut self) -> Result<&R::File, End> {
+        *self = match std::mem::replace(self, FileState::Lost) {
+            FileState::Std(f) => FileState::Engine(R::File::from_std(f).map_err(End::Io)?),
+            other => other,
+        };
+        match self {
+            FileState::Engine(f) => Ok(f),
+            _ => Err(End::Io(io::Error::other("the file could not be adopted by the engine"))),
+        }
+    }
 }

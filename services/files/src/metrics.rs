@@ -57,6 +57,9 @@ pub struct CoreFileCounters {
     pub transfer_bytes: [AtomicU64; 3],
     /// Connections closed for a timeout (header, idle, or slow reader).
     pub timeouts: AtomicU64,
+    /// Body bytes that were not in the page cache, so the engine read them (off the worker's
+    /// thread) instead of sendfile reading them on it.
+    pub cold_bytes: AtomicU64,
 }
 
 impl CoreFileCounters {
@@ -68,6 +71,10 @@ impl CoreFileCounters {
     /// Counts a connection closed by a timeout.
     pub fn timeout(&self) {
         CoreCounters::add(&self.timeouts, 1);
+    }
+    /// Counts body bytes read through the engine because the page cache did not hold them.
+    pub fn cold(&self, bytes: u64) {
+        CoreCounters::add(&self.cold_bytes, bytes);
     }
     /// Counts one body sent by `path`.
     pub fn transfer(&self, path: TransferPath, bytes: u64) {
@@ -202,6 +209,14 @@ impl Collector for FilesCollector {
             None,
             n,
             |c, _| get(&files.core(c).timeouts),
+        )?;
+        counter_family(
+            &mut enc,
+            "corepin_file_cold_bytes",
+            "Body bytes missing from the page cache, read by the engine instead of by sendfile",
+            None,
+            n,
+            |c, _| get(&files.core(c).cold_bytes),
         )?;
         Ok(())
     }

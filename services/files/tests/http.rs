@@ -4,12 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use corepin::launcher::LaunchConfig;
+use corepin::pagecache::{residency, Residency};
 use corepin::topology::CoreSelection;
 use corepin::worker::Counters;
 use corepin::{Runtime, Server, TcpServer};
@@ -42,7 +44,19 @@ fn sha(b: &[u8]) -> String {
 fn tree() -> &'static Tree {
     static TREE: OnceLock<Tree> = OnceLock::new();
     TREE.get_or_init(|| {
-        let base = std::env::temp_dir().join(format!("corepin-files-test-{}", std::process::id()));
+        // Under the target directory (on disk, so pages can be evicted from the page cache),
+        // one tree per live test process: a static is never dropped, so trees that earlier
+        // processes left behind are removed here.
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        for old in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = old.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("corepin-files-test-") {
+                if !std::path::Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(old.path());
+                }
+            }
+        }
+        let base = tmp.join(format!("corepin-files-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let root = base.join("root");
         std::fs::create_dir_all(root.join("dir")).unwrap();
@@ -112,6 +126,11 @@ impl Srv {
         let i = TransferPath::ALL.iter().position(|p| *p == path).unwrap();
         (0..self.metrics.len())
             .map(|c| self.metrics.core(c).transfers[i].load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+    fn cold_bytes(&self) -> u64 {
+        (0..self.metrics.len())
+            .map(|c| self.metrics.core(c).cold_bytes.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
     }
     fn active(&self) -> u64 {
@@ -413,6 +432,51 @@ pub fn ranges_are_served_as_asked<R: Runtime>() {
     let r = get(srv.addr, "/empty.bin", "Range: bytes=0-\r\n");
     assert_eq!((r.status, r.header("content-range")), (416, Some("bytes */0")));
     srv.stop();
+}
+
+/// Drops a file's pages from the page cache and checks that they are gone.
+fn evict(path: &std::path::Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: fadvise on an open descriptor only drops the file's clean cached pages.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    let len = f.metadata().unwrap().len();
+    assert_eq!(residency(f.as_fd(), 0, len), Residency::NotCached, "{} left the page cache", path.display());
+}
+
+/// A file that is not in the page cache is not read by sendfile on the worker's thread: its
+/// missing pages come through the engine's file read (counted as cold bytes), byte for byte,
+/// for a whole body and a range; once cached, the file goes by sendfile alone again.
+pub fn cold_files_are_read_through_the_engine<R: Runtime>() {
+    let srv = serve::<R>(|_| {});
+    let name = format!("cold-{}.bin", R::NAME);
+    let path = tree().root.join(&name);
+    let mut data = vec![0u8; 16 << 20];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
+    std::fs::write(&path, &data).unwrap();
+    evict(&path);
+    let r = get(srv.addr, &format!("/{name}"), "");
+    assert_eq!((r.status, sha(&r.body)), (200, sha(&data)), "a cold file arrives byte for byte");
+    let cold = settle(|| srv.cold_bytes(), |n| *n > 0);
+    assert!(cold > 0 && cold <= data.len() as u64, "the engine read the missing pages ({cold} bytes)");
+    assert!(settle(|| srv.transfers(TransferPath::ReadWrite), |n| *n >= 1) >= 1);
+
+    let f = std::fs::File::open(&path).unwrap();
+    assert_eq!(residency(f.as_fd(), 0, data.len() as u64), Residency::Cached, "serving it cached it");
+    let sendfile_before = srv.transfers(TransferPath::Sendfile);
+    let r = get(srv.addr, &format!("/{name}"), "");
+    assert_eq!(sha(&r.body), sha(&data));
+    assert!(settle(|| srv.transfers(TransferPath::Sendfile), |n| *n > sendfile_before) > sendfile_before);
+    assert_eq!(srv.cold_bytes(), cold, "a cached file is sent by sendfile alone");
+
+    evict(&path);
+    let (first, last) = (1000usize, (9 << 20) + 17);
+    let r = get(srv.addr, &format!("/{name}"), &format!("Range: bytes={first}-{last}\r\n"));
+    assert_eq!(r.status, 206);
+    assert_eq!(sha(&r.body), sha(&data[first..=last]), "a cold range arrives byte for byte");
+    assert!(settle(|| srv.cold_bytes(), |n| *n > cold) > cold, "the range's missing pages came through the engine");
+    srv.stop();
+    std::fs::remove_file(path).unwrap();
 }
 
 /// Directories: a missing slash redirects, index.html is served, no index is 403 unless
@@ -789,6 +853,7 @@ corepin::per_runtime_tests! {
     pipelined_requests_are_answered_in_order,
     validators_give_not_modified,
     ranges_are_served_as_asked,
+    cold_files_are_read_through_the_engine,
     directories_redirect_index_and_list,
     errors_have_the_right_status,
     nothing_outside_the_root_is_served,
