@@ -8,8 +8,9 @@
 //!
 //! The answer comes from `cachestat(2)` (Linux 6.5) in one call, or else from `mincore(2)`
 //! on a mapping of the range (pages are not faulted in by either). It is a hint: a page can
-//! be evicted right after the answer, and a page whose read is already in flight counts as
-//! cached (sendfile then waits for that read only).
+//! be evicted right after the answer, and a page whose read is still in flight counts as
+//! cached. Readahead puts pages in flight ahead of every sequential read, so once a caller
+//! has read a file's cold pages it must not trust the probe for the pages that follow.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -872,17 +872,20 @@ impl<R: Runtime> Conn<'_, R> {
     /// Sends `len` bytes at `first` of the file; returns (bytes by sendfile, bytes by read+write).
     ///
     /// Sendfile reads the file on the worker's thread, so it only gets windows that the page
-    /// cache holds; a window with a missing page goes a chunk at a time through the engine's
-    /// file read (io_uring: the disk wait happens in the kernel, not on the core), and the
-    /// next window is probed again.
+    /// cache holds. From the first window with a missing page on, the rest of the range goes
+    /// a chunk at a time through the engine's file read (io_uring: the disk wait happens in
+    /// the kernel, not on the core). It does not return to sendfile: the readahead those
+    /// reads start puts the next pages in the cache before their data has arrived, so a probe
+    /// would call them cached and sendfile would wait for the disk after all (measured in
+    /// docs/zero-copy.md).
     async fn send_range(&mut self, state: &mut FileState<R>, first: u64, len: u64) -> Result<(u64, u64), End> {
         let timeout = self.cfg().send_timeout;
         let mut sendfile = self.cfg().large_bodies == LargeBodies::Sendfile;
         let (mut pos, end) = (first, first + len);
         let (mut by_sendfile, mut by_rw) = (0, 0);
+        let mut cold = false;
         while pos < end {
-            let mut cold = false;
-            if sendfile {
+            if sendfile && !cold {
                 let window = (end - pos).min(SENDFILE_WINDOW);
                 cold = pagecache::residency(state.fd()?, pos, window) == Residency::NotCached;
                 if !cold {
@@ -908,7 +911,7 @@ impl<R: Runtime> Conn<'_, R> {
                     continue;
                 }
             }
-            // One chunk through the engine: the read + write path, or a cold window.
+            // One chunk through the engine: the read + write path, or the rest of a cold range.
             let want = (end - pos).min(self.cfg().read_write_chunk.max(4096) as u64) as usize;
             let n = self.copy_chunk(state, pos, want).await?;
             if cold {

@@ -57,8 +57,8 @@ pub struct CoreFileCounters {
     pub transfer_bytes: [AtomicU64; 3],
     /// Connections closed for a timeout (header, idle, or slow reader).
     pub timeouts: AtomicU64,
-    /// Body bytes that were not in the page cache, so the engine read them (off the worker's
-    /// thread) instead of sendfile reading them on it.
+    /// Body bytes read by the engine (off the worker's thread) instead of by sendfile, because
+    /// the page cache missed part of their range.
     pub cold_bytes: AtomicU64,
 }
 
@@ -213,7 +213,7 @@ impl Collector for FilesCollector {
         counter_family(
             &mut enc,
             "corepin_file_cold_bytes",
-            "Body bytes missing from the page cache, read by the engine instead of by sendfile",
+            "Body bytes read by the engine instead of by sendfile, after a page-cache miss in their range",
             None,
             n,
             |c, _| get(&files.core(c).cold_bytes),
