@@ -933,15 +933,10 @@ impl<R: Runtime> Conn<'_, R> {
         let BufResult(res, slice) = state.engine()?.read_at(buf.slice(0..want), pos).await;
         buf = slice.into_inner();
         let n = match res {
-            Ok(0) => Err(End::Truncated),
-            Ok(n) => Ok(n),
-            Err(e) => Err(End::from(e)),
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => {
+            Ok(n) if n > 0 => n,
+            other => {
                 self.rw_buf = Some(buf);
-                return Err(e);
+                return Err(other.map_or_else(End::from, |_| End::Truncated));
             }
         };
         let sock = self.c.stream.as_raw_fd();
