@@ -12,6 +12,8 @@ returns its results and its markdown, and register it):
          same echo written directly on raw Monoio, Glommio and tokio-uring (corepin's own
          overhead), tokio multi-thread (epoll) and a hand-written io_uring loop (the floor).
 * files  the file server against nginx with wrk (benches/files_vs_nginx.py).
+* cold   a small file's latency on the worker that streams a file evicted from the page
+         cache, and the same file cached (benches/cold_files.py).
 * scale  resident memory per idle connection at ~19,000 connections (corepin-loadgen hold).
 
 Method. The server runs pinned to CPU 0 with one worker, the load generator on CPU 1 (on a
@@ -58,11 +60,13 @@ class Profile:
     warmup: float
     scale_conns: int
     files_args: list[str]
+    cold_args: list[str]
 
 
 PROFILES = {
-    "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"]),
-    "quick": Profile([1, 16], [64], 0.5, 0.2, 1000, ["--secs", "1", "--warmup", "0"]),
+    "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"], ["--size", "1024"]),
+    "quick": Profile([1, 16], [64], 0.5, 0.2, 1000, ["--secs", "1", "--warmup", "0"],
+                     ["--size", "64", "--rate", "100M"]),
 }
 
 
@@ -180,18 +184,28 @@ def run_echo(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStac
     return out
 
 
-def run_files(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
-    json_path = Path(args.out) / "files_vs_nginx.json"
-    cmd = [sys.executable, str(REPO / "benches" / "files_vs_nginx.py"), "--json", str(json_path),
-           "--runtimes", ",".join(args.backends)] + prof.files_args
+def run_script(script: str, json_name: str, header: str, extra: list[str], args: argparse.Namespace) -> Outcome:
+    """Runs one of the standalone bench scripts; its markdown is the table and the line
+    starting with `header` that it prints, its results the JSON it writes."""
+    json_path = Path(args.out) / json_name
+    cmd = [sys.executable, str(REPO / "benches" / script), "--json", str(json_path),
+           "--runtimes", ",".join(args.backends)] + extra
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     sys.stdout.write(run.stdout)
     if run.returncode != 0:
-        raise RuntimeError(f"files benchmark failed: {run.stderr.strip()}")
+        raise RuntimeError(f"{script} failed: {run.stderr.strip()}")
     table = "\n".join(line for line in run.stdout.splitlines() if line.startswith("|"))
-    header = next((line for line in run.stdout.splitlines() if line.startswith("corepin files vs nginx")), "")
+    title = next((line for line in run.stdout.splitlines() if line.startswith(header)), "")
     data = json.loads(json_path.read_text())
-    return Outcome(results=data.get("results", []), markdown=f"{header}\n\n{table}\n")
+    return Outcome(results=data.get("results", []), markdown=f"{title}\n\n{table}\n")
+
+
+def run_files(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    return run_script("files_vs_nginx.py", "files_vs_nginx.json", "corepin files vs nginx", prof.files_args, args)
+
+
+def run_cold(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    return run_script("cold_files.py", "cold_files.json", "Small-file latency", prof.cold_args, args)
 
 
 def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
@@ -245,6 +259,7 @@ def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitSta
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack], Outcome]] = {
     "echo": run_echo,
     "files": run_files,
+    "cold": run_cold,
     "scale": run_scale,
 }
 
@@ -346,7 +361,7 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         print("error: needs at least 2 CPUs (server and load generator on separate cores)", file=sys.stderr)
         return 2
-    for tool in ["taskset"] + (["nginx", "wrk"] if "files" in only else []):
+    for tool in ["taskset"] + (["nginx", "wrk"] if "files" in only else []) + (["curl"] if "cold" in only else []):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"error: {tool} not found; run scripts/setup.sh --bench", file=sys.stderr)
             return 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -112,6 +113,7 @@ def main() -> int:
     p.add_argument("--rate", default="200M", help="curl --limit-rate for the big file (default: 200M)")
     p.add_argument("--binary", type=Path, default=REPO / "target/release/corepin")
     p.add_argument("--baseline", type=Path, help="another corepin binary to measure the same way")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args()
 
     with contextlib.suppress(OSError):
@@ -143,6 +145,10 @@ def main() -> int:
                 finally:
                     server.stop()
 
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"size_mib": args.size, "rate": args.rate, "results": [
+            {"backend": b, "build": label, "state": state, **r} for b, label, state, r in rows]}, indent=1))
     print(f"Small-file latency on the worker that streams a {args.size} MiB file "
           f"(curl --limit-rate {args.rate}); server on CPU {SERVER_CPU}, clients on CPU {CLIENT_CPU}.\n")
     print("| backend | build | big file | download | small requests | p50 | p99 | p99.9 | max | worker block-I/O wait |")
