@@ -887,6 +887,7 @@ impl<R: Runtime> Conn<'_, R> {
         while pos < end {
             if sendfile && !cold {
                 let window = (end - pos).min(SENDFILE_WINDOW);
+                // `Unknown` (the kernel could not say) keeps sendfile, as before the probe.
                 cold = pagecache::residency(state.fd()?, pos, window) == Residency::NotCached;
                 if !cold {
                     let sock = self.c.stream.as_raw_fd();

@@ -673,10 +673,7 @@ pub fn slow_and_vanishing_clients_are_closed<R: Runtime>() {
     stalled.write_all(b"GET /100m.bin HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     thread::sleep(Duration::from_millis(100));
     assert_eq!(sha(&get(srv.addr, "/1m.bin", "").body), sha(tree().data("1m.bin")), "the core is not stalled");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.active() > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
+    settle(|| srv.active(), |n| *n == 0);
     let timeouts = settle(
         || -> u64 {
             (0..srv.metrics.len())
@@ -704,11 +701,7 @@ pub fn slow_and_vanishing_clients_are_closed<R: Runtime>() {
         s.read_exact(&mut b).unwrap();
         drop(s);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.active() > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(srv.active(), 0, "every abandoned connection was released");
+    assert_eq!(settle(|| srv.active(), |n| *n == 0), 0, "every abandoned connection was released");
     check_all_sizes(srv.addr);
     srv.stop();
 }
