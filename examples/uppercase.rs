@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use corepin::{
-    AsyncReadRent, AsyncWriteRentExt, BufResult, Connection, IoBuf, LaunchConfig, Runtime, RuntimeKind, Service,
+    AsyncWriteRentExt, BufResult, ConnStream, Connection, IoBuf, LaunchConfig, Runtime, RuntimeKind, Service,
     ServiceFactory, TcpServer, Worker,
 };
 
@@ -23,17 +23,19 @@ pub struct UpperFactory;
 pub struct Upper;
 
 impl ServiceFactory for UpperFactory {
-    type Service<R: Runtime> = Upper;
-    fn new_service<R: Runtime>(&self, _worker: &Worker) -> Upper {
-        Upper
+    // Generic over the runtime `R` and the connection's stream `S` (plain TCP, or TLS).
+    type Service<R: Runtime, S: ConnStream> = Upper;
+    type Error = std::convert::Infallible;
+    fn new_service<R: Runtime, S: ConnStream>(&self, _worker: &Worker) -> Result<Upper, Self::Error> {
+        Ok(Upper)
     }
 }
 
-impl<R: Runtime> Service<Connection<R>> for Upper {
+impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Upper {
     type Response = ();
     type Error = io::Error;
 
-    async fn call(&self, mut conn: Connection<R>) -> io::Result<()> {
+    async fn call(&self, mut conn: Connection<R, S>) -> io::Result<()> {
         // One buffer per connection, allocated on this core. It moves into every read and
         // write and comes back with the result.
         let mut buf = Vec::with_capacity(4096);
@@ -53,7 +55,7 @@ impl<R: Runtime> Service<Connection<R>> for Upper {
 
 #[derive(Parser)]
 struct Args {
-    /// monoio, glommio or tokio-uring.
+    /// The backend (see `corepin::RuntimeKind`): monoio, glommio or tokio-uring.
     #[arg(long, default_value = "monoio")]
     runtime: String,
     /// all, a count, or a list such as 0,2-3.

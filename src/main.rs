@@ -13,7 +13,11 @@ use corepin::topology::{CoreSelection, Cpu, Topology};
 use corepin::{RingFlags, RuntimeKind, Server, TcpServer};
 
 #[derive(Parser)]
-#[command(name = "corepin", version, about = "Thread-per-core network services on Monoio, Glommio or tokio-uring")]
+#[command(
+    name = "corepin",
+    version,
+    about = "Thread-per-core network services on io_uring engines (Monoio, Glommio, tokio-uring)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +35,8 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct CommonArgs {
-    /// Backend: monoio, glommio or tokio-uring (among those compiled in).
+    /// Backend, among those compiled in (`corepin caps` lists them; the names come from the
+    /// facade's backend table: monoio, glommio, tokio-uring).
     #[arg(long, default_value = "monoio")]
     runtime: String,
     /// Cores: `all`, a count (`2`), or a list (`0,2-3`; one CPU: `1-1`).
@@ -62,6 +67,9 @@ struct EchoArgs {
     /// Read buffer per connection, in bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     buffer_size: usize,
+    /// Serve Prometheus metrics on this address (its own listener and thread).
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 #[derive(Args)]
@@ -168,16 +176,36 @@ fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server, ext
 fn run_echo(args: EchoArgs) -> Result<()> {
     let p = prepare(&args.common)?;
     let listen = parse_addr("listen", &args.listen)?;
+    let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
     if args.buffer_size == 0 {
         anyhow::bail!("--buffer-size must be at least 1");
     }
     let app = TcpServer::bind(listen, p.cpus.len(), corepin_echo::EchoFactory { buffer_size: args.buffer_size })?;
     let addr = app.local_addr();
     let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
-    print_banner("echo", addr, &p, &server, &[]);
+    let mut extra = Vec::new();
+    let metrics = serve_metrics(metrics_addr, corepin::metrics::registry_for(&server), &mut extra)?;
+    print_banner("echo", addr, &p, &server, &extra);
     server.wait_with_signals()?;
+    drop(metrics);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Starts the metrics endpoint on `addr`, when one was asked for, serving `registry`; adds
+/// its banner line to `extra`.
+fn serve_metrics(
+    addr: Option<SocketAddr>,
+    registry: corepin::metrics::Registry,
+    extra: &mut Vec<String>,
+) -> Result<Option<corepin::metrics::MetricsEndpoint>> {
+    let Some(a) = addr else {
+        return Ok(None);
+    };
+    let m = corepin::metrics::MetricsEndpoint::start(a, registry)
+        .with_context(|| format!("cannot serve metrics on {a}"))?;
+    extra.push(format!("metrics: http://{}/metrics", m.local_addr()));
+    Ok(Some(m))
 }
 
 /// Parses the socket address given to `--{flag}`.
@@ -237,20 +265,13 @@ fn run_files(args: FilesArgs) -> Result<()> {
     let app = TcpServer::bind(listen, p.cpus.len(), factory)?.max_connections_per_core(per_core);
     let addr = app.local_addr();
     let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
-    let metrics = match metrics_addr {
-        Some(a) => Some(
-            corepin_files::metrics::MetricsServer::start(a, server.counters().clone(), files_metrics)
-                .with_context(|| format!("cannot serve metrics on {a}"))?,
-        ),
-        None => None,
-    };
     let mut extra = vec![
         format!("root: {} (confined with {:?})", served.display(), confinement),
         format!("max connections per core: {per_core}"),
     ];
-    if let Some(m) = &metrics {
-        extra.push(format!("metrics: http://{}/metrics", m.local_addr()));
-    }
+    let mut registry = corepin::metrics::registry_for(&server);
+    corepin_files::metrics::FilesCollector::new(files_metrics).register(&mut registry);
+    let metrics = serve_metrics(metrics_addr, registry, &mut extra)?;
     print_banner("files", addr, &p, &server, &extra);
     server.wait_with_signals()?;
     drop(metrics);

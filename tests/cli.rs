@@ -134,17 +134,7 @@ fn random_block(seed: u64) -> Arc<Vec<u8>> {
 }
 
 fn runtimes() -> Vec<&'static str> {
-    let mut v = Vec::new();
-    if cfg!(feature = "monoio") {
-        v.push("monoio");
-    }
-    if cfg!(feature = "glommio") {
-        v.push("glommio");
-    }
-    if cfg!(feature = "tokio-uring") {
-        v.push("tokio-uring");
-    }
-    v
+    corepin::RuntimeKind::compiled().into_iter().map(corepin::RuntimeKind::name).collect()
 }
 
 fn echo_end_to_end(runtime: &str, extra: &[&str]) {
@@ -206,7 +196,7 @@ fn echo_serves_1000_concurrent_clients_exactly_and_drains_on_sigterm() {
 
 #[test]
 fn echo_on_monoio_epoll_fallback_serves_1000_clients() {
-    if cfg!(feature = "monoio") {
+    if corepin::RuntimeKind::Monoio.is_compiled() {
         let s = start_echo("monoio", &["--epoll"]);
         assert!(s.banner.contains("epoll fallback"), "{}", s.banner);
         drop(s);
@@ -311,6 +301,97 @@ fn files_serves_the_demo_site_with_metrics_and_drains_on_sigterm() {
         for w in wanted {
             assert!(text.contains(w), "{rt}: no `{w}` in\n{text}");
         }
+        // SAFETY: kill(2) with a valid pid and signal number.
+        assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
+        let status = wait_exit(&mut s.child, Duration::from_secs(25));
+        assert!(status.success(), "{rt}: exit after SIGTERM: {status:?}");
+    }
+}
+
+/// `corepin echo --metrics` serves the framework's endpoint: the connection counters count
+/// what the clients did, the capability report matches the banner, other paths are 404, and
+/// SIGTERM still exits 0.
+#[test]
+fn echo_exposes_connection_counters_and_capabilities_as_metrics() {
+    use std::io::{Read, Write};
+    fails_with_one_line(&["echo", "--metrics", "nowhere"], "--metrics");
+    let ncpu = corepin::topology::Topology::discover().cpus().len();
+    for rt in runtimes() {
+        let mut s = start("echo", rt, &["--metrics", "127.0.0.1:0"], "metrics: http://");
+        let metrics: SocketAddr = s
+            .banner
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics: http://"))
+            .and_then(|l| l.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("{rt}: no metrics address in\n{}", s.banner))
+            .parse()
+            .unwrap();
+        const CLIENTS: usize = 5;
+        let payload = b"counted by the framework";
+        for _ in 0..CLIENTS {
+            let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            c.write_all(payload).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            assert_eq!(got, payload);
+        }
+        let bytes = CLIENTS * payload.len();
+        // A connection is counted closed a moment after the client has seen its end: scrape
+        // until every figure shows (10 s at most), then check them.
+        let wanted = [
+            format!("corepin_connections_accepted_all_cores_total {CLIENTS}"),
+            "corepin_connections_active_all_cores 0".to_string(),
+            format!("corepin_received_bytes_all_cores_total {bytes}"),
+            format!("corepin_sent_bytes_all_cores_total {bytes}"),
+        ];
+        let has = |text: &str, w: &str| text.lines().any(|l| l == w);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let (status, text) = http_get(metrics, "/metrics");
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            let text = String::from_utf8(text).unwrap();
+            if wanted.iter().all(|w| has(&text, w)) || Instant::now() >= deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for w in &wanted {
+            assert!(has(&text, w), "{rt}: no `{w}` in\n{text}");
+        }
+        // The capability report, per core, as the banner prints it (its first report; every
+        // worker builds the same engine).
+        let driver = s.banner.lines().find_map(|l| l.trim().strip_prefix("driver:")).map(str::trim_start);
+        let driver = if driver.is_some_and(|d| d.starts_with("io_uring")) { "io_uring" } else { "epoll" };
+        let mut mechanisms = 0;
+        for line in s.banner.lines() {
+            let Some((name, rest)) = line.trim().split_once(':') else { continue };
+            let rest = rest.trim_start();
+            let Some((_, kernel)) = rest.split_once("(kernel: ") else { continue };
+            let kernel = if kernel.starts_with("yes") { "yes" } else { "no" };
+            let used = if rest.starts_with("used") { "yes" } else { "no" };
+            let mechanism = name.replace(' ', "_");
+            for core in 0..ncpu {
+                let w = format!(
+                    "corepin_capability_info{{core=\"{core}\",runtime=\"{rt}\",mechanism=\"{mechanism}\",\
+                     kernel=\"{kernel}\",used=\"{used}\"}} 1"
+                );
+                assert!(has(&text, &w), "{rt}: no `{w}` in\n{text}");
+            }
+            mechanisms += 1;
+        }
+        assert_eq!(mechanisms, 6, "{rt}: six optional mechanisms in the banner:\n{}", s.banner);
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("corepin_capability_info{")).count(),
+            6 * ncpu,
+            "{rt}: one line per mechanism and core:\n{text}"
+        );
+        for core in 0..ncpu {
+            let w = format!("corepin_driver_info{{core=\"{core}\",runtime=\"{rt}\",driver=\"{driver}\"}} 1");
+            assert!(has(&text, &w), "{rt}: no `{w}` in\n{text}");
+        }
+        assert_eq!(http_get(metrics, "/").0, "HTTP/1.1 404 Not Found");
         // SAFETY: kill(2) with a valid pid and signal number.
         assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
         let status = wait_exit(&mut s.child, Duration::from_secs(25));

@@ -219,6 +219,41 @@ unsafe impl IoBufMut for bytes::BytesMut {
 
 // ---- Slice -----------------------------------------------------------------------------
 
+/// One of two buffer types, so that buffers of different kinds (an owned head and a shared
+/// cached body, say) go out in one gathered [`writev`](crate::io::AsyncWriteRent::writev)
+/// without the caller implementing [`IoBuf`] itself.
+#[derive(Debug, Clone)]
+pub enum EitherBuf<L, R> {
+    /// The first kind.
+    Left(L),
+    /// The second kind.
+    Right(R),
+}
+
+// SAFETY: forwards to whichever variant is held; both are `IoBuf`s, so their pointers are
+// stable across moves of the enum (the variant's own contract) and point at `bytes_init`
+// initialised bytes.
+unsafe impl<L: IoBuf, R: IoBuf> IoBuf for EitherBuf<L, R> {
+    fn stable_ptr(&self) -> *const u8 {
+        match self {
+            EitherBuf::Left(b) => b.stable_ptr(),
+            EitherBuf::Right(b) => b.stable_ptr(),
+        }
+    }
+    fn bytes_init(&self) -> usize {
+        match self {
+            EitherBuf::Left(b) => b.bytes_init(),
+            EitherBuf::Right(b) => b.bytes_init(),
+        }
+    }
+    fn bytes_total(&self) -> usize {
+        match self {
+            EitherBuf::Left(b) => b.bytes_total(),
+            EitherBuf::Right(b) => b.bytes_total(),
+        }
+    }
+}
+
 /// A bounded range `[begin, end)` of an owned buffer. Reads fill it from `begin`; writes send
 /// its initialised part. `into_inner` hands the whole buffer back.
 pub struct Slice<B> {

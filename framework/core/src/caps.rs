@@ -1,6 +1,8 @@
 //! The capability report: what the running engine really uses, what the kernel offers, and
-//! the named fallback taken where a backend lacks something. Printed at start, exported in
-//! metrics, and asserted on by the conformance suite.
+//! the named fallback taken where a backend lacks something. Backends declare what their engine
+//! does natively ([`Native`]); the core derives use and fallback from that and the kernel's
+//! answers ([`Capabilities::derive`]). Printed at start, exported in metrics, and asserted on by
+//! the conformance suite.
 
 use std::fmt;
 
@@ -18,6 +20,44 @@ pub enum Driver {
     },
 }
 
+/// Whether a backend's engine can do one optional mechanism itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// The backend does it natively (used wherever the kernel and driver allow).
+    Native,
+    /// The backend does not; the text says why (engine version, a measured choice).
+    Absent(&'static str),
+}
+
+/// What a backend declares, once, about the optional mechanisms of its engine. The core turns
+/// this and the kernel's answers into the report's [`Mechanism`]s with [`Capabilities::derive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Native {
+    /// File to socket by `IORING_OP_SPLICE`.
+    pub splice: Support,
+    /// `IORING_OP_SEND_ZC` behind [`write_zc`](crate::runtime::TcpStream::write_zc).
+    pub send_zc: Support,
+    /// Registered (fixed) buffers.
+    pub registered_buffers: Support,
+    /// Multishot accept behind [`accept`](crate::runtime::TcpListener::accept).
+    pub multishot_accept: Support,
+    /// Multishot receive behind [`read_pooled`](crate::runtime::TcpStream::read_pooled).
+    pub multishot_recv: Support,
+    /// Provided-buffer rings behind [`read_pooled`](crate::runtime::TcpStream::read_pooled).
+    pub buffer_rings: Support,
+}
+
+/// The optional mechanisms, with the fallback the core provides for each: one list, so the
+/// report, the metrics and the docs name them the same way.
+pub const MECHANISMS: [(&str, &str); 6] = [
+    ("splice", "sendfile(2)"),
+    ("send_zc", "plain send"),
+    ("registered buffers", "plain buffers"),
+    ("multishot accept", "one accept per connection"),
+    ("multishot recv", "one receive per read"),
+    ("buffer rings", "a buffer from the core's pool, taken when the read starts"),
+];
+
 /// One optional mechanism: whether the kernel offers it, whether the backend uses it, and what
 /// runs instead when it does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,19 +66,53 @@ pub struct Mechanism {
     pub kernel: bool,
     /// The backend uses it on this engine.
     pub used: bool,
-    /// What runs instead when it is not used (empty when used).
-    pub fallback: &'static str,
+    /// What runs instead, and why, when it is not used (empty when used).
+    pub fallback: String,
 }
 
 impl Mechanism {
-    /// Used by the backend (the kernel necessarily has it).
-    pub fn used(kernel: bool) -> Self {
-        Self { kernel, used: kernel, fallback: if kernel { "" } else { "unavailable in this kernel" } }
+    /// Computes one mechanism: used when the backend has it natively, the kernel offers it and
+    /// the engine runs on io_uring; otherwise the core's `fallback` runs, with the reason.
+    pub fn derive(support: Support, kernel: bool, io_uring: bool, fallback: &str) -> Mechanism {
+        let why = match support {
+            Support::Absent(why) => Some(why.to_string()),
+            Support::Native if !io_uring => Some("the engine runs without io_uring".to_string()),
+            Support::Native if !kernel => Some("not offered by this kernel".to_string()),
+            Support::Native => None,
+        };
+        match why {
+            None => Mechanism { kernel, used: true, fallback: String::new() },
+            Some(why) => Mechanism { kernel, used: false, fallback: format!("{fallback} ({why})") },
+        }
     }
-    /// Not used by this backend; `fallback` names what runs instead.
-    pub fn fallback(kernel: bool, fallback: &'static str) -> Self {
-        Self { kernel, used: false, fallback }
-    }
+}
+
+/// What a backend reports about the engine it built on one worker; the core derives the
+/// [`Capabilities`] from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineReport {
+    /// The backend name.
+    pub runtime: &'static str,
+    /// io_uring or the fallback driver.
+    pub driver: Driver,
+    /// Ring setup flags that were asked for.
+    pub ring_flags_requested: RingFlags,
+    /// Ring setup flags accepted (`None` when the engine sets its own, or without a ring).
+    pub ring_flags: Option<RingFlags>,
+    /// Submission queue entries of the main ring.
+    pub ring_entries: u32,
+    /// What the engine does natively.
+    pub native: Native,
+    /// How readiness of foreign descriptors is awaited.
+    pub fd_readiness: &'static str,
+    /// How `send_file` moves file bytes to a socket.
+    pub file_transfer: &'static str,
+    /// How file reads are done.
+    pub file_reads: &'static str,
+    /// Whether owned-buffer I/O copies through an engine-internal buffer.
+    pub rent_copies: bool,
+    /// Anything else a user should know.
+    pub notes: Vec<String>,
 }
 
 /// What an engine on one worker uses.
@@ -79,6 +153,47 @@ pub struct Capabilities {
     pub notes: Vec<String>,
 }
 
+impl Capabilities {
+    /// The report for `engine` on a kernel offering `kernel`: each optional mechanism is used
+    /// exactly when the backend has it natively, the kernel offers it and the driver is
+    /// io_uring, and otherwise names the core's fallback and the reason.
+    pub fn derive(engine: EngineReport, kernel: KernelSupport) -> Capabilities {
+        let uring = engine.driver == Driver::IoUring;
+        let n = engine.native;
+        let m = |i: usize, support: Support, k: bool| Mechanism::derive(support, k, uring, MECHANISMS[i].1);
+        Capabilities {
+            runtime: engine.runtime,
+            ring_flags_requested: engine.ring_flags_requested,
+            ring_flags: if uring { engine.ring_flags } else { None },
+            ring_entries: if uring { engine.ring_entries } else { 0 },
+            splice: m(0, n.splice, kernel.splice),
+            send_zc: m(1, n.send_zc, kernel.send_zc),
+            registered_buffers: m(2, n.registered_buffers, kernel.registered_buffers),
+            multishot_accept: m(3, n.multishot_accept, kernel.multishot_accept),
+            multishot_recv: m(4, n.multishot_recv, kernel.multishot_recv),
+            buffer_rings: m(5, n.buffer_rings, kernel.buffer_rings),
+            driver: engine.driver,
+            fd_readiness: engine.fd_readiness,
+            file_transfer: engine.file_transfer,
+            file_reads: engine.file_reads,
+            rent_copies: engine.rent_copies,
+            notes: engine.notes,
+        }
+    }
+
+    /// The optional mechanisms in [`MECHANISMS`] order, with their names.
+    pub fn mechanisms(&self) -> [(&'static str, &Mechanism); 6] {
+        [
+            (MECHANISMS[0].0, &self.splice),
+            (MECHANISMS[1].0, &self.send_zc),
+            (MECHANISMS[2].0, &self.registered_buffers),
+            (MECHANISMS[3].0, &self.multishot_accept),
+            (MECHANISMS[4].0, &self.multishot_recv),
+            (MECHANISMS[5].0, &self.buffer_rings),
+        ]
+    }
+}
+
 fn yes(b: bool) -> &'static str {
     if b {
         "yes"
@@ -110,14 +225,7 @@ impl fmt::Display for Capabilities {
             }
             None => writeln!(f, "  ring flags:         set by the engine, not by corepin")?,
         }
-        for (name, m) in [
-            ("splice", &self.splice),
-            ("send_zc", &self.send_zc),
-            ("registered buffers", &self.registered_buffers),
-            ("multishot accept", &self.multishot_accept),
-            ("multishot recv", &self.multishot_recv),
-            ("buffer rings", &self.buffer_rings),
-        ] {
+        for (name, m) in self.mechanisms() {
             write!(
                 f,
                 "  {:<19} {} (kernel: {})",
@@ -125,7 +233,7 @@ impl fmt::Display for Capabilities {
                 if m.used { "used" } else { "not used" },
                 yes(m.kernel)
             )?;
-            if !m.used && !m.fallback.is_empty() {
+            if !m.used {
                 write!(f, "; fallback: {}", m.fallback)?;
             }
             writeln!(f)?;
@@ -150,14 +258,16 @@ pub struct KernelSupport {
     pub splice: bool,
     /// `IORING_OP_SEND_ZC`.
     pub send_zc: bool,
-    /// Multishot accept (accept opcode plus kernel >= 5.19 feature set; probed via
-    /// `SEND_ZC`'s presence, which arrived after it).
+    /// Multishot accept (5.19+; it has no opcode of its own, so it is inferred from
+    /// `IORING_OP_SOCKET`, which arrived in the same release).
     pub multishot_accept: bool,
-    /// Multishot receive (6.0+).
+    /// Multishot receive (6.0+; inferred from `IORING_OP_SEND_ZC`, also 6.0).
     pub multishot_recv: bool,
-    /// Provided buffer rings (`IORING_REGISTER_PBUF_RING`, 5.19+).
+    /// Provided-buffer rings (`IORING_REGISTER_PBUF_RING`, 5.19+; inferred from
+    /// `IORING_OP_SOCKET`). Not to be confused with registered (fixed) buffers.
     pub buffer_rings: bool,
-    /// `IORING_OP_PROVIDE_BUFFERS` / fixed buffers can be registered.
+    /// Registered (fixed) buffers, `IORING_REGISTER_BUFFERS` with `READ_FIXED`/`WRITE_FIXED`
+    /// (probed through `IORING_OP_READ_FIXED`).
     pub registered_buffers: bool,
 }
 
@@ -219,4 +329,67 @@ pub fn memlock_limit() -> Option<u64> {
         return None;
     }
     Some(r.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(driver: Driver, native: Native) -> EngineReport {
+        EngineReport {
+            runtime: "test",
+            driver,
+            ring_flags_requested: RingFlags::BEST,
+            ring_flags: Some(RingFlags::BEST),
+            ring_entries: 256,
+            native,
+            fd_readiness: "poll",
+            file_transfer: "sendfile",
+            file_reads: "read",
+            rent_copies: false,
+            notes: Vec::new(),
+        }
+    }
+
+    const ALL_NATIVE: Native = Native {
+        splice: Support::Native,
+        send_zc: Support::Native,
+        registered_buffers: Support::Native,
+        multishot_accept: Support::Native,
+        multishot_recv: Support::Native,
+        buffer_rings: Support::Native,
+    };
+
+    #[test]
+    fn a_native_mechanism_is_used_exactly_where_kernel_and_ring_allow() {
+        let kernel = KernelSupport { io_uring: true, send_zc: true, multishot_accept: true, ..Default::default() };
+        let c = Capabilities::derive(engine(Driver::IoUring, ALL_NATIVE), kernel);
+        assert!(c.send_zc.used && c.send_zc.fallback.is_empty());
+        assert!(c.multishot_accept.used);
+        assert!(!c.buffer_rings.used, "the kernel lacks it");
+        assert_eq!(
+            c.buffer_rings.fallback,
+            "a buffer from the core's pool, taken when the read starts (not offered by this kernel)"
+        );
+        let text = c.to_string();
+        assert!(text.contains("send_zc:            used (kernel: yes)"), "{text}");
+
+        let epoll = Capabilities::derive(engine(Driver::Epoll { reason: "forced".into() }, ALL_NATIVE), kernel);
+        assert!(!epoll.send_zc.used, "no ring, no SEND_ZC");
+        assert_eq!(epoll.send_zc.fallback, "plain send (the engine runs without io_uring)");
+        assert_eq!(epoll.ring_entries, 0);
+        assert_eq!(epoll.ring_flags, None);
+    }
+
+    #[test]
+    fn an_absent_mechanism_names_the_core_fallback_and_the_backend_reason() {
+        let kernel = KernelSupport { io_uring: true, send_zc: true, ..Default::default() };
+        let native = Native { send_zc: Support::Absent("engine X has no SEND_ZC"), ..ALL_NATIVE };
+        let c = Capabilities::derive(engine(Driver::IoUring, native), kernel);
+        assert!(!c.send_zc.used && c.send_zc.kernel);
+        assert_eq!(c.send_zc.fallback, "plain send (engine X has no SEND_ZC)");
+        assert!(c.to_string().contains("send_zc:            not used (kernel: yes); fallback: plain send (engine X"));
+        let names: Vec<_> = c.mechanisms().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, MECHANISMS.map(|(n, _)| n));
+    }
 }

@@ -3,30 +3,36 @@
 //! Owned-buffer I/O ([`buf`], [`io`]), the contract every backend implements ([`runtime`]),
 //! the service abstraction ([`service`]), the thread-per-core launcher ([`launcher`],
 //! [`topology`], [`worker`]), cross-core messaging ([`mesh`]), the capability report
-//! ([`caps`]) and a page-cache probe that keeps disk reads off the worker ([`pagecache`]).
+//! ([`caps`]), the metrics endpoint every service registers with ([`metrics`]) and a
+//! page-cache probe that keeps disk reads off the worker ([`pagecache`]).
 //! No engine is named here; backends are leaf crates that implement [`runtime`].
 
 #![warn(missing_docs)]
 
 pub mod buf;
 pub mod caps;
+pub mod engine;
 pub mod io;
 pub mod launcher;
 pub mod mesh;
+pub mod metrics;
 pub mod pagecache;
+pub mod pool;
 pub mod runtime;
 pub mod service;
 pub mod task;
 pub mod tcp;
 pub mod topology;
+pub mod udp;
 pub mod worker;
 
-pub use buf::{BufResult, IoBuf, IoBufMut, Slice};
+pub use buf::{BufResult, EitherBuf, IoBuf, IoBufMut, Slice};
 pub use caps::Capabilities;
 pub use io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
 pub use launcher::{App, AppError, LaunchConfig, LaunchError, Server, ShutdownHandle};
 pub use mesh::submit_to;
+pub use pool::PooledBuf;
 pub use runtime::{EngineSettings, FdWatch, File, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
-pub use service::{Connection, Service, ServiceFactory, Stream};
+pub use service::{Acceptor, ConnStream, Connection, Plain, Service, ServiceFactory, Stream};
 pub use tcp::TcpServer;
 pub use worker::{Worker, WorkerInfo};

@@ -11,10 +11,14 @@ use std::time::{Duration, SystemTime};
 use crate::buf::{BufResult, IoBuf, IoBufMut};
 use crate::caps::Capabilities;
 use crate::io::{AsyncReadRent, AsyncWriteRent};
+use crate::pool::PooledBuf;
+use crate::udp::{RecvMeta, SendMeta};
 
 /// One engine, run as one executor per pinned core.
 pub trait Runtime: Sized + 'static {
-    /// The backend's name as the CLI spells it (`monoio`, `glommio`, `tokio-uring`).
+    /// The backend's name in reports, logs and test names (`monoio`, `monoio-epoll`, `glommio`,
+    /// `tokio-uring`). The CLI's `--runtime` names come from the facade's backend table, which
+    /// lists engines, not driver variants such as `monoio-epoll`.
     const NAME: &'static str;
 
     /// A listening TCP socket adopted from a prepared `SO_REUSEPORT` std listener.
@@ -31,13 +35,17 @@ pub trait Runtime: Sized + 'static {
     /// Builds this engine on the current thread (already pinned by the launcher) with
     /// `settings`, records its capability report, and runs `main` to completion on it. The
     /// engine and everything still in flight on it are torn down before this returns.
+    /// Implementations claim the thread with [`EngineGuard::claim`](crate::engine::EngineGuard::claim)
+    /// first, so a second engine on the same thread is refused and a panic in `main` frees it.
     fn block_on<F, Fut>(settings: &EngineSettings, main: F) -> Result<Fut::Output, EngineError>
     where
         F: FnOnce() -> Fut,
         Fut: Future;
 
     /// The capability report of the engine running on this thread (`None` outside one).
-    fn capabilities() -> Option<Capabilities>;
+    fn capabilities() -> Option<Capabilities> {
+        crate::engine::current_capabilities()
+    }
 
     /// Spawns a task on this core's executor. Prefer [`crate::task::spawn`], which adds a
     /// join handle and panic accounting on top of this.
@@ -53,7 +61,9 @@ pub trait TcpListener: Sized + 'static {
     type Stream: TcpStream;
     /// Adopts a bound, listening, non-blocking std listener.
     fn from_std(listener: std::net::TcpListener) -> io::Result<Self>;
-    /// Accepts one connection.
+    /// Accepts one connection. Backends with multishot accept keep one armed operation and
+    /// hand out its completions here (reported as `multishot accept`); the fallback is one
+    /// accept operation per call.
     fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
     /// The address it listens on.
     fn local_addr(&self) -> io::Result<SocketAddr>;
@@ -78,6 +88,27 @@ pub trait TcpStream: AsyncReadRent + AsyncWriteRent + Sized + 'static {
     /// directly on the descriptor (such as `sendfile(2)`) failed with `EAGAIN`: backends
     /// built on edge-triggered readiness may report one stale readiness, never a missed one.
     fn writable(&mut self) -> impl Future<Output = io::Result<()>>;
+
+    /// Writes `buf` like [`write`](AsyncWriteRent::write), by zero-copy send where the engine
+    /// has one (`IORING_OP_SEND_ZC`: the kernel sends from `buf` itself, and the buffer comes
+    /// back only after its notification completion, so it is never reused too early). The
+    /// fallback, and the default, is a plain write. Worth it only above the threshold
+    /// measured in docs/zero-copy.md.
+    fn write_zc<B: IoBuf>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
+        self.write(buf)
+    }
+
+    /// Reads into a buffer lent by the core rather than one the caller holds while waiting:
+    /// engines with provided-buffer rings (and multishot receive) pick the buffer only when
+    /// data arrives, so an idle connection holds none. The fallback, and the default, takes a
+    /// buffer from the core's pool ([`crate::pool`]) when the read starts. An empty buffer is
+    /// end of stream. Dropping the buffer returns it to its pool.
+    fn read_pooled(&mut self) -> impl Future<Output = io::Result<PooledBuf>> {
+        async move {
+            let BufResult(res, buf) = self.read(crate::pool::take()).await;
+            res.map(|_| buf)
+        }
+    }
 
     /// Sends up to `len` bytes of `file`, starting at `offset`, from the page cache to the
     /// socket without passing through user space, and returns how many were sent (at least
@@ -159,6 +190,56 @@ pub trait UdpSocket: Sized + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// The descriptor.
     fn as_raw_fd(&self) -> RawFd;
+    /// Completes when a datagram can be received without blocking (level-triggered). Used by
+    /// the core's non-blocking `recvmsg(2)` path after `EAGAIN`.
+    fn readable(&self) -> impl Future<Output = io::Result<()>>;
+
+    /// Sends `buf` as one datagram, or as several of `meta.segment_size` bytes (GSO), with the
+    /// ECN codepoint and source address of `meta`. Call [`crate::udp::enable_cmsgs`] on the
+    /// socket first to learn what the kernel takes. The default, written once here, is a
+    /// non-blocking `sendmsg(2)` that waits with [`writable`](Self::writable) on `EAGAIN`;
+    /// engines with a native SENDMSG op may override it with the same codec
+    /// ([`crate::udp::MsgHdr`]).
+    fn send_msg<B: IoBuf>(&self, buf: B, meta: &SendMeta) -> impl Future<Output = BufResult<usize, B>> {
+        async move {
+            loop {
+                match crate::udp::send_msg_nonblocking(self.as_raw_fd(), &buf, meta) {
+                    Ok(n) => return BufResult(Ok(n), buf),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.writable().await {
+                            return BufResult(Err(e), buf);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return BufResult(Err(e), buf),
+                }
+            }
+        }
+    }
+
+    /// Receives one datagram (or, with GRO on, several coalesced ones of `stride` bytes each)
+    /// into `buf`, with its source, destination address and ECN codepoint. A datagram longer
+    /// than the buffer is an error carrying [`crate::udp::RecvTruncated`]. The default is a
+    /// non-blocking `recvmsg(2)` that waits with [`readable`](Self::readable) on `EAGAIN`.
+    fn recv_msg<B: IoBufMut>(&self, buf: B) -> impl Future<Output = BufResult<RecvMeta, B>> {
+        async move {
+            let mut buf = buf;
+            loop {
+                match crate::udp::recv_msg_nonblocking(self.as_raw_fd(), &mut buf) {
+                    Ok(meta) => return BufResult(Ok(meta), buf),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.readable().await {
+                            return BufResult(Err(e), buf);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return BufResult(Err(e), buf),
+                }
+            }
+        }
+    }
+    /// Completes when a datagram can be sent without blocking (level-triggered).
+    fn writable(&self) -> impl Future<Output = io::Result<()>>;
 }
 
 /// How to open a file.
@@ -251,13 +332,16 @@ pub trait File: Sized + 'static {
     fn as_raw_fd(&self) -> RawFd;
 }
 
-/// Waits for a descriptor the runtime does not own to become readable.
+/// Waits for a descriptor the runtime does not own to become readable or writable.
 pub trait FdWatch: Sized + 'static {
     /// Starts watching `fd`; the caller keeps ownership and must keep it open while watched.
     fn new(fd: RawFd) -> io::Result<Self>;
     /// Completes when the descriptor is readable (level-triggered: it completes again at once
     /// while data remains).
     fn readable(&self) -> impl Future<Output = io::Result<()>>;
+    /// Completes when the descriptor is writable (level-triggered: it completes again at once
+    /// while there is room), or reports an error or hang-up on it.
+    fn writable(&self) -> impl Future<Output = io::Result<()>>;
 }
 
 /// io_uring setup flags a backend may request; each is tried and dropped if the kernel or the
@@ -333,25 +417,6 @@ impl RingFlags {
             return Err("defer_taskrun needs single_issuer".into());
         }
         Ok(f)
-    }
-
-    /// An `io_uring::Builder` (io-uring 0.6, the version monoio and tokio-uring use) with these
-    /// setup flags, for backends that let corepin configure their ring.
-    pub fn uring_builder(&self) -> io_uring::Builder {
-        let mut b = io_uring::IoUring::builder();
-        if self.single_issuer {
-            b.setup_single_issuer();
-        }
-        if self.defer_taskrun {
-            b.setup_defer_taskrun();
-        }
-        if self.coop_taskrun {
-            b.setup_coop_taskrun();
-        }
-        if let Some(ms) = self.sqpoll_idle_ms {
-            b.setup_sqpoll(ms);
-        }
-        b
     }
 
     /// The accepted flags by their kernel names.

@@ -1,14 +1,19 @@
 //! The service abstraction: a `Send + Sync` factory crosses threads once and builds one
 //! service instance per core; the instance stays on its core and answers requests with plain
-//! `async fn` (no boxing). A service is generic over the runtime, so one implementation runs
-//! on every backend, checked at compile time.
+//! `async fn` (no boxing). A service is generic over the runtime and over its connection's
+//! stream, so one implementation runs on every backend and behind any [`Acceptor`] (clear
+//! text, TLS), checked at compile time.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
+use std::marker::PhantomData;
+use std::os::fd::{BorrowedFd, RawFd};
+
 use crate::buf::{BufResult, IoBuf, IoBufMut};
 use crate::io::{AsyncReadRent, AsyncWriteRent, CancelToken};
+use crate::pool::PooledBuf;
 use crate::runtime::{Runtime, TcpStream};
 use crate::worker::{CoreCounters, Worker};
 
@@ -22,23 +27,111 @@ pub trait Service<Req> {
     fn call(&self, req: Req) -> impl Future<Output = Result<Self::Response, Self::Error>>;
 }
 
-/// Builds the per-core instance of a connection service; crosses threads, so `Send + Sync`.
-pub trait ServiceFactory: Send + Sync + 'static {
-    /// The per-core service for runtime `R`.
-    type Service<R: Runtime>: Service<Connection<R>, Response = ()> + 'static;
-    /// Builds the instance for the worker it is called on (after pinning, so what it
-    /// allocates is local to that core).
-    fn new_service<R: Runtime>(&self, worker: &Worker) -> Self::Service<R>;
+/// A connection's byte stream as a service sees it: owned-buffer reads and writes, plus what a
+/// service may ask of the transport underneath. The plain TCP stream ([`Stream`]) and any layer
+/// an [`Acceptor`] puts between the socket and the service (TLS) implement it, so a service
+/// written against it runs over either without knowing which.
+pub trait ConnStream: AsyncReadRent + AsyncWriteRent + 'static {
+    /// The descriptor of the socket under the stream: deadlines and drain shut it down.
+    fn as_raw_fd(&self) -> RawFd;
+
+    /// Whether [`send_file`](Self::send_file) moves file bytes to the peer as they are: true
+    /// for a plain socket, false for a layer that must see every byte (TLS without kernel TLS).
+    fn can_send_file(&self) -> bool {
+        false
+    }
+
+    /// Sends up to `len` bytes of `file` from `offset` straight from the page cache (see
+    /// [`TcpStream::send_file`]). Streams that cannot fail with `Unsupported`; callers ask
+    /// [`can_send_file`](Self::can_send_file) first and read + write instead.
+    fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> impl Future<Output = io::Result<usize>> {
+        let _ = (file, offset, len);
+        async { Err(io::Error::new(io::ErrorKind::Unsupported, "this stream cannot send files by sendfile(2)")) }
+    }
+
+    /// Writes `buf` by zero-copy send where the transport has one (see
+    /// [`TcpStream::write_zc`]); otherwise, and by default, a plain write.
+    fn write_zc<B: IoBuf>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
+        self.write(buf)
+    }
+
+    /// Reads into a buffer lent by the core (see [`TcpStream::read_pooled`]); an empty buffer
+    /// is end of stream.
+    fn read_pooled(&mut self) -> impl Future<Output = io::Result<PooledBuf>> {
+        async move {
+            let BufResult(res, buf) = self.read(crate::pool::take()).await;
+            res.map(|_| buf)
+        }
+    }
 }
 
-/// A connection accepted on this core.
-pub struct Connection<R: Runtime> {
-    /// The stream, counting bytes into this core's counters.
-    pub stream: Stream<R::TcpStream>,
+/// Builds the per-core instance of a connection service; crosses threads, so `Send + Sync`.
+/// The service is generic over the runtime `R` and over the stream `S` its connections carry
+/// (a plain TCP [`Stream`], or what an [`Acceptor`] made of it), so one implementation serves
+/// every backend, in clear text or behind TLS.
+pub trait ServiceFactory: Send + Sync + 'static {
+    /// The per-core service for runtime `R` and connection stream `S`.
+    type Service<R: Runtime, S: ConnStream>: Service<Connection<R, S>, Response = ()> + 'static;
+    /// Why a per-core instance could not be built.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Builds the instance for the worker it is called on (after pinning, so what it
+    /// allocates is local to that core). An error stops that worker, and so the server, with
+    /// the message.
+    fn new_service<R: Runtime, S: ConnStream>(&self, worker: &Worker) -> Result<Self::Service<R, S>, Self::Error>;
+}
+
+/// Turns an accepted TCP stream into the stream a service sees: the identity ([`Plain`]), or
+/// a handshake (TLS). It runs in the connection's own task, so a slow handshake never holds
+/// up the accept loop. One acceptor serves every core (configuration is shared; per-core
+/// state belongs in thread-locals or the worker).
+pub trait Acceptor: Send + Sync + 'static {
+    /// The stream services see.
+    type Stream<R: Runtime>: ConnStream;
+    /// Why a connection was not accepted (logged at debug level; the connection is closed).
+    type Error: std::fmt::Display;
+    /// Accepts `stream` from `peer` on `worker`'s core.
+    fn accept<R: Runtime>(
+        &self,
+        stream: Stream<R::TcpStream>,
+        peer: SocketAddr,
+        worker: &Worker,
+    ) -> impl Future<Output = Result<Self::Stream<R>, Self::Error>>;
+}
+
+/// The clear-text acceptor: services see the TCP stream itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl Acceptor for Plain {
+    type Stream<R: Runtime> = Stream<R::TcpStream>;
+    type Error = std::convert::Infallible;
+    async fn accept<R: Runtime>(
+        &self,
+        stream: Stream<R::TcpStream>,
+        _peer: SocketAddr,
+        _worker: &Worker,
+    ) -> Result<Stream<R::TcpStream>, std::convert::Infallible> {
+        Ok(stream)
+    }
+}
+
+/// A connection accepted on this core, carrying stream `S` (by default the plain TCP stream of
+/// runtime `R`).
+pub struct Connection<R: Runtime, S = Stream<<R as Runtime>::TcpStream>> {
+    /// The stream.
+    pub stream: S,
     /// The peer.
     pub peer: SocketAddr,
     /// The worker it belongs to.
     pub worker: Worker,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime, S> Connection<R, S> {
+    /// A connection over `stream` from `peer`, served on `worker`'s core.
+    pub fn new(stream: S, peer: SocketAddr, worker: Worker) -> Self {
+        Self { stream, peer, worker, _runtime: PhantomData }
+    }
 }
 
 /// A stream that adds what it reads and writes to its core's byte counters. It reaches them
@@ -107,16 +200,28 @@ impl<S: AsyncWriteRent> AsyncWriteRent for Stream<S> {
     }
 }
 
-impl<S: TcpStream> Stream<S> {
-    /// The descriptor.
-    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+impl<S: TcpStream> ConnStream for Stream<S> {
+    fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
     }
-
-    /// [`TcpStream::send_file`], counting the bytes sent.
-    pub async fn send_file(&mut self, file: std::os::fd::BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+    fn can_send_file(&self) -> bool {
+        true
+    }
+    async fn send_file(&mut self, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
         let n = self.inner.send_file(file, offset, len).await?;
         self.count_out(n);
         Ok(n)
+    }
+    async fn write_zc<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        let r = self.inner.write_zc(buf).await;
+        if let Ok(n) = r.0 {
+            self.count_out(n);
+        }
+        r
+    }
+    async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
+        let buf = self.inner.read_pooled().await?;
+        self.count_in(buf.len());
+        Ok(buf)
     }
 }

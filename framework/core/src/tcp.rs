@@ -5,14 +5,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::launcher::{App, AppError};
 use crate::runtime::{Runtime, TcpListener, TcpStream};
-use crate::service::{Connection, Service, ServiceFactory, Stream};
+use crate::service::{Acceptor, Connection, Plain, Service, ServiceFactory, Stream};
 use crate::task::spawn;
 use crate::worker::Worker;
 
@@ -68,11 +68,13 @@ fn open_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-/// Serves TCP connections with one service instance per core.
-pub struct TcpServer<F> {
+/// Serves TCP connections with one service instance per core, each connection passing through
+/// acceptor `A` ([`Plain`] by default; a TLS acceptor makes it HTTPS) before the service sees it.
+pub struct TcpServer<F, A = Plain> {
     listeners: Mutex<Vec<Option<std::net::TcpListener>>>,
     local_addr: SocketAddr,
     factory: F,
+    acceptor: Arc<A>,
     max_connections_per_core: usize,
 }
 
@@ -85,8 +87,22 @@ impl<F: ServiceFactory> TcpServer<F> {
             listeners: Mutex::new(listeners.into_iter().map(Some).collect()),
             local_addr,
             factory,
+            acceptor: Arc::new(Plain),
             max_connections_per_core: usize::MAX,
         })
+    }
+}
+
+impl<F: ServiceFactory, A: Acceptor> TcpServer<F, A> {
+    /// Puts `acceptor` between the listener and the service.
+    pub fn with_acceptor<B: Acceptor>(self, acceptor: B) -> TcpServer<F, B> {
+        TcpServer {
+            listeners: self.listeners,
+            local_addr: self.local_addr,
+            factory: self.factory,
+            acceptor: Arc::new(acceptor),
+            max_connections_per_core: self.max_connections_per_core,
+        }
     }
 
     /// Refuses (closes at once) connections beyond `n` open on one core.
@@ -101,7 +117,7 @@ impl<F: ServiceFactory> TcpServer<F> {
     }
 }
 
-impl<F: ServiceFactory> App for TcpServer<F> {
+impl<F: ServiceFactory, A: Acceptor> App for TcpServer<F, A> {
     async fn run<R: Runtime>(&self, worker: Worker) -> Result<(), AppError> {
         let index = worker.info().index;
         let std_listener = self
@@ -115,8 +131,23 @@ impl<F: ServiceFactory> App for TcpServer<F> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&std_listener);
         let listener =
             R::TcpListener::from_std(std_listener).map_err(|e| AppError::msg(format!("adopting the listener: {e}")))?;
-        let service = Rc::new(self.factory.new_service::<R>(&worker));
-        accept_loop::<R, F::Service<R>>(&listener, fd, &worker, service, self.max_connections_per_core).await;
+        let service = self
+            .factory
+            .new_service::<R, A::Stream<R>>(&worker)
+            .map_err(|e| AppError::msg(format!("building the service on core {}: {e}", worker.info().cpu)))?;
+        // Core-local handles: cloning them per connection touches no shared cache line (an
+        // `Arc` clone per connection would bump one counter shared by every core).
+        let service = Rc::new(service);
+        let acceptor = Rc::new(Arc::clone(&self.acceptor));
+        accept_loop::<R, A, F::Service<R, A::Stream<R>>>(
+            &listener,
+            fd,
+            &worker,
+            service,
+            acceptor,
+            self.max_connections_per_core,
+        )
+        .await;
         Ok(())
     }
 }
@@ -124,11 +155,13 @@ impl<F: ServiceFactory> App for TcpServer<F> {
 /// Accepts until the worker drains. Draining shuts the listening socket down (`SHUT_RD`),
 /// which completes the pending accept with an error on every backend, so no accept operation
 /// is ever dropped in flight (a dropped io_uring accept could leak the socket it accepts).
-async fn accept_loop<R: Runtime, S: Service<Connection<R>, Response = ()> + 'static>(
+#[allow(clippy::redundant_allocation)] // Rc<Arc<A>>: the Rc is the core-local handle, see `run`.
+async fn accept_loop<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream<R>>, Response = ()> + 'static>(
     listener: &R::TcpListener,
     fd: std::os::fd::RawFd,
     worker: &Worker,
     service: Rc<S>,
+    acceptor: Rc<Arc<A>>,
     max_conns: usize,
 ) {
     let stopper = {
@@ -153,11 +186,18 @@ async fn accept_loop<R: Runtime, S: Service<Connection<R>, Response = ()> + 'sta
                 }
                 let _ = stream.set_nodelay(true);
                 let guard = worker.register_connection(stream.as_raw_fd());
-                let conn = Connection { stream: Stream::new(stream, worker.clone()), peer, worker: worker.clone() };
+                let stream = Stream::new(stream, worker.clone());
                 let svc = service.clone();
+                let acceptor = acceptor.clone();
+                let worker = worker.clone();
                 drop(spawn::<R, _>(async move {
-                    if let Err(e) = svc.call(conn).await {
-                        tracing::debug!(%peer, "connection ended with an error: {e}");
+                    match acceptor.accept::<R>(stream, peer, &worker).await {
+                        Ok(stream) => {
+                            if let Err(e) = svc.call(Connection::new(stream, peer, worker)).await {
+                                tracing::debug!(%peer, "connection ended with an error: {e}");
+                            }
+                        }
+                        Err(e) => tracing::debug!(%peer, "connection not accepted: {e}"),
                     }
                     drop(guard);
                 }));

@@ -14,8 +14,8 @@ use corepin::runtime::{EngineSettings, OpenOptions};
 use corepin::task::{read_timeout, spawn, timeout, Elapsed};
 use corepin::topology::{current_thread_affinity, CoreSelection, Topology};
 use corepin::{
-    App, AppError, AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, BufResult, File, Runtime,
-    Server, TcpServer, TcpStream, UdpSocket, Worker,
+    Acceptor, App, AppError, AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, BufResult, ConnStream,
+    EitherBuf, File, IoBuf, Runtime, Server, ServiceFactory, Stream, TcpServer, TcpStream, UdpSocket, Worker,
 };
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -808,6 +808,303 @@ pub fn a_write_deadline_frees_a_stalled_write<R: Runtime>() {
     peer.join().unwrap();
 }
 
+// ---- the contract's newer pieces -------------------------------------------------------
+
+/// A foreign descriptor's writability is awaited natively and level-triggered: not writable
+/// while its buffer is full, writable once the peer drains it, and again at once after that.
+pub fn fd_watch_waits_for_room_to_write<R: Runtime>() {
+    use corepin::FdWatch;
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    // Fill a's send buffer (and b's receive buffer) until the kernel says EAGAIN.
+    let chunk = vec![7u8; 64 * 1024];
+    let mut filled = 0usize;
+    loop {
+        match (&a).write(&chunk) {
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the socket: {e}"),
+        }
+    }
+    assert!(filled > 0);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
+    run::<R, _>(|| async move {
+        let w = R::FdWatch::new(fd).unwrap();
+        let early = timeout::<R, _>(Duration::from_millis(30), w.writable()).await;
+        assert!(early.is_err(), "writable while the socket buffer is full");
+        let reader = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            let mut sink = vec![0u8; filled];
+            b.read_exact(&mut sink).unwrap();
+            b
+        });
+        timeout::<R, _>(Duration::from_secs(10), w.writable()).await.expect("writable after the peer read").unwrap();
+        // Level-triggered: still writable, since nothing filled it again.
+        timeout::<R, _>(Duration::from_secs(10), w.writable()).await.expect("still writable").unwrap();
+        drop(reader.join().unwrap());
+    });
+    drop(a);
+}
+
+/// A UDP socket's readiness: readable only once a datagram waits, writable at once.
+pub fn udp_readiness_is_level_triggered<R: Runtime>() {
+    run::<R, _>(|| async {
+        let s = R::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = s.local_addr().unwrap();
+        timeout::<R, _>(Duration::from_secs(10), s.writable()).await.expect("writable").unwrap();
+        let early = timeout::<R, _>(Duration::from_millis(30), s.readable()).await;
+        assert!(early.is_err(), "readable with nothing queued");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"ping", addr).unwrap();
+        timeout::<R, _>(Duration::from_secs(10), s.readable()).await.expect("readable").unwrap();
+        timeout::<R, _>(Duration::from_secs(10), s.readable()).await.expect("still readable").unwrap();
+        let BufResult(r, buf) = s.recv_from(Vec::with_capacity(16)).await;
+        assert_eq!(r.unwrap().0, 4);
+        assert_eq!(&buf[..], b"ping");
+    });
+}
+
+/// UDP with control messages through the contract on every backend: ECN and the destination
+/// address come back with the datagram, and a GSO send (three 1200-byte segments and a tail)
+/// arrives as four datagrams at a receiver without GRO.
+pub fn udp_control_messages_carry_ecn_destination_and_segments<R: Runtime>() {
+    use corepin::udp::{enable_cmsgs, enable_cmsgs_with, Ecn, SendMeta};
+    run::<R, _>(|| async {
+        let rx = R::UdpSocket::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let features = enable_cmsgs_with(rx.as_raw_fd(), false).unwrap();
+        assert!(features.pktinfo && features.ecn, "{features:?}");
+        let port = rx.local_addr().unwrap().port();
+        let tx = R::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let txf = enable_cmsgs(tx.as_raw_fd()).unwrap();
+        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let meta = SendMeta { ecn: Some(Ecn::Ect0), ..SendMeta::new(to) };
+        let BufResult(r, _) = tx.send_msg(&b"marked"[..], &meta).await;
+        assert_eq!(r.unwrap(), 6);
+        let BufResult(r, buf) =
+            timeout::<R, _>(Duration::from_secs(10), rx.recv_msg(Vec::with_capacity(64))).await.unwrap();
+        let got = r.unwrap();
+        assert_eq!(&buf[..got.len], b"marked");
+        assert_eq!(got.ecn, Some(Ecn::Ect0));
+        assert_eq!(got.dst_ip, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(got.from, tx.local_addr().unwrap());
+        if !txf.gso {
+            println!("skipped the GSO half: the kernel refuses UDP_SEGMENT here");
+            return;
+        }
+        let data = pattern(3 * 1200 + 500, 9);
+        let meta = SendMeta { segment_size: Some(1200), ..SendMeta::new(to) };
+        let BufResult(r, _) = tx.send_msg(data.clone(), &meta).await;
+        assert_eq!(r.unwrap(), data.len());
+        let mut all = Vec::new();
+        let mut sizes = Vec::new();
+        while all.len() < data.len() {
+            let BufResult(r, buf) =
+                timeout::<R, _>(Duration::from_secs(10), rx.recv_msg(Vec::with_capacity(2048))).await.unwrap();
+            let m = r.unwrap();
+            sizes.push(m.len);
+            all.extend_from_slice(&buf[..m.len]);
+        }
+        assert_eq!(sizes, [1200, 1200, 1200, 500]);
+        assert!(all == data, "segments arrive in order, byte for byte");
+    });
+}
+
+/// The optional mechanisms' API shape works on every backend, natively or through the core's
+/// fallback: `read_pooled` lends a buffer from the core's pool (empty at end of stream) that
+/// goes back when dropped, and `write_zc` sends like `write`.
+pub fn pooled_reads_and_zero_copy_writes_move_the_same_bytes<R: Runtime>() {
+    let payload = pattern(100_000, 3);
+    let expect = payload.clone();
+    let (addr, peer) = std_peer(move |mut s| {
+        s.write_all(b"hello pool").unwrap();
+        let mut got = vec![0; expect.len()];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == expect, "write_zc delivered different bytes");
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    run::<R, _>(|| async move {
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let b = s.read_pooled().await.unwrap();
+            assert!(!b.is_empty(), "end of stream before the greeting");
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, b"hello pool");
+        let idle = corepin::pool::idle();
+        assert!(idle >= 1, "the dropped pooled buffer went back to this core's pool");
+        let mut buf = payload;
+        let mut sent = 0;
+        while sent < buf.len() {
+            let BufResult(r, b) = s.write_zc(buf.slice(sent..)).await;
+            buf = b.into_inner();
+            sent += r.unwrap();
+        }
+        let eof = s.read_pooled().await.unwrap();
+        assert!(eof.is_empty(), "end of stream is an empty pooled buffer");
+    });
+    peer.join().unwrap();
+    let caps = run::<R, _>(|| async { R::capabilities() }).unwrap();
+    for (name, m) in caps.mechanisms() {
+        assert!(!m.used || (m.kernel && caps.driver == Driver::IoUring), "{name}: used without kernel or ring");
+        assert_eq!(m.used, m.fallback.is_empty(), "{name}: a fallback is named exactly when not used");
+    }
+}
+
+/// An engine claims its thread: a second engine nested on it is refused with a clear error,
+/// and a panic in the engine's main frees the thread for the next one.
+pub fn an_engine_owns_its_thread_until_it_ends<R: Runtime>() {
+    within(Duration::from_secs(30), "nested engines", || {
+        let nested = run::<R, _>(|| async { R::block_on(&settings(), || async {}).err().map(|e| e.to_string()) });
+        let msg = nested.expect("a nested engine must be refused");
+        assert!(msg.contains("already running"), "{msg}");
+        let panicked = std::panic::catch_unwind(|| run::<R, _>(|| async { panic!("main panicked on purpose") }));
+        assert!(panicked.is_err());
+        assert!(R::capabilities().is_none(), "the report is cleared after a panic");
+        assert_eq!(run::<R, _>(|| async { 7 }), 7, "the thread runs a new engine after the panic");
+    });
+}
+
+/// An acceptor sits between the listener and the service: the service sees the stream the
+/// acceptor made (here a prefix is sent before the service's bytes), connections it refuses
+/// never reach the service, and a factory that fails stops the server with its message.
+struct Greeter;
+
+struct Greeting<S>(S);
+
+impl<S: AsyncReadRent> AsyncReadRent for Greeting<S> {
+    fn read<B: corepin::IoBufMut>(&mut self, buf: B) -> impl std::future::Future<Output = BufResult<usize, B>> {
+        self.0.read(buf)
+    }
+    fn read_cancelable<B: corepin::IoBufMut>(
+        &mut self,
+        buf: B,
+        cancel: &corepin::CancelToken,
+    ) -> impl std::future::Future<Output = BufResult<usize, B>> {
+        self.0.read_cancelable(buf, cancel)
+    }
+}
+
+impl<S: AsyncWriteRent> AsyncWriteRent for Greeting<S> {
+    fn write<B: corepin::IoBuf>(&mut self, buf: B) -> impl std::future::Future<Output = BufResult<usize, B>> {
+        self.0.write(buf)
+    }
+    fn writev<B: corepin::IoBuf>(
+        &mut self,
+        bufs: Vec<B>,
+    ) -> impl std::future::Future<Output = BufResult<usize, Vec<B>>> {
+        self.0.writev(bufs)
+    }
+    fn shutdown(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        self.0.shutdown()
+    }
+}
+
+impl<S: ConnStream> ConnStream for Greeting<S> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Acceptor for Greeter {
+    type Stream<R: Runtime> = Greeting<Stream<R::TcpStream>>;
+    type Error = String;
+    async fn accept<R: Runtime>(
+        &self,
+        mut stream: Stream<R::TcpStream>,
+        _peer: SocketAddr,
+        _worker: &Worker,
+    ) -> Result<Self::Stream<R>, String> {
+        let BufResult(r, hello) = stream.read_exact(Vec::with_capacity(5)).await;
+        r.map_err(|e| e.to_string())?;
+        if &hello[..] != b"knock" {
+            return Err("wrong knock".into());
+        }
+        let BufResult(r, _) = stream.write_all(&b"welcome:"[..]).await;
+        r.map_err(|e| e.to_string())?;
+        Ok(Greeting(stream))
+    }
+}
+
+struct EchoFactory {
+    fail: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no echo on purpose")]
+struct NoEcho;
+
+impl ServiceFactory for EchoFactory {
+    type Service<R: Runtime, S: ConnStream> = corepin_echo::Echo;
+    type Error = NoEcho;
+    fn new_service<R: Runtime, S: ConnStream>(&self, worker: &Worker) -> Result<corepin_echo::Echo, NoEcho> {
+        if self.fail {
+            return Err(NoEcho);
+        }
+        let f = corepin_echo::EchoFactory::default();
+        Ok(<corepin_echo::EchoFactory as ServiceFactory>::new_service::<R, S>(&f, worker).unwrap())
+    }
+}
+
+pub fn an_acceptor_shapes_the_stream_a_service_sees<R: Runtime>() {
+    let cfg = launch_cfg(CoreSelection::Count(2));
+    let cpus = cfg.plan().unwrap();
+    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), EchoFactory { fail: false })
+        .unwrap()
+        .with_acceptor(Greeter);
+    let addr = app.local_addr();
+    let server = start::<R, _>(&cfg, Arc::new(app));
+    for i in 0..8u8 {
+        let mut s = StdStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"knock").unwrap();
+        s.write_all(&[b'a' + i; 3]).unwrap();
+        let mut got = [0u8; 11];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..8], b"welcome:");
+        assert_eq!(&got[8..], &[b'a' + i; 3], "the service echoes behind the acceptor");
+    }
+    // A refused connection is closed without reaching the service.
+    let mut s = StdStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"nopes").unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "a refused connection got {rest:?}");
+    server.shutdown_handle().drain();
+    server.wait().unwrap();
+
+    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), EchoFactory { fail: true }).unwrap();
+    let err = Server::start::<R, _>(&cfg, &cpus, Arc::new(app))
+        .and_then(|s| s.wait())
+        .err()
+        .map(|e| e.to_string())
+        .expect("a failing factory stops the server");
+    assert!(err.contains("no echo on purpose"), "{err}");
+}
+
+/// Buffers of two kinds go out in one gathered write without the caller implementing IoBuf.
+pub fn writev_gathers_buffers_of_different_kinds<R: Runtime>() {
+    let (addr, peer) = std_peer(|mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"head:shared-body:tail");
+    });
+    run::<R, _>(|| async move {
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let bufs: Vec<EitherBuf<Vec<u8>, bytes::Bytes>> = vec![
+            EitherBuf::Left(b"head:".to_vec()),
+            EitherBuf::Right(bytes::Bytes::from_static(b"shared-body")),
+            EitherBuf::Left(b":tail".to_vec()),
+        ];
+        let BufResult(r, bufs) = s.writev(bufs).await;
+        assert_eq!(r.unwrap(), 21, "one gathered write");
+        assert_eq!(bufs.len(), 3, "the buffers come back");
+        s.shutdown().await.unwrap();
+    });
+    peer.join().unwrap();
+}
+
 corepin::per_runtime_tests! {
     send_file_moves_file_ranges_through_a_full_socket,
     a_write_deadline_frees_a_stalled_write,
@@ -831,4 +1128,11 @@ corepin::per_runtime_tests! {
     graceful_drain_lets_open_connections_finish,
     the_capability_report_describes_the_engine,
     a_finished_app_ends_the_server,
+    fd_watch_waits_for_room_to_write,
+    udp_readiness_is_level_triggered,
+    pooled_reads_and_zero_copy_writes_move_the_same_bytes,
+    an_engine_owns_its_thread_until_it_ends,
+    an_acceptor_shapes_the_stream_a_service_sees,
+    writev_gathers_buffers_of_different_kinds,
+    udp_control_messages_carry_ecn_destination_and_segments,
 }

@@ -1,18 +1,17 @@
 //! Building and running one glommio executor: sizing its locked memory to the worker's
-//! budget, the executor knobs corepin sets, the capability report, and the thread-local that
-//! says an engine is running on this thread.
+//! budget, the executor knobs corepin sets, and what it declares for the capability report.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-use corepin_core::caps::{self, Capabilities, Driver, KernelSupport, Mechanism};
+use corepin_core::caps::{self, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
+use corepin_core::engine::{self, EngineGuard};
 use corepin_core::runtime::{EngineError, EngineSettings};
 use glommio::{GlommioError, LocalExecutorBuilder, Placement, PoolPlacement, ReactorErrorKind};
 
-use crate::fdwatch::FD_READINESS;
+use crate::fd::FD_READINESS;
 
 /// The backend name, as the CLI spells it.
 pub(crate) const NAME: &str = "glommio";
@@ -38,34 +37,27 @@ const PAGE: usize = 4096;
 /// default (100 ms) because corepin runs a single task queue and never needs to preempt.
 const PREEMPT_TIMER: Duration = Duration::from_millis(100);
 
-thread_local! {
-    /// The capability report of the engine running on this thread, if one is.
-    static CAPS: RefCell<Option<Capabilities>> = const { RefCell::new(None) };
-}
-
-/// The capability report of the engine on this thread.
-pub(crate) fn current_capabilities() -> Option<Capabilities> {
-    CAPS.with(|c| c.borrow().clone())
-}
-
-/// Fails unless a `GlommioRuntime` executor runs on this thread (glommio's socket and file
-/// types panic when made outside one).
+/// Fails unless a corepin engine runs on this thread (glommio's socket and file types panic
+/// when made outside one).
 pub(crate) fn require_engine() -> io::Result<()> {
-    if CAPS.with(|c| c.borrow().is_some()) {
+    if engine::is_running() {
         Ok(())
     } else {
         Err(io::Error::other("corepin-glommio: not inside GlommioRuntime::block_on on this thread"))
     }
 }
 
-/// Clears the thread-local report when the engine is torn down, even by a panic.
-struct CapsGuard;
-
-impl Drop for CapsGuard {
-    fn drop(&mut self) {
-        CAPS.with(|c| c.borrow_mut().take());
-    }
-}
+/// What glommio 0.9 does natively among the optional mechanisms.
+const NATIVE: Native = Native {
+    splice: Support::Absent("glommio has no splice API"),
+    send_zc: Support::Absent("glommio has no SEND_ZC"),
+    registered_buffers: Support::Absent(
+        "glommio registers io_memory for its DMA file API only; sockets and buffered files do not use fixed buffers",
+    ),
+    multishot_accept: Support::Absent("glommio accepts with non-blocking accept(2), then one-shot IORING_OP_ACCEPT"),
+    multishot_recv: Support::Absent("glommio reads with non-blocking recv(2), then one-shot POLL_ADD and recv again"),
+    buffer_rings: Support::Absent("glommio has no provided-buffer rings"),
+};
 
 /// What the budget buys: the executor's memory and ring sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,33 +165,24 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
             plan.ring_depth, settings.ring_entries
         ));
     }
-    Capabilities {
-        runtime: NAME,
-        driver: Driver::IoUring,
-        ring_flags_requested: settings.ring_flags,
-        ring_flags: None,
-        ring_entries: plan.ring_depth,
-        splice: Mechanism::fallback(kernel.splice, "sendfile(2) (glommio has no splice API)"),
-        send_zc: Mechanism::fallback(kernel.send_zc, "send(2) from the caller's buffer (glommio has no SEND_ZC)"),
-        registered_buffers: Mechanism::fallback(
-            kernel.registered_buffers,
-            "glommio registers io_memory for its DMA file API only; sockets and buffered files do not use fixed buffers",
-        ),
-        multishot_accept: Mechanism::fallback(
-            kernel.multishot_accept,
-            "non-blocking accept(2), then one-shot IORING_OP_ACCEPT",
-        ),
-        multishot_recv: Mechanism::fallback(
-            kernel.multishot_recv,
-            "non-blocking recv(2), then one-shot IORING_OP_POLL_ADD and recv again",
-        ),
-        buffer_rings: Mechanism::fallback(kernel.buffer_rings, "the caller's buffer (TCP) or glommio's io_memory (UDP)"),
-        fd_readiness: FD_READINESS,
-        file_transfer: "sendfile(2), waiting for room through an epoll descriptor (EPOLLOUT) watched like any foreign fd",
-        file_reads: "io_uring READ (glommio buffered file): a page-cache miss waits in the kernel, not on the worker",
-        rent_copies: true,
-        notes,
-    }
+    Capabilities::derive(
+        EngineReport {
+            runtime: NAME,
+            driver: Driver::IoUring,
+            ring_flags_requested: settings.ring_flags,
+            ring_flags: None,
+            ring_entries: plan.ring_depth,
+            native: NATIVE,
+            fd_readiness: FD_READINESS,
+            file_transfer:
+                "sendfile(2), waiting for room through an epoll descriptor (EPOLLOUT) watched like any foreign fd",
+            file_reads:
+                "io_uring READ (glommio buffered file): a page-cache miss waits in the kernel, not on the worker",
+            rent_copies: true,
+            notes,
+        },
+        kernel,
+    )
 }
 
 fn build_error(settings: &EngineSettings, reason: String) -> EngineError {
@@ -223,9 +206,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future,
 {
-    if CAPS.with(|c| c.borrow().is_some()) {
-        return Err(build_error(settings, "a glommio engine already runs on this thread".into()));
-    }
+    let guard = EngineGuard::claim(NAME, settings.cpu)?;
     if settings.force_fallback {
         return Err(build_error(
             settings,
@@ -277,10 +258,10 @@ where
         ring_depth = plan.ring_depth,
         "glommio engine built"
     );
-    CAPS.with(|c| *c.borrow_mut() = Some(report));
-    let _guard = CapsGuard;
+    guard.set_capabilities(report);
     let out = executor.run(async move { main().await });
     drop(executor);
+    drop(guard);
     Ok(out)
 }
 

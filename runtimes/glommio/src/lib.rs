@@ -8,8 +8,8 @@
 //! * [`engine`](crate::engine): building, sizing and running the executor, and the
 //!   capability report.
 //! * [`net`](crate::net): TCP listener and stream, UDP socket.
-//! * [`file`](crate::file): buffered files.
-//! * [`fdwatch`](crate::fdwatch): readiness of descriptors glommio does not own.
+//! * [`fs`](crate::fs): buffered files.
+//! * [`fd`](crate::fd): readiness of descriptors glommio does not own.
 //!
 //! Glommio runs on io_uring only; it has no epoll driver, so a forced fallback or a kernel
 //! without io_uring is a build error, not a degraded engine.
@@ -30,21 +30,20 @@
 #![warn(missing_docs)]
 
 mod engine;
-mod fdwatch;
-mod file;
+mod fd;
+mod fs;
 mod net;
 
 use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use corepin_core::caps::Capabilities;
 use corepin_core::runtime::{EngineError, EngineSettings, Runtime};
 use glommio::GlommioError;
 
-pub use fdwatch::GlommioFdWatch;
-pub use file::GlommioFile;
-pub use net::{GlommioTcpListener, GlommioTcpStream, GlommioUdpSocket};
+pub use fd::FdWatch;
+pub use fs::File;
+pub use net::{TcpListener, TcpStream, UdpSocket};
 
 /// The glommio backend.
 ///
@@ -56,11 +55,11 @@ pub struct GlommioRuntime;
 impl Runtime for GlommioRuntime {
     const NAME: &'static str = engine::NAME;
 
-    type TcpListener = GlommioTcpListener;
-    type TcpStream = GlommioTcpStream;
-    type UdpSocket = GlommioUdpSocket;
-    type File = GlommioFile;
-    type FdWatch = GlommioFdWatch;
+    type TcpListener = TcpListener;
+    type TcpStream = TcpStream;
+    type UdpSocket = UdpSocket;
+    type File = File;
+    type FdWatch = FdWatch;
 
     fn block_on<F, Fut>(settings: &EngineSettings, main: F) -> Result<Fut::Output, EngineError>
     where
@@ -68,10 +67,6 @@ impl Runtime for GlommioRuntime {
         Fut: Future,
     {
         engine::block_on(settings, main)
-    }
-
-    fn capabilities() -> Option<Capabilities> {
-        engine::current_capabilities()
     }
 
     fn spawn_detached<F: Future<Output = ()> + 'static>(fut: F) {

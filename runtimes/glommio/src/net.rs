@@ -11,7 +11,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -21,19 +21,19 @@ use corepin_core::runtime;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
 use crate::engine::require_engine;
-use crate::fdwatch::GlommioFdWatch;
+use crate::fd::{FdWatch, WriteWatch};
 use crate::to_io;
 
 /// `IOV_MAX` on Linux: a gather write sends at most this many buffers at once.
 const IOV_MAX: usize = 1024;
 
 /// A listening TCP socket (glommio `TcpListener`).
-pub struct GlommioTcpListener {
+pub struct TcpListener {
     inner: glommio::net::TcpListener,
 }
 
-impl runtime::TcpListener for GlommioTcpListener {
-    type Stream = GlommioTcpStream;
+impl runtime::TcpListener for TcpListener {
+    type Stream = TcpStream;
 
     fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
         require_engine()?;
@@ -44,10 +44,10 @@ impl runtime::TcpListener for GlommioTcpListener {
         Ok(Self { inner })
     }
 
-    async fn accept(&self) -> io::Result<(GlommioTcpStream, SocketAddr)> {
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let stream = self.inner.accept().await.map_err(to_io)?;
         let peer = stream.peer_addr().map_err(to_io)?;
-        Ok((GlommioTcpStream { write_watch: None, inner: stream }, peer))
+        Ok((TcpStream { write_watch: None, inner: stream }, peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -56,46 +56,14 @@ impl runtime::TcpListener for GlommioTcpListener {
 }
 
 /// A connected TCP stream (glommio `TcpStream`, unbuffered).
-pub struct GlommioTcpStream {
+pub struct TcpStream {
     // Field order matters: the write watch (an epoll instance holding the socket) goes first.
     /// Made on the first [`writable`](runtime::TcpStream::writable) wait.
     write_watch: Option<WriteWatch>,
     inner: glommio::net::TcpStream,
 }
 
-/// Writability of a socket, for transfers made by syscalls on its descriptor (`sendfile`).
-///
-/// Glommio has no public readiness API, but it can wait for a descriptor to become readable
-/// (see the fdwatch module). An epoll instance with the socket registered for `EPOLLOUT`
-/// (level-triggered) is readable exactly while the socket is writable, so waiting for the
-/// epoll descriptor's readability through corepin's glommio fd watch is a wait for room in
-/// the socket buffer. Made once per stream, and only by streams that wait.
-struct WriteWatch {
-    watch: GlommioFdWatch,
-    /// The epoll instance the watch waits on; owned here so it lives exactly as long.
-    _epoll: OwnedFd,
-}
-
-impl WriteWatch {
-    fn new(socket: RawFd) -> io::Result<Self> {
-        // SAFETY: epoll_create1 takes no pointers; a negative result is an error.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `ep` is a fresh descriptor nobody else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
-        let mut ev = libc::epoll_event { events: libc::EPOLLOUT as u32, u64: 0 };
-        // SAFETY: both descriptors are open; `ev` is a valid event for the call.
-        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let watch = <GlommioFdWatch as runtime::FdWatch>::new(epoll.as_raw_fd())?;
-        Ok(Self { watch, _epoll: epoll })
-    }
-}
-
-impl GlommioTcpStream {
+impl TcpStream {
     /// Reads into `buf` through glommio's readiness-based `poll_read`; with `cancel`, stops
     /// once it fires if nothing was read yet.
     async fn read_into<B: IoBufMut>(&mut self, mut buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
@@ -134,7 +102,7 @@ impl GlommioTcpStream {
     }
 }
 
-impl AsyncReadRent for GlommioTcpStream {
+impl AsyncReadRent for TcpStream {
     fn read<B: IoBufMut>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
         self.read_into(buf, None)
     }
@@ -171,7 +139,7 @@ fn try_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
     }
 }
 
-impl AsyncWriteRent for GlommioTcpStream {
+impl AsyncWriteRent for TcpStream {
     /// A non-blocking `send(2)` straight from the caller's buffer (with MSG_NOSIGNAL, which
     /// glommio's own send lacks); only when the socket buffer is full does glommio's write
     /// path wait for writability (a POLL_ADD) and send.
@@ -216,7 +184,7 @@ impl AsyncWriteRent for GlommioTcpStream {
     }
 }
 
-impl runtime::TcpStream for GlommioTcpStream {
+impl runtime::TcpStream for TcpStream {
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         require_engine()?;
         let inner = glommio::net::TcpStream::connect(addr).await.map_err(to_io)?;
@@ -253,7 +221,7 @@ impl runtime::TcpStream for GlommioTcpStream {
             self.write_watch = Some(WriteWatch::new(self.inner.as_raw_fd())?);
         }
         match &self.write_watch {
-            Some(w) => runtime::FdWatch::readable(&w.watch).await,
+            Some(w) => w.wait().await,
             None => Err(io::Error::other("write watch missing")),
         }
     }
@@ -263,18 +231,30 @@ impl runtime::TcpStream for GlommioTcpStream {
 ///
 /// Glommio tries a non-blocking `sendmsg`/`recvmsg` on the caller's memory first; when it
 /// has to wait it goes through io_uring with a buffer of its own and copies.
-pub struct GlommioUdpSocket {
+pub struct UdpSocket {
     inner: glommio::net::UdpSocket,
+    /// Readiness for the core's non-blocking `sendmsg`/`recvmsg` path, made on first use.
+    readiness: std::cell::OnceCell<FdWatch>,
 }
 
-impl runtime::UdpSocket for GlommioUdpSocket {
+impl UdpSocket {
+    fn readiness(&self) -> io::Result<&FdWatch> {
+        if let Some(w) = self.readiness.get() {
+            return Ok(w);
+        }
+        let w = <FdWatch as runtime::FdWatch>::new(self.inner.as_raw_fd())?;
+        Ok(self.readiness.get_or_init(|| w))
+    }
+}
+
+impl runtime::UdpSocket for UdpSocket {
     fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
         require_engine()?;
         let fd = socket.into_raw_fd();
         // SAFETY: `fd` is a bound UDP socket whose ownership `into_raw_fd` just gave us;
         // glommio's socket takes it over and closes it on drop.
         let inner = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
-        Ok(Self { inner })
+        Ok(Self { inner, readiness: std::cell::OnceCell::new() })
     }
 
     async fn send_to<B: IoBuf>(&self, buf: B, to: SocketAddr) -> BufResult<usize, B> {
@@ -304,5 +284,13 @@ impl runtime::UdpSocket for GlommioUdpSocket {
 
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        runtime::FdWatch::readable(self.readiness()?).await
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        runtime::FdWatch::writable(self.readiness()?).await
     }
 }

@@ -45,6 +45,7 @@ use tokio::io::Interest;
 use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
 
 use crate::buf::{unwrap_vec, Owned};
+use crate::fd::FdWatch;
 
 /// Turns a tokio-uring `(result, Owned<B>)` pair into corepin's [`BufResult`].
 pub(crate) fn back<T, B>((res, buf): (io::Result<T>, Owned<B>)) -> BufResult<T, B> {
@@ -290,14 +291,26 @@ async fn recv_nowait<B: IoBufMut>(socket: &Rc<tokio_uring::net::TcpStream>, mut 
 
 // ---- UdpSocket --------------------------------------------------------------------------
 
-/// A UDP socket driven by tokio-uring (`SENDMSG` / `RECVMSG` into the caller's buffers).
+/// A UDP socket driven by tokio-uring (`SENDMSG` / `RECVMSG` into the caller's buffers), with
+/// readiness from a watch made on first use.
 pub struct UdpSocket {
     inner: tokio_uring::net::UdpSocket,
+    readiness: std::cell::OnceCell<FdWatch>,
+}
+
+impl UdpSocket {
+    fn readiness(&self) -> io::Result<&FdWatch> {
+        if let Some(w) = self.readiness.get() {
+            return Ok(w);
+        }
+        let w = <FdWatch as contract::FdWatch>::new(self.inner.as_raw_fd())?;
+        Ok(self.readiness.get_or_init(|| w))
+    }
 }
 
 impl contract::UdpSocket for UdpSocket {
     fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
-        Ok(Self { inner: tokio_uring::net::UdpSocket::from_std(socket) })
+        Ok(Self { inner: tokio_uring::net::UdpSocket::from_std(socket), readiness: std::cell::OnceCell::new() })
     }
 
     async fn send_to<B: IoBuf>(&self, buf: B, to: SocketAddr) -> BufResult<usize, B> {
@@ -314,5 +327,13 @@ impl contract::UdpSocket for UdpSocket {
 
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        contract::FdWatch::readable(self.readiness()?).await
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        contract::FdWatch::writable(self.readiness()?).await
     }
 }

@@ -1,10 +1,12 @@
 //! TCP echo: returns every byte a client sends, in order. Written once against corepin's
-//! traits; no backend is named here.
+//! traits; no backend is named here, and it runs over any connection stream (clear text or TLS).
+
+#![warn(missing_docs)]
 
 use std::io;
 
 use corepin_core::{
-    AsyncReadRent, AsyncWriteRentExt, BufResult, Connection, IoBuf, Runtime, Service, ServiceFactory, Worker,
+    AsyncWriteRentExt, BufResult, ConnStream, Connection, IoBuf, Runtime, Service, ServiceFactory, Worker,
 };
 
 /// Builds one [`Echo`] per core.
@@ -27,17 +29,18 @@ pub struct Echo {
 }
 
 impl ServiceFactory for EchoFactory {
-    type Service<R: Runtime> = Echo;
-    fn new_service<R: Runtime>(&self, _worker: &Worker) -> Echo {
-        Echo { buffer_size: self.buffer_size }
+    type Service<R: Runtime, S: ConnStream> = Echo;
+    type Error = std::convert::Infallible;
+    fn new_service<R: Runtime, S: ConnStream>(&self, _worker: &Worker) -> Result<Echo, Self::Error> {
+        Ok(Echo { buffer_size: self.buffer_size })
     }
 }
 
-impl<R: Runtime> Service<Connection<R>> for Echo {
+impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Echo {
     type Response = ();
     type Error = io::Error;
 
-    async fn call(&self, mut conn: Connection<R>) -> io::Result<()> {
+    async fn call(&self, mut conn: Connection<R, S>) -> io::Result<()> {
         // One buffer per connection, allocated on this core; it moves into each read and each
         // write and comes back every time.
         let mut buf = Vec::with_capacity(self.buffer_size);

@@ -1,10 +1,12 @@
 //! HTTP/1.1 message framing (RFC 9112) for a server that takes no request bodies: request
 //! heads parsed with `httparse`, limits enforced, response heads written into a reused
-//! buffer.
+//! buffer. The wire syntax only: `h1` drives it, and what the fields mean is `resource`'s.
 
 use std::cell::RefCell;
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::resource::status_name;
 
 /// The request fields the file server acts on, borrowed from the connection's buffer.
 #[derive(Debug)]
@@ -183,31 +185,6 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
     Parsed::Complete(head, skip + n)
 }
 
-/// The reason phrase of a status code.
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        206 => "Partial Content",
-        301 => "Moved Permanently",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Content Too Large",
-        414 => "URI Too Long",
-        416 => "Range Not Satisfiable",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
 thread_local! {
     /// The formatted `Date` of the current second, per core.
     static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
@@ -237,7 +214,7 @@ impl<'a> HeadWriter<'a> {
     /// Starts a response with `status`, `Server` and `Date`.
     pub fn new(out: &'a mut Vec<u8>, status: u16) -> Self {
         out.clear();
-        let _ = write!(out, "HTTP/1.1 {status} {}\r\nServer: corepin\r\n", reason(status));
+        let _ = write!(out, "HTTP/1.1 {status} {}\r\nServer: corepin\r\n", status_name(status));
         write_date(out);
         Self { out }
     }

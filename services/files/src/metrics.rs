@@ -1,23 +1,17 @@
-//! Per-core counters of the file server and their Prometheus text exposition.
+//! Per-core counters of the file server and their collector for the framework's metrics
+//! endpoint ([`corepin_core::metrics`]).
 //!
 //! Each core writes only its own cache-padded counters (a relaxed load and store, no locked
-//! instruction); a scrape reads every core's values and renders them with
-//! `prometheus-client`, per core (`core="N"`) and summed over cores (the `*_all_cores`
-//! families, so that `sum()` over a per-core family never double counts).
+//! instruction); a scrape reads every core's values and renders them per core (`core="N"`) and
+//! summed over cores (the `*_all_cores` families, so that `sum()` over a per-core family never
+//! double counts). The connection counters and the capability report are the framework's
+//! collectors; [`FilesCollector`] adds the file server's own families next to them.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-use corepin_core::worker::{CoreCounters, Counters, PerCore};
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use corepin_core::metrics::{per_core_counter, Collector, DescriptorEncoder, Registry};
+use corepin_core::worker::{CoreCounters, PerCore};
 
 /// How a response body reached the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,11 +81,26 @@ impl CoreFileCounters {
 /// Every core's file-server counters.
 pub type FileMetrics = PerCore<CoreFileCounters>;
 
-/// Renders the framework's connection counters and the file server's counters.
-#[derive(Debug)]
-struct FilesCollector {
-    conns: Arc<Counters>,
+/// Exports the file server's counters: responses by status class, bytes sent, bodies and body
+/// bytes by transfer path, timeouts and bytes read after a page-cache miss, per core and
+/// summed over cores.
+#[derive(Debug, Clone)]
+pub struct FilesCollector {
     files: Arc<FileMetrics>,
+}
+
+impl FilesCollector {
+    /// Exports `files` (a factory's are [`FilesFactory::metrics`](crate::FilesFactory::metrics)).
+    pub fn new(files: Arc<FileMetrics>) -> Self {
+        Self { files }
+    }
+
+    /// Adds this collector to `registry` (usually one from
+    /// [`registry_for`](corepin_core::metrics::registry_for), which already holds the
+    /// framework's connection counters and capability report).
+    pub fn register(self, registry: &mut Registry) {
+        registry.register_collector(Box::new(self));
+    }
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -100,76 +109,11 @@ fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-/// Emits a counter family per core (label `core`, plus `extra`), then its all-cores sum.
-fn counter_family(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    extra: Option<(&str, &[&str])>,
-    cores: usize,
-    value: impl Fn(usize, usize) -> u64,
-) -> Result<(), std::fmt::Error> {
-    let variants: Vec<Option<&str>> = match extra {
-        Some((_, vals)) => vals.iter().map(|v| Some(*v)).collect(),
-        None => vec![None],
-    };
-    let mut m = enc.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
-    for core in 0..cores {
-        for (vi, v) in variants.iter().enumerate() {
-            let c = core.to_string();
-            let mut labels: Vec<(&str, &str)> = vec![("core", c.as_str())];
-            if let (Some((k, _)), Some(v)) = (extra, v) {
-                labels.push((k, v));
-            }
-            ConstCounter::new(value(core, vi)).encode(m.encode_family(&labels)?)?;
-        }
-    }
-    let all = format!("{name}_all_cores");
-    let mut m =
-        enc.encode_descriptor(&all, &format!("{help} (sum over cores)"), None, ConstCounter::new(0u64).metric_type())?;
-    let sum = |vi: usize| -> u64 { (0..cores).map(|c| value(c, vi)).sum() };
-    match extra {
-        Some((k, vals)) => {
-            for (vi, v) in vals.iter().enumerate() {
-                ConstCounter::new(sum(vi)).encode(m.encode_family(&[(k, *v)])?)?;
-            }
-        }
-        None => ConstCounter::new(sum(0)).encode(m)?,
-    }
-    Ok(())
-}
-
 impl Collector for FilesCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let n = self.conns.len().min(self.files.len());
-        let conns = &self.conns;
+        let n = self.files.len();
         let files = &self.files;
-        counter_family(&mut enc, "corepin_connections_accepted", "Connections accepted", None, n, |c, _| {
-            get(&conns.core(c).connections_accepted)
-        })?;
-        let mut m = enc.encode_descriptor(
-            "corepin_connections_active",
-            "Connections open now",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        let mut total = 0i64;
-        for c in 0..n {
-            let v = get(&conns.core(c).connections_active) as i64;
-            total += v;
-            ConstGauge::new(v).encode(m.encode_family(&[("core", c.to_string().as_str())])?)?;
-        }
-        let m = enc.encode_descriptor(
-            "corepin_connections_active_all_cores",
-            "Connections open now (sum over cores)",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        ConstGauge::new(total).encode(m)?;
-        counter_family(&mut enc, "corepin_received_bytes", "Bytes read from connections", None, n, |c, _| {
-            get(&conns.core(c).bytes_in)
-        })?;
-        counter_family(
+        per_core_counter(
             &mut enc,
             "corepin_http_responses",
             "HTTP responses by status class",
@@ -177,7 +121,7 @@ impl Collector for FilesCollector {
             n,
             |c, i| get(&files.core(c).responses[i]),
         )?;
-        counter_family(
+        per_core_counter(
             &mut enc,
             "corepin_http_sent_bytes",
             "Response bytes sent (headers and bodies)",
@@ -186,7 +130,7 @@ impl Collector for FilesCollector {
             |c, _| get(&files.core(c).bytes_sent),
         )?;
         let paths: Vec<&str> = TransferPath::ALL.iter().map(|p| p.name()).collect();
-        counter_family(
+        per_core_counter(
             &mut enc,
             "corepin_file_transfers",
             "Response bodies sent, by transfer path",
@@ -194,7 +138,7 @@ impl Collector for FilesCollector {
             n,
             |c, i| get(&files.core(c).transfers[i]),
         )?;
-        counter_family(
+        per_core_counter(
             &mut enc,
             "corepin_file_transfer_bytes",
             "Body bytes sent, by transfer path",
@@ -202,7 +146,7 @@ impl Collector for FilesCollector {
             n,
             |c, i| get(&files.core(c).transfer_bytes[i]),
         )?;
-        counter_family(
+        per_core_counter(
             &mut enc,
             "corepin_http_timeouts",
             "Connections closed by a header, idle or send timeout",
@@ -210,7 +154,7 @@ impl Collector for FilesCollector {
             n,
             |c, _| get(&files.core(c).timeouts),
         )?;
-        counter_family(
+        per_core_counter(
             &mut enc,
             "corepin_file_cold_bytes",
             "Body bytes read by the engine instead of by sendfile, after a page-cache miss in their range",
@@ -222,88 +166,40 @@ impl Collector for FilesCollector {
     }
 }
 
-/// Renders the current values in the Prometheus text format.
-pub fn render(conns: &Arc<Counters>, files: &Arc<FileMetrics>) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(FilesCollector { conns: Arc::clone(conns), files: Arc::clone(files) }));
-    let mut out = String::new();
-    // Encoding into a String cannot fail except through a collector bug; report it inline.
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        out = format!("# encoding failed: {e}\n");
-    }
-    out
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The metrics endpoint: its own listener on its own (unpinned) thread, so a scrape never
-/// competes with a worker's event loop and a busy worker never delays a scrape.
-pub struct MetricsServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl MetricsServer {
-    /// Listens on `addr` and answers `GET /metrics` (any path) with the current values.
-    pub fn start(addr: SocketAddr, conns: Arc<Counters>, files: Arc<FileMetrics>) -> io::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = Arc::clone(&stop);
-        let thread = std::thread::Builder::new().name("corepin-metrics".into()).spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::Acquire) {
-                    break;
-                }
-                if let Ok(c) = conn {
-                    if let Err(e) = answer(c, &conns, &files) {
-                        tracing::debug!("metrics scrape failed: {e}");
-                    }
-                }
-            }
-        })?;
-        Ok(MetricsServer { addr, stop, thread: Some(thread) })
-    }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept call so the thread sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    #[test]
+    fn the_files_families_render_per_core_and_summed() {
+        let files = FileMetrics::new(2);
+        files.core(0).response(200);
+        files.core(1).response(404);
+        files.core(1).response(206);
+        files.core(0).transfer(TransferPath::Memory, 10);
+        files.core(1).transfer(TransferPath::Sendfile, 1000);
+        files.core(1).timeout();
+        files.core(0).cold(7);
+        let mut registry = Registry::default();
+        FilesCollector::new(files).register(&mut registry);
+        let text = corepin_core::metrics::render(&registry);
+        for line in [
+            "# TYPE corepin_http_responses counter",
+            "corepin_http_responses_total{core=\"0\",class=\"2xx\"} 1",
+            "corepin_http_responses_total{core=\"1\",class=\"2xx\"} 1",
+            "corepin_http_responses_total{core=\"1\",class=\"4xx\"} 1",
+            "corepin_http_responses_all_cores_total{class=\"2xx\"} 2",
+            "corepin_http_responses_all_cores_total{class=\"4xx\"} 1",
+            "corepin_file_transfers_total{core=\"0\",path=\"memory\"} 1",
+            "corepin_file_transfers_all_cores_total{path=\"sendfile\"} 1",
+            "corepin_file_transfers_all_cores_total{path=\"read-write\"} 0",
+            "corepin_file_transfer_bytes_all_cores_total{path=\"sendfile\"} 1000",
+            "corepin_http_timeouts_all_cores_total 1",
+            "corepin_file_cold_bytes_total{core=\"0\"} 7",
+            "corepin_file_cold_bytes_all_cores_total 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line `{line}` in\n{text}");
         }
+        assert!(!text.contains("corepin_connections"), "the connection counters are the framework's: {text}");
     }
-}
-
-fn answer(mut c: TcpStream, conns: &Arc<Counters>, files: &Arc<FileMetrics>) -> io::Result<()> {
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    c.set_write_timeout(Some(Duration::from_secs(5)))?;
-    // Read the request head (bounded); its content does not change the answer.
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head_only = head.starts_with(b"HEAD ");
-    let body = render(conns, files);
-    let hdr = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    c.write_all(hdr.as_bytes())?;
-    if !head_only {
-        c.write_all(body.as_bytes())?;
-    }
-    Ok(())
 }

@@ -15,7 +15,7 @@ use corepin::pagecache::{residency, Residency};
 use corepin::topology::CoreSelection;
 use corepin::worker::Counters;
 use corepin::{Runtime, Server, TcpServer};
-use corepin_files::metrics::{FileMetrics, MetricsServer, TransferPath};
+use corepin_files::metrics::{FileMetrics, FilesCollector, TransferPath};
 use corepin_files::{FilesConfig, FilesFactory, LargeBodies};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -759,7 +759,9 @@ pub fn metrics_are_exposed<R: Runtime>() {
     let _ = get(srv.addr, "/4k.bin", "");
     let _ = get(srv.addr, "/1m.bin", "");
     let _ = get(srv.addr, "/nope", "");
-    let m = MetricsServer::start("127.0.0.1:0".parse().unwrap(), srv.counters.clone(), srv.metrics.clone()).unwrap();
+    let mut registry = corepin::metrics::registry_for(srv.server.as_ref().unwrap());
+    FilesCollector::new(srv.metrics.clone()).register(&mut registry);
+    let m = corepin::metrics::MetricsEndpoint::start("127.0.0.1:0".parse().unwrap(), registry).unwrap();
     let scrape = || -> String {
         let mut s = connect(m.local_addr());
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();

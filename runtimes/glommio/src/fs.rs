@@ -9,10 +9,11 @@
 //! glommio only offers `fdatasync`, which does not flush all metadata.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
+use corepin_core::engine::dup_cloexec;
 use corepin_core::runtime::{self, Metadata, OpenOptions};
 use glommio::io::BufferedFile;
 
@@ -20,22 +21,11 @@ use crate::engine::require_engine;
 use crate::to_io;
 
 /// A file with positional owned-buffer I/O (glommio `BufferedFile`).
-pub struct GlommioFile {
+pub struct File {
     inner: BufferedFile,
 }
 
-/// A close-on-exec duplicate of `fd`, owned.
-pub(crate) fn dup_owned(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; a bad descriptor yields EBADF.
-    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if d < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `d` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(d) })
-}
-
-impl runtime::File for GlommioFile {
+impl runtime::File for File {
     async fn open_with(path: &Path, options: OpenOptions) -> io::Result<Self> {
         require_engine()?;
         let mut o = glommio::io::OpenOptions::new();
@@ -90,7 +80,7 @@ impl runtime::File for GlommioFile {
     async fn sync_all(&self) -> io::Result<()> {
         // The blocking thread owns a duplicate, so a dropped future can never fsync a
         // descriptor number that was closed and reused meanwhile.
-        let fd = dup_owned(self.inner.as_raw_fd())?;
+        let fd = dup_cloexec(self.inner.as_raw_fd())?;
         glommio::executor()
             .spawn_blocking(move || {
                 // SAFETY: `fd` is an open descriptor owned by this closure.

@@ -26,7 +26,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -36,8 +36,8 @@ use corepin_core::runtime;
 use futures_lite::io::AsyncRead;
 
 use crate::engine::require_engine;
-use crate::file::dup_owned;
 use crate::to_io;
+use corepin_core::engine::{dup_cloexec, poll_now};
 
 /// What the capability report says about foreign-descriptor readiness.
 pub(crate) const FD_READINESS: &str = "sockets: IORING_OP_RECV with MSG_PEEK (1 byte) on a dup via glommio's peek; \
@@ -73,9 +73,50 @@ enum Mode {
 }
 
 /// Readiness of a descriptor the caller owns (see the module docs for how).
-pub struct GlommioFdWatch {
+pub struct FdWatch {
     fd: RawFd,
     mode: Mode,
+    /// Made on the first [`writable`](runtime::FdWatch::writable) wait.
+    write: std::cell::OnceCell<WriteWatch>,
+}
+
+/// Writability of a descriptor: of a socket, for transfers made by syscalls on it (`sendfile`),
+/// and of a watched foreign descriptor ([`FdWatch::writable`](runtime::FdWatch::writable)).
+///
+/// Glommio has no public readiness API, but it can wait for a descriptor to become readable
+/// (see this module). An epoll instance with the socket registered for `EPOLLOUT`
+/// (level-triggered) is readable exactly while the socket is writable, so waiting for the
+/// epoll descriptor's readability through corepin's glommio fd watch is a wait for room in
+/// the socket buffer. Made once per stream, and only by streams that wait.
+pub(crate) struct WriteWatch {
+    watch: Box<FdWatch>,
+    /// The epoll instance the watch waits on; owned here so it lives exactly as long.
+    _epoll: OwnedFd,
+}
+
+impl WriteWatch {
+    /// Watches `socket` (any descriptor epoll accepts) for room to write.
+    pub(crate) fn new(socket: RawFd) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a negative result is an error.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ep` is a fresh descriptor nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
+        let mut ev = libc::epoll_event { events: libc::EPOLLOUT as u32, u64: 0 };
+        // SAFETY: both descriptors are open; `ev` is a valid event for the call.
+        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let watch = <FdWatch as runtime::FdWatch>::new(epoll.as_raw_fd())?;
+        Ok(Self { watch: Box::new(watch), _epoll: epoll })
+    }
+
+    /// Completes while the watched descriptor is writable (level-triggered).
+    pub(crate) async fn wait(&self) -> io::Result<()> {
+        runtime::FdWatch::readable(&*self.watch).await
+    }
 }
 
 fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
@@ -169,7 +210,7 @@ enum Armed {
 
 /// Waits for readability with the POLL_ADD glommio arms for every stream it wraps.
 async fn poll_add_wait(fd: RawFd) -> io::Result<Armed> {
-    let dup = dup_owned(fd)?.into_raw_fd();
+    let dup = dup_cloexec(fd)?.into_raw_fd();
     // SAFETY: `dup` is a fresh descriptor we own; glommio's stream takes it over and closes
     // it on drop. Glommio arms IORING_OP_POLL_ADD on it at construction; the only other
     // syscalls it makes on it here are a zero-byte non-blocking recv(2), which fails with
@@ -192,7 +233,7 @@ async fn poll_add_wait(fd: RawFd) -> io::Result<Armed> {
 
 /// Waits for readability with `poll(2)` slices on glommio's blocking thread.
 async fn blocking_wait(fd: RawFd) -> io::Result<()> {
-    let dup = Arc::new(dup_owned(fd)?);
+    let dup = Arc::new(dup_cloexec(fd)?);
     loop {
         let d = Arc::clone(&dup);
         let ready =
@@ -203,12 +244,12 @@ async fn blocking_wait(fd: RawFd) -> io::Result<()> {
     }
 }
 
-impl GlommioFdWatch {
+impl FdWatch {
     fn peek_socket(&self, domain: libc::c_int, slot: &RefCell<Option<Rc<PeekSocket>>>) -> io::Result<Rc<PeekSocket>> {
         if let Some(s) = slot.borrow().as_ref() {
             return Ok(Rc::clone(s));
         }
-        let dup = dup_owned(self.fd)?.into_raw_fd();
+        let dup = dup_cloexec(self.fd)?.into_raw_fd();
         // SAFETY: `dup` is a fresh descriptor we own, a socket of `domain`; glommio's stream
         // takes it over and closes it on drop. Only `peek` (recv with MSG_PEEK) is used on it.
         let s = Rc::new(unsafe {
@@ -223,9 +264,9 @@ impl GlommioFdWatch {
     }
 }
 
-impl runtime::FdWatch for GlommioFdWatch {
+impl runtime::FdWatch for FdWatch {
     fn new(fd: RawFd) -> io::Result<Self> {
-        Ok(Self { fd, mode: classify(fd)? })
+        Ok(Self { fd, mode: classify(fd)?, write: std::cell::OnceCell::new() })
     }
 
     async fn readable(&self) -> io::Result<()> {
@@ -273,6 +314,21 @@ impl runtime::FdWatch for GlommioFdWatch {
                 }
                 blocking_wait(self.fd).await
             }
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        require_engine()?;
+        if poll_now(self.fd, libc::POLLOUT)? {
+            return Ok(());
+        }
+        if self.write.get().is_none() {
+            let w = WriteWatch::new(self.fd)?;
+            let _ = self.write.set(w);
+        }
+        match self.write.get() {
+            Some(w) => w.wait().await,
+            None => Err(io::Error::other("write watch missing")),
         }
     }
 }

@@ -1,0 +1,116 @@
+//! Building and running one Monoio engine: io_uring with the setup flags corepin asks for
+//! (walking down the fallback chain when the kernel refuses one), or Monoio's epoll driver when
+//! io_uring is unavailable or the fallback is forced; and what it declares for the capability
+//! report.
+
+use std::future::Future;
+
+use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
+use corepin_core::engine::EngineGuard;
+use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
+
+/// The backend's name in reports.
+pub(crate) const NAME: &str = "monoio";
+
+type UringRt = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
+type LegacyRt = monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>;
+
+/// What Monoio 0.2 does natively among the optional mechanisms.
+const NATIVE: Native = Native {
+    splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
+    send_zc: Support::Absent("monoio 0.2 has no SEND_ZC op"),
+    registered_buffers: Support::Absent("monoio 0.2 exposes no fixed buffers"),
+    multishot_accept: Support::Absent("monoio 0.2 has no multishot accept"),
+    multishot_recv: Support::Absent("monoio 0.2 has no multishot receive"),
+    buffer_rings: Support::Absent("monoio 0.2 has no provided-buffer rings"),
+};
+
+fn build_uring(settings: &EngineSettings) -> Result<(UringRt, RingFlags), String> {
+    let mut last = String::new();
+    for flags in settings.ring_flags.fallbacks() {
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(settings.ring_entries)
+            .uring_builder(corepin_uring::builder(&flags))
+            .enable_timer()
+            .build();
+        match built {
+            Ok(r) => return Ok((r, flags)),
+            Err(e) => {
+                tracing::debug!(?flags, "io_uring refused these setup flags: {e}");
+                last = format!("{e} (with {:?})", flags.names());
+            }
+        }
+    }
+    Err(last)
+}
+
+fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -> Capabilities {
+    let uring = driver == Driver::IoUring;
+    Capabilities::derive(
+        EngineReport {
+            runtime: NAME,
+            driver,
+            ring_flags_requested: settings.ring_flags,
+            ring_flags: flags,
+            ring_entries: settings.ring_entries.max(256),
+            native: NATIVE,
+            fd_readiness: if uring { "io_uring POLL_ADD (native)" } else { "epoll (native)" },
+            file_transfer: if uring {
+                "sendfile(2), waiting for room with io_uring POLL_ADD"
+            } else {
+                "sendfile(2), waiting for room with epoll"
+            },
+            file_reads: if uring {
+                "io_uring READ: a page-cache miss waits in the kernel, not on the worker"
+            } else {
+                "pread(2) on the worker: a page-cache miss blocks the core (the epoll driver has no async file I/O)"
+            },
+            rent_copies: false,
+            notes: Vec::new(),
+        },
+        KernelSupport::get(),
+    )
+}
+
+fn run_on<D: monoio::Driver, F: Future>(mut rt: monoio::Runtime<D>, fut: F) -> F::Output {
+    let out = rt.block_on(fut);
+    // Dropping the runtime here tears down whatever is still in flight on this core.
+    drop(rt);
+    out
+}
+
+/// Builds the engine on this thread and runs `main` on it (see `Runtime::block_on`).
+pub(crate) fn block_on<F, Fut>(settings: &EngineSettings, main: F) -> Result<Fut::Output, EngineError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    // Claimed first, so a nested engine is refused before anything is built, and freed by the
+    // guard's drop also when `main` panics.
+    let guard = EngineGuard::claim(NAME, settings.cpu)?;
+    let unavailable =
+        if settings.force_fallback { Some("forced by configuration".to_string()) } else { io_uring_unavailable() };
+    let reason = match unavailable {
+        None => match build_uring(settings) {
+            Ok((r, flags)) => {
+                guard.set_capabilities(report(Driver::IoUring, settings, Some(flags)));
+                return Ok(run_on(r, async move { main().await }));
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    cpu = settings.cpu,
+                    "io_uring ring setup failed ({reason}); using monoio's epoll driver"
+                );
+                format!("ring setup failed: {reason}")
+            }
+        },
+        Some(reason) => reason,
+    };
+    let r: LegacyRt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .with_entries(settings.ring_entries)
+        .enable_timer()
+        .build()
+        .map_err(|e| EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: format!("epoll driver: {e}") })?;
+    guard.set_capabilities(report(Driver::Epoll { reason }, settings, None));
+    Ok(run_on(r, async move { main().await }))
+}

@@ -1,0 +1,266 @@
+//! The HTTP/1.1 front end (RFC 9112): one connection's loop. It reads request heads into a
+//! per-connection buffer and parses them ([`http`](crate::http)), answers pipelined requests
+//! in order, keeps the connection alive or closes it, enforces the header, idle and drain
+//! deadlines, turns each request into [`resource`] inputs, serializes the resulting
+//! [`Plan`] into an HTTP/1.1 head (status line with its reason phrase, `Date`, `Server`,
+//! `Connection`) and hands head and body to [`transfer`]. It also answers what only HTTP/1.1
+//! framing can get wrong (400, 408, 413, 414, 431, 505), and writes the access log.
+//!
+//! Must not touch: the file system, the memory cache, validators or ranges (that is
+//! `resource`), and how body bytes reach the socket (that is `transfer`). Nothing here is
+//! needed by another protocol's front end.
+//!
+//! [`resource`]: crate::resource
+//! [`transfer`]: crate::transfer
+
+use std::time::Instant;
+
+use corepin_core::task::read_timeout_or;
+use corepin_core::{BufResult, ConnStream, Connection, IoBuf, Runtime};
+
+use crate::http::{self, Head, HeadWriter, Parsed};
+use crate::metrics::CoreFileCounters;
+use crate::resource::{Conditions, Date, IfNoneMatch, IfRange, Method, Plan, RangeSpec};
+use crate::target;
+use crate::transfer::{End, Transfer};
+use crate::{Files, FilesConfig};
+
+/// Serves one connection until it closes, fails or times out.
+pub async fn serve<R: Runtime, S: ConnStream>(files: &Files, conn: Connection<R, S>) -> std::io::Result<()> {
+    let mut c = Conn {
+        files,
+        counters: files.counters(),
+        c: conn,
+        inbuf: Vec::with_capacity(4096),
+        start: 0,
+        head: Vec::with_capacity(512),
+        tx: Transfer::new(files),
+    };
+    match c.serve().await {
+        Ok(()) | Err(End::Closed) | Err(End::Truncated) => Ok(()),
+        Err(End::Timeout) => {
+            c.counters.timeout();
+            Ok(())
+        }
+        Err(End::Io(e)) => Err(e),
+    }
+}
+
+/// The resource inputs of a parsed head.
+fn conditions<'a>(head: &Head<'a>) -> Conditions<'a> {
+    Conditions {
+        if_none_match: head.if_none_match.map(IfNoneMatch::new),
+        if_modified_since: head.if_modified_since.and_then(Date::parse),
+        range: head.range.map(RangeSpec::new),
+        if_range: head.if_range.map(IfRange::parse),
+    }
+}
+
+/// Writes the HTTP/1.1 head of `plan` into `out` (cleared first; its allocation is reused).
+fn write_head(out: &mut Vec<u8>, plan: &Plan, keep_alive: bool, minor: u8) {
+    let h = &plan.headers;
+    let mut w = HeadWriter::new(out, plan.status);
+    if let Some(t) = &h.content_type {
+        w.header("Content-Type", t);
+    }
+    if let Some(r) = &h.content_range {
+        w.header("Content-Range", r);
+    }
+    if let Some(l) = &h.location {
+        w.header("Location", l);
+    }
+    if let Some(a) = h.allow {
+        w.header("Allow", a);
+    }
+    let last_modified = h.last_modified.map(httpdate::HttpDate::from);
+    // A 304 sends ETag before Last-Modified (the order this server has always used).
+    if plan.status == 304 {
+        if let Some(t) = &h.etag {
+            w.header("ETag", t);
+        }
+        if let Some(d) = &last_modified {
+            w.header("Last-Modified", d);
+        }
+    } else {
+        if let Some(d) = &last_modified {
+            w.header("Last-Modified", d);
+        }
+        if let Some(t) = &h.etag {
+            w.header("ETag", t);
+        }
+    }
+    if h.accept_ranges {
+        w.header("Accept-Ranges", "bytes");
+    }
+    w.finish(h.content_length, keep_alive, minor);
+}
+
+/// One connection's state.
+struct Conn<'s, R: Runtime, S: ConnStream> {
+    files: &'s Files,
+    c: Connection<R, S>,
+    counters: &'s CoreFileCounters,
+    /// Bytes received and not yet consumed start at `start`.
+    inbuf: Vec<u8>,
+    start: usize,
+    /// The response head being built; moves into writes and comes back.
+    head: Vec<u8>,
+    /// Sends heads and bodies; keeps its buffers between responses.
+    tx: Transfer<'s, R>,
+}
+
+impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
+    fn cfg(&self) -> &FilesConfig {
+        &self.files.cfg
+    }
+
+    /// Reads more request bytes. `deadline` is the header deadline when a head is under way,
+    /// `None` when waiting idle for the next request.
+    async fn fill(&mut self, head_deadline: Option<Instant>) -> Result<(), End> {
+        if self.start > 0 {
+            self.inbuf.drain(..self.start);
+            self.start = 0;
+        }
+        if self.inbuf.capacity() - self.inbuf.len() < 1024 {
+            self.inbuf.reserve(4096);
+        }
+        let dur = match head_deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => self.cfg().idle_timeout,
+        };
+        let len = self.inbuf.len();
+        let cap = self.inbuf.capacity();
+        let buf = std::mem::take(&mut self.inbuf);
+        let worker = self.c.worker.clone();
+        // Idle connections also close as soon as the server starts draining.
+        let stop = async move {
+            if head_deadline.is_none() {
+                worker.draining().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let BufResult(res, slice) =
+            read_timeout_or::<R, _, _, _>(&mut self.c.stream, buf.slice(len..cap), dur, stop).await;
+        self.inbuf = slice.into_inner();
+        match res {
+            Ok(0) => Err(End::Closed),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the head of `plan` and sends it with its body.
+    async fn respond(&mut self, plan: Plan, keep_alive: bool, minor: u8) -> Result<(), End> {
+        write_head(&mut self.head, &plan, keep_alive, minor);
+        self.tx.send(&mut self.c.stream, &mut self.head, plan.body).await
+    }
+
+    async fn serve(&mut self) -> Result<(), End> {
+        let mut head_deadline: Option<Instant> = None;
+        let mut discard: u64 = 0;
+        loop {
+            if discard > 0 {
+                let avail = (self.inbuf.len() - self.start) as u64;
+                let n = avail.min(discard);
+                self.start += n as usize;
+                discard -= n;
+                if discard > 0 {
+                    let d = *head_deadline.get_or_insert_with(|| Instant::now() + self.cfg().header_timeout);
+                    self.fill(Some(d)).await?;
+                    continue;
+                }
+            }
+            if self.start == self.inbuf.len() {
+                self.inbuf.clear();
+                self.start = 0;
+                head_deadline = None;
+                if self.c.worker.is_draining() {
+                    return Ok(());
+                }
+                self.fill(None).await?;
+                continue;
+            }
+            let started = Instant::now();
+            let limits = self.cfg().limits;
+            let outcome = match http::parse(&self.inbuf[self.start..], &limits) {
+                Parsed::Complete(head, n) => {
+                    let plan = self.plan(&head);
+                    // A name too long for the file system is answered as HTTP/1.1 answers an
+                    // over-long request line: the connection closes.
+                    let keep_alive = head.keep_alive && plan.status != 414;
+                    let log = self.cfg().access_log.then(|| {
+                        (head.method.to_string(), String::from_utf8_lossy(head.target).into_owned(), head.minor)
+                    });
+                    Ok((plan, keep_alive, head.minor, n, head.body_len, log))
+                }
+                Parsed::Partial => Err(None),
+                Parsed::Rejected(r) => Err(Some(r)),
+            };
+            match outcome {
+                Ok((plan, keep_alive, minor, n, body_len, log)) => {
+                    self.start += n;
+                    discard = body_len;
+                    head_deadline = None;
+                    let status = plan.status;
+                    let stay = keep_alive && !self.c.worker.is_draining();
+                    let result = self.respond(plan, keep_alive, minor).await;
+                    self.counters.response(status);
+                    let sent = self.tx.sent();
+                    corepin_core::worker::CoreCounters::add(&self.counters.bytes_sent, sent);
+                    if let Some((method, target, minor)) = log {
+                        tracing::info!(
+                            target: "corepin::access",
+                            "{} \"{} {} HTTP/1.{}\" {} {} {}us",
+                            self.c.peer,
+                            method.escape_debug(),
+                            target.escape_debug(),
+                            minor,
+                            status,
+                            sent,
+                            started.elapsed().as_micros()
+                        );
+                    }
+                    result?;
+                    if !stay {
+                        return Ok(());
+                    }
+                }
+                Err(None) => {
+                    let d = *head_deadline.get_or_insert_with(|| Instant::now() + self.cfg().header_timeout);
+                    match self.fill(Some(d)).await {
+                        Err(End::Timeout) => {
+                            // The head did not arrive in time: say so (best effort), then close.
+                            let _ = self.respond(Plan::error(408), false, 1).await;
+                            self.counters.response(408);
+                            return Err(End::Timeout);
+                        }
+                        other => other?,
+                    }
+                }
+                Err(Some(reject)) => {
+                    tracing::debug!(peer = %self.c.peer, "refused request: {}", reject.why);
+                    self.respond(Plan::error(reject.status), false, 1).await?;
+                    self.counters.response(reject.status);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Decides the answer to `head` through `resource` (synchronous: opens and stats, but
+    /// sends nothing).
+    fn plan(&self, head: &Head<'_>) -> Plan {
+        let method = match Method::from_token(head.method) {
+            Ok(m) => m,
+            Err(refused) => return refused.plan(),
+        };
+        match target::parse_target(head.target) {
+            Ok(path) => self.files.plan(method, &path, &conditions(head)),
+            Err(e) => {
+                tracing::debug!(peer = %self.c.peer, "refused target: {e}");
+                Plan::error(400).for_method(method)
+            }
+        }
+    }
+}
