@@ -150,30 +150,53 @@ fn describe_cores(cpus: &[Cpu]) -> String {
 }
 
 /// Prints the start-up banner (address, runtime, cores, capability report, then `extra`
-/// lines) and flushes it, so a supervisor reading stdout sees it at once.
+/// lines) and flushes it, so a supervisor reading stdout sees it at once. It is written by a
+/// thread of its own, and write errors are ignored: stdout may be a closed or full pipe, or
+/// /dev/full, and none of that may keep the server from running or from stopping on a signal.
 fn print_banner(what: &str, addr: SocketAddr, p: &Prepared, server: &Server, extra: &[String]) {
-    println!("corepin {what} listening on {addr}");
-    println!("runtime: {}", p.kind);
-    println!("topology: {}", p.topology);
-    println!("cores: {}", describe_cores(&p.cpus));
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let _ = writeln!(text, "corepin {what} listening on {addr}");
+    let _ = writeln!(text, "runtime: {}", p.kind);
+    let _ = writeln!(text, "topology: {}", p.topology);
+    let _ = writeln!(text, "cores: {}", describe_cores(&p.cpus));
     // Every worker builds the same engine; print the first report and any that differ.
     let caps = server.capabilities();
     if let Some(first) = caps.first() {
-        print!("{first}");
+        let _ = write!(text, "{first}");
         for (w, c) in server.workers().iter().zip(caps).skip(1) {
             if c != first {
-                print!("worker on core {}: {c}", w.cpu);
+                let _ = write!(text, "worker on core {}: {c}", w.cpu);
             }
         }
     }
     for line in extra {
-        println!("{line}");
+        let _ = writeln!(text, "{line}");
     }
+    let spawned = std::thread::Builder::new().name("corepin-banner".into()).spawn(move || write_out(&text));
+    if spawned.is_err() {
+        tracing::warn!("could not start the banner thread; the banner is not printed");
+    }
+}
+
+/// Writes `text` to stdout and flushes, ignoring errors (a closed pipe or a full device is not
+/// a reason to panic).
+fn write_out(text: &str) {
     use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// Writes one line to stderr, ignoring errors.
+fn write_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn run_echo(args: EchoArgs) -> Result<()> {
+    // Before anything listens: a SIGTERM during start-up then drains instead of killing.
+    let signals = corepin::Signals::install()?;
     let p = prepare(&args.common)?;
     let listen = parse_addr("listen", &args.listen)?;
     let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
@@ -186,7 +209,7 @@ fn run_echo(args: EchoArgs) -> Result<()> {
     let mut extra = Vec::new();
     let metrics = serve_metrics(metrics_addr, corepin::metrics::registry_for(&server), &mut extra)?;
     print_banner("echo", addr, &p, &server, &extra);
-    server.wait_with_signals()?;
+    server.wait_with(signals)?;
     drop(metrics);
     tracing::info!("stopped cleanly");
     Ok(())
@@ -235,6 +258,7 @@ fn nofile_limit() -> u64 {
 }
 
 fn run_files(args: FilesArgs) -> Result<()> {
+    let signals = corepin::Signals::install()?;
     let p = prepare(&args.common)?;
     let listen = parse_addr("listen", &args.listen)?;
     let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
@@ -273,7 +297,7 @@ fn run_files(args: FilesArgs) -> Result<()> {
     corepin_files::metrics::FilesCollector::new(files_metrics).register(&mut registry);
     let metrics = serve_metrics(metrics_addr, registry, &mut extra)?;
     print_banner("files", addr, &p, &server, &extra);
-    server.wait_with_signals()?;
+    server.wait_with(signals)?;
     drop(metrics);
     tracing::info!("stopped cleanly");
     Ok(())
@@ -281,18 +305,17 @@ fn run_files(args: FilesArgs) -> Result<()> {
 
 fn run_caps(c: CommonArgs) -> Result<()> {
     let p = prepare(&c)?;
-    println!("topology: {}", p.topology);
-    println!("cores: {}", describe_cores(&p.cpus));
+    write_out(&format!("topology: {}\ncores: {}\n", p.topology, describe_cores(&p.cpus)));
     for kind in RuntimeKind::compiled() {
         let app = Arc::new(corepin::launcher::NoopApp);
         match corepin::start(kind, &p.cfg, &p.cpus[..1], app) {
             Ok(server) => {
                 if let Some(c) = server.capabilities().first() {
-                    print!("{c}");
+                    write_out(&c.to_string());
                 }
                 server.wait()?;
             }
-            Err(e) => println!("capabilities ({kind}): cannot start: {e}"),
+            Err(e) => write_out(&format!("capabilities ({kind}): cannot start: {e}\n")),
         }
     }
     Ok(())
@@ -306,20 +329,28 @@ fn main() -> ExitCode {
                 // One clear line, not a page of usage.
                 let text = e.to_string();
                 let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
-                eprintln!("{first} (see `corepin --help`)");
+                write_err(&format!("{first} (see `corepin --help`)"));
                 return ExitCode::from(2);
             }
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
     };
+    // Logs go to stderr through a writer thread of their own (lossy when it falls behind), so a
+    // stderr that is a full pipe never blocks a worker or the signal thread, and a failed write
+    // is dropped silently rather than reported on the same broken stderr (which would panic).
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("corepin-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COREPIN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
         .init();
     let result = match cli.command {
         Command::Echo(a) => run_echo(a),
@@ -329,7 +360,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            write_err(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }

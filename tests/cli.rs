@@ -433,3 +433,96 @@ fn the_uppercase_example_runs_on_every_backend() {
         server.wait().unwrap();
     }
 }
+
+/// A port that another process already serves is refused with the same one line as a plain
+/// bind, even though corepin's listeners set SO_REUSEPORT (which would otherwise let this
+/// second process join the group and take half the connections without a word).
+#[test]
+fn a_port_already_served_is_refused_not_shared() {
+    for rt in runtimes() {
+        let first = start_echo(rt, &[]);
+        let addr = first.addr.to_string();
+        fails_with_one_line(&["echo", "--runtime", rt, "--listen", &addr], "address already in use");
+        fails_with_one_line(&["files", "--runtime", rt, "--listen", &addr], "address already in use");
+        drop(first);
+    }
+}
+
+/// A pipe whose write end goes to the child's stdout and stderr.
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 returned two fresh descriptors that nobody else owns.
+    unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Starts `corepin echo` on a free port with stdout and stderr on `out`, waits until it
+/// accepts connections, sends SIGTERM, and returns how it exited (or fails after 20 s).
+fn sigterm_with_output_on(rt: &str, out: std::os::fd::OwnedFd, what: &str) -> std::process::ExitStatus {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = out.try_clone().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["echo", "--runtime", rt, "--listen", &listen, "--drain-timeout", "2"])
+        .env("COREPIN_LOG", "debug") // plenty of log lines to write into the broken stderr
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "{rt} with {what}: never accepted a connection");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{rt} with {what}: SIGTERM did not stop the process within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM drains and stops the process whatever stdout and stderr are: a pipe nobody reads
+/// any more (writes fail with EPIPE), a full pipe (writes block), or /dev/full (ENOSPC).
+#[test]
+fn sigterm_stops_the_process_whatever_stdout_and_stderr_are() {
+    for rt in runtimes() {
+        let (r, w) = pipe();
+        drop(r); // closed: every write fails with EPIPE
+        let status = sigterm_with_output_on(rt, w, "a closed pipe");
+        assert_eq!(status.code(), Some(0), "{rt} with a closed pipe: {status}");
+
+        let (r, w) = pipe();
+        {
+            // Fill the pipe, then make it blocking again: the child's writes now block.
+            use std::io::Write;
+            use std::os::fd::AsRawFd;
+            // SAFETY: fcntl on the write end we own.
+            let flags = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETFL) };
+            // SAFETY: as above; only O_NONBLOCK changes.
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+            let mut f = std::fs::File::from(w.try_clone().unwrap());
+            while f.write(&[b'x'; 4096]).is_ok() {}
+            // SAFETY: restores the flags read above.
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, flags) };
+        }
+        let status = sigterm_with_output_on(rt, w, "a full pipe");
+        assert_eq!(status.code(), Some(0), "{rt} with a full pipe: {status}");
+        drop(r);
+
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let status = sigterm_with_output_on(rt, full.into(), "/dev/full");
+        assert_eq!(status.code(), Some(0), "{rt} with /dev/full: {status}");
+    }
+}

@@ -308,24 +308,41 @@ impl Server {
     }
 
     /// Like [`wait`](Self::wait), draining on the first SIGINT or SIGTERM and closing at once
-    /// on the second.
+    /// on the second. Installs the handlers now; a binary that must not lose a signal sent
+    /// during start-up installs [`Signals`] first and calls [`wait_with`](Self::wait_with).
     pub fn wait_with_signals(self) -> Result<(), LaunchError> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-            .map_err(|e| LaunchError::Setup(format!("installing signal handlers: {e}")))?;
+        let signals = Signals::install()?;
+        self.wait_with(signals)
+    }
+
+    /// Like [`wait`](Self::wait), with `signals` (installed earlier) turned into shutdown
+    /// phases: the first SIGINT or SIGTERM drains, the second closes. A signal that arrived
+    /// before this call is acted on at once.
+    ///
+    /// The signal thread changes the phase first and logs after, inside `catch_unwind`: a log
+    /// write that blocks (stderr a full pipe) or panics (a subscriber that reports its own
+    /// write errors on a closed stderr) can delay or lose the message, never the shutdown.
+    pub fn wait_with(self, signals: Signals) -> Result<(), LaunchError> {
+        let mut signals = signals.0;
         let sig_handle = signals.handle();
         let handle = self.handle.clone();
         let watcher = std::thread::Builder::new()
             .name("corepin-signals".into())
             .spawn(move || {
                 for sig in signals.forever() {
-                    if handle.phase() == Phase::Running {
-                        tracing::info!(signal = sig, "draining: no new connections; open ones may finish");
+                    let draining = handle.phase() == Phase::Running;
+                    if draining {
                         handle.drain();
                     } else {
-                        tracing::info!(signal = sig, "closing now");
                         handle.close();
                     }
+                    let _ = std::panic::catch_unwind(|| {
+                        if draining {
+                            tracing::info!(signal = sig, "draining: no new connections; open ones may finish");
+                        } else {
+                            tracing::info!(signal = sig, "closing now");
+                        }
+                    });
                 }
             })
             .map_err(|e| LaunchError::Setup(format!("starting the signal thread: {e}")))?;
@@ -333,6 +350,21 @@ impl Server {
         sig_handle.close();
         let _ = watcher.join();
         r
+    }
+}
+
+/// SIGINT and SIGTERM handlers, installed before a server exists so that a signal sent while
+/// it starts is kept for [`Server::wait_with`] instead of ending the process by the default
+/// action.
+pub struct Signals(signal_hook::iterator::Signals);
+
+impl Signals {
+    /// Installs the handlers (for the whole process).
+    pub fn install() -> Result<Signals, LaunchError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map(Signals)
+            .map_err(|e| LaunchError::Setup(format!("installing signal handlers: {e}")))
     }
 }
 

@@ -141,6 +141,14 @@ impl Collector for ConnectionCollector {
         per_core_counter(&mut enc, "corepin_received_bytes", "Bytes read from connections", None, n, |c, _| {
             CoreCounters::get(&conns.core(c).bytes_in)
         })?;
+        per_core_counter(
+            &mut enc,
+            "corepin_connection_panics",
+            "Connection tasks that panicked; each closed only its own connection",
+            None,
+            n,
+            |c, _| CoreCounters::get(&conns.core(c).connection_panics),
+        )?;
         per_core_counter(&mut enc, "corepin_sent_bytes", "Bytes written to connections", None, n, |c, _| {
             CoreCounters::get(&conns.core(c).bytes_out)
         })

@@ -118,6 +118,35 @@ pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Outp
     .await
 }
 
+/// Polls both futures until both have finished and returns both outputs: two halves of a
+/// connection driven from one task, say. Neither is dropped early.
+pub async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        match (ra.take(), rb.take()) {
+            (Some(x), Some(y)) => Poll::Ready((x, y)),
+            (x, y) => {
+                ra = x;
+                rb = y;
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
 /// A deadline passed before the operation completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("timed out")]
@@ -313,6 +342,18 @@ mod tests {
     fn noop_cx(f: impl FnOnce(&mut Context<'_>)) {
         let mut cx = Context::from_waker(Waker::noop());
         f(&mut cx)
+    }
+
+    #[test]
+    fn join_waits_for_both_and_race_for_the_first() {
+        let ev = LocalEvent::new();
+        let mut j = pin!(join(async { 1 }, async {
+            ev.wait().await;
+            2
+        }));
+        noop_cx(|cx| assert!(j.as_mut().poll(cx).is_pending(), "join waits for the slower future"));
+        ev.fire();
+        noop_cx(|cx| assert_eq!(j.as_mut().poll(cx), Poll::Ready((1, 2))));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,8 +14,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::launcher::{App, AppError};
 use crate::runtime::{Runtime, TcpListener, TcpStream};
 use crate::service::{Acceptor, Connection, Plain, Service, ServiceFactory, Stream};
-use crate::task::spawn;
-use crate::worker::Worker;
+use crate::task::{catch_panic, spawn};
+use crate::worker::{CoreCounters, Worker};
 
 /// Listening failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,73 @@ pub enum ListenError {
 
 /// Opens `n` non-blocking listeners on `addr` with `SO_REUSEPORT`, so the kernel spreads
 /// connections over them. Port 0 picks one free port shared by all of them.
+///
+/// `SO_REUSEPORT` would also let a second process of the same user join the group and take
+/// half the connections without any error, so once bound, the listening sockets of this
+/// network namespace are checked: any on the same port and an overlapping address that is not
+/// one of ours makes this fail with [`ListenError::InUse`], as a plain bind would.
 pub fn reuseport_listeners(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ListenError> {
+    let listeners = bind_group(addr, n)?;
+    let Some(first) = listeners.first() else {
+        return Ok(listeners);
+    };
+    let bound = first.local_addr().map_err(|source| ListenError::Io { addr, source })?;
+    let ours: Vec<u64> = listeners.iter().filter_map(|l| socket_inode(l.as_raw_fd())).collect();
+    if let Some(other) = foreign_listener(bound, &ours) {
+        tracing::debug!(%bound, inode = other, "another socket already listens on this port");
+        return Err(ListenError::InUse { addr });
+    }
+    Ok(listeners)
+}
+
+/// The inode of a socket descriptor, as `/proc/net/tcp` lists it.
+fn socket_inode(fd: RawFd) -> Option<u64> {
+    // SAFETY: a zeroed `stat` is a valid out-parameter; fstat fills it or fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a listener the caller owns; `st` is a valid pointer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// A listening TCP socket in this network namespace on `bound`'s port, with an address that
+/// overlaps `bound`'s (equal, or either one the wildcard), whose inode is not in `ours`.
+fn foreign_listener(bound: SocketAddr, ours: &[u64]) -> Option<u64> {
+    let table = if bound.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let text = std::fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+        let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?.parse::<u64>().ok()?);
+        const TCP_LISTEN: &str = "0A";
+        if *state != TCP_LISTEN || ours.contains(&inode) {
+            return None;
+        }
+        let (ip_hex, port_hex) = local.split_once(':')?;
+        if u16::from_str_radix(port_hex, 16).ok()? != bound.port() {
+            return None;
+        }
+        let ip = parse_proc_ip(ip_hex)?;
+        let overlaps = ip == bound.ip() || ip.is_unspecified() || bound.ip().is_unspecified();
+        overlaps.then_some(inode)
+    })
+}
+
+/// An address as `/proc/net/tcp{,6}` prints it: the raw bytes of the address in 32-bit words,
+/// each in host byte order.
+fn parse_proc_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let words: Vec<u32> =
+        (0..hex.len() / 8).map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok()).collect::<Option<_>>()?;
+    let mut bytes = Vec::with_capacity(16);
+    for w in &words {
+        bytes.extend_from_slice(&w.to_ne_bytes());
+    }
+    match bytes.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+fn bind_group(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ListenError> {
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     let mut bind_addr = addr;
     for _ in 0..n {
@@ -191,13 +258,29 @@ async fn accept_loop<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream
                 let acceptor = acceptor.clone();
                 let worker = worker.clone();
                 drop(spawn::<R, _>(async move {
-                    match acceptor.accept::<R>(stream, peer, &worker).await {
-                        Ok(stream) => {
-                            if let Err(e) = svc.call(Connection::new(stream, peer, worker)).await {
-                                tracing::debug!(%peer, "connection ended with an error: {e}");
+                    let counters = worker.clone();
+                    // The panic policy: a panic in one connection's acceptor or service is
+                    // caught here, logged with its core and peer, counted, and closes that
+                    // connection only (its stream is dropped while unwinding); the core and
+                    // its other connections go on. See docs/architecture.md.
+                    let served = catch_panic(async move {
+                        match acceptor.accept::<R>(stream, peer, &worker).await {
+                            Ok(stream) => {
+                                if let Err(e) = svc.call(Connection::new(stream, peer, worker)).await {
+                                    tracing::debug!(%peer, "connection ended with an error: {e}");
+                                }
                             }
+                            Err(e) => tracing::debug!(%peer, "connection not accepted: {e}"),
                         }
-                        Err(e) => tracing::debug!(%peer, "connection not accepted: {e}"),
+                    })
+                    .await;
+                    if let Err(message) = served {
+                        CoreCounters::add(&counters.counters().connection_panics, 1);
+                        tracing::error!(
+                            core = counters.info().cpu,
+                            %peer,
+                            "a connection's task panicked ({message}); that connection is closed, the others go on"
+                        );
                     }
                     drop(guard);
                 }));
@@ -218,4 +301,38 @@ async fn accept_loop<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream
         }
     }
     drop(stopper);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_parse() {
+        // 127.0.0.1 as /proc/net/tcp prints it on a little-endian machine, and ::1.
+        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        assert_eq!(parse_proc_ip(&format!("{v4:08X}")), Some("127.0.0.1".parse().unwrap()));
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        assert_eq!(parse_proc_ip(&format!("000000000000000000000000{one:08X}")), Some("::1".parse().unwrap()));
+        assert_eq!(parse_proc_ip("zz"), None);
+    }
+
+    #[test]
+    fn a_port_another_socket_listens_on_is_refused_even_with_reuseport() {
+        // A foreign SO_REUSEPORT listener (as a second corepin would have) on the port.
+        let other = open_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = other.local_addr().unwrap();
+        match reuseport_listeners(addr, 2) {
+            Err(ListenError::InUse { .. }) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("joined another socket's reuseport group silently"),
+        }
+        // The wildcard overlaps too.
+        let wild = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+        assert!(matches!(reuseport_listeners(wild, 1), Err(ListenError::InUse { .. })));
+        drop(other);
+        // Once it is gone, the port is ours, and our own group does not count against us.
+        let ours = reuseport_listeners(addr, 2).unwrap();
+        assert_eq!(ours.len(), 2);
+    }
 }

@@ -38,6 +38,8 @@ pub struct CoreCounters {
     pub bytes_in: AtomicU64,
     /// Bytes written to connections.
     pub bytes_out: AtomicU64,
+    /// Connection tasks that panicked (each closed its own connection only).
+    pub connection_panics: AtomicU64,
 }
 
 impl CoreCounters {

@@ -1083,6 +1083,159 @@ pub fn an_acceptor_shapes_the_stream_a_service_sees<R: Runtime>() {
     assert!(err.contains("no echo on purpose"), "{err}");
 }
 
+/// The panic policy: a panic in one connection's service closes that connection only; it is
+/// counted, and the other connections on the same core (and the server) go on.
+struct Touchy;
+
+impl<R: Runtime, S: ConnStream> corepin::Service<corepin::Connection<R, S>> for Touchy {
+    type Response = ();
+    type Error = std::io::Error;
+    async fn call(&self, mut conn: corepin::Connection<R, S>) -> std::io::Result<()> {
+        loop {
+            let BufResult(r, b) = conn.stream.read(Vec::with_capacity(64)).await;
+            let n = r?;
+            if n == 0 {
+                return Ok(());
+            }
+            if b.starts_with(b"boom") {
+                panic!("this connection asked for a panic");
+            }
+            let BufResult(r, _) = conn.stream.write_all(b).await;
+            r?;
+        }
+    }
+}
+
+struct TouchyFactory;
+
+impl ServiceFactory for TouchyFactory {
+    type Service<R: Runtime, S: ConnStream> = Touchy;
+    type Error = std::convert::Infallible;
+    fn new_service<R: Runtime, S: ConnStream>(&self, _worker: &Worker) -> Result<Touchy, Self::Error> {
+        Ok(Touchy)
+    }
+}
+
+pub fn a_panicking_connection_closes_only_itself<R: Runtime>() {
+    let cfg = launch_cfg(CoreSelection::List(vec![0]));
+    let cpus = cfg.plan().unwrap();
+    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), TouchyFactory).unwrap();
+    let addr = app.local_addr();
+    let server = start::<R, _>(&cfg, Arc::new(app));
+    // A connection opened before the panic, on the same (only) core.
+    let mut calm = StdStream::connect(addr).unwrap();
+    calm.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    calm.write_all(b"before").unwrap();
+    let mut got = [0u8; 6];
+    calm.read_exact(&mut got).unwrap();
+    let mut bad = StdStream::connect(addr).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    bad.write_all(b"boom").unwrap();
+    let mut rest = Vec::new();
+    let _ = bad.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the panicking connection is closed");
+    // The other connection and new ones still work.
+    calm.write_all(b"after!").unwrap();
+    calm.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"after!");
+    let mut fresh = StdStream::connect(addr).unwrap();
+    fresh.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    fresh.write_all(b"fresh").unwrap();
+    let mut f = [0u8; 5];
+    fresh.read_exact(&mut f).unwrap();
+    assert_eq!(&f, b"fresh");
+    let panics = corepin::worker::CoreCounters::get(&server.counters().core(0).connection_panics);
+    assert_eq!(panics, 1, "the panic is counted");
+    drop((calm, fresh));
+    server.shutdown_handle().drain();
+    server.wait().expect("a connection's panic does not fail the server");
+}
+
+/// Per-core state: each worker's value is built once, on that worker, and `invoke_on` runs a
+/// closure with the owner's value on the owner, from any core (itself included).
+pub fn sharded_state_lives_on_its_core_and_is_reached_by_invoke_on<R: Runtime>() {
+    use std::cell::Cell;
+    struct Shard {
+        built_on: usize,
+        hits: Cell<u64>,
+    }
+    struct ShardedApp {
+        shards: corepin::Sharded<Shard>,
+        builds: Arc<AtomicUsize>,
+        finished: AtomicUsize,
+        seen: Mutex<Vec<(usize, usize, u64)>>,
+    }
+    impl App for ShardedApp {
+        async fn run<R2: Runtime>(&self, worker: Worker) -> Result<(), AppError> {
+            let me = worker.info().index;
+            let workers = worker.info().workers;
+            // Every worker bumps every shard (its own included) 10 times through invoke_on.
+            for _ in 0..10 {
+                for w in 0..workers {
+                    self.shards
+                        .invoke_on(w, |s| s.hits.set(s.hits.get() + 1))
+                        .await
+                        .map_err(|e| AppError::msg(e.to_string()))?;
+                }
+            }
+            // Wait until every worker has done its part, then read every shard.
+            loop {
+                let all: Vec<u64> =
+                    self.shards.map_all(|s| s.hits.get()).await.map_err(|e| AppError::msg(e.to_string()))?;
+                if all.iter().all(|&h| h == 10 * workers as u64) {
+                    break;
+                }
+                R2::sleep(Duration::from_millis(5)).await;
+            }
+            for w in 0..workers {
+                let (built_on, hits) = self
+                    .shards
+                    .invoke_on(w, |s| (s.built_on, s.hits.get()))
+                    .await
+                    .map_err(|e| AppError::msg(e.to_string()))?;
+                self.seen.lock().unwrap().push((me, built_on, hits));
+            }
+            let local = self.shards.local().expect("a worker has its own value");
+            assert_eq!(local.built_on, worker.info().cpu, "the local value was built on this core");
+            // A worker whose app returns stops taking cross-core calls: stay until all are done.
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            while self.finished.load(Ordering::SeqCst) < workers {
+                R2::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        }
+    }
+    let cfg = launch_cfg(CoreSelection::Count(2));
+    let builds = Arc::new(AtomicUsize::new(0));
+    let b2 = builds.clone();
+    let app = Arc::new(ShardedApp {
+        shards: corepin::Sharded::new(move |w: &Worker| {
+            b2.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(current_cpu(), w.info().cpu, "built on the worker's own core");
+            Shard { built_on: current_cpu(), hits: Cell::new(0) }
+        }),
+        builds,
+        finished: AtomicUsize::new(0),
+        seen: Mutex::new(Vec::new()),
+    });
+    let server = start::<R, _>(&cfg, app.clone());
+    within(Duration::from_secs(30), "sharded app", move || server.wait()).unwrap();
+    let cpus = cfg.plan().unwrap();
+    assert_eq!(app.builds.load(Ordering::SeqCst), cpus.len(), "one value per worker, built once");
+    let seen = app.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), cpus.len() * cpus.len());
+    for (_, built_on, hits) in seen {
+        assert!(cpus.iter().any(|c| c.os == built_on), "built on a worker's core");
+        assert_eq!(hits, 10 * cpus.len() as u64, "every invoke_on reached its shard once");
+    }
+}
+
+/// The CPU this thread runs on (workers are pinned, so it is their core).
+fn current_cpu() -> usize {
+    // SAFETY: sched_getcpu takes no arguments and only reads the calling thread's state.
+    unsafe { libc::sched_getcpu() as usize }
+}
+
 /// Buffers of two kinds go out in one gathered write without the caller implementing IoBuf.
 pub fn writev_gathers_buffers_of_different_kinds<R: Runtime>() {
     let (addr, peer) = std_peer(|mut s| {
@@ -1135,4 +1288,6 @@ corepin::per_runtime_tests! {
     an_acceptor_shapes_the_stream_a_service_sees,
     writev_gathers_buffers_of_different_kinds,
     udp_control_messages_carry_ecn_destination_and_segments,
+    a_panicking_connection_closes_only_itself,
+    sharded_state_lives_on_its_core_and_is_reached_by_invoke_on,
 }
