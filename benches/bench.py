@@ -256,11 +256,42 @@ def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitSta
     return out
 
 
+def run_crosscore(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    """Cross-core calls (`submit_to`) from worker 0 (CPU 0) to worker 1 (CPU 1): calls/s and
+    the process's CPU per call, with 1 call in flight (each call wakes two sleeping cores) and
+    with 64 (both cores stay busy and calls batch). Both CPUs serve here: no load generator."""
+    out = Outcome()
+    calls = 20_000 if args.quick else 200_000
+    for backend in args.backends:
+        for inflight in (1, 64):
+            cmd = [str(TARGET / "examples" / "crosscore"), "--runtime", backend, "--calls", str(calls),
+                   "--inflight", str(inflight)]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if run.returncode != 0 or not run.stdout.strip():
+                raise RuntimeError(f"crosscore failed ({' '.join(cmd)}): {run.stderr.strip()}")
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            r["server"] = f"corepin-{backend}"
+            out.results.append(r)
+            print(f"  crosscore {backend:<12} {inflight:>3} in flight  {r['calls_per_sec']:>10,.0f} calls/s  "
+                  f"{fmt_us(r['cpu_us_per_call'])} CPU/call", flush=True)
+    rows = ["| backend | 1 in flight: calls/s | CPU/call | 64 in flight: calls/s | CPU/call |", "|---|---:|---:|---:|---:|"]
+    for backend in args.backends:
+        one = next(r for r in out.results if r["runtime"] == backend and r["inflight"] == 1)
+        many = next(r for r in out.results if r["runtime"] == backend and r["inflight"] == 64)
+        rows.append(f"| {backend} | {one['calls_per_sec']:,.0f} | {fmt_us(one['cpu_us_per_call'])} | "
+                    f"{many['calls_per_sec']:,.0f} | {fmt_us(many['cpu_us_per_call'])} |")
+    out.markdown = ("Cross-core calls (`submit_to` and its reply) between two pinned workers; CPU per call is "
+                    "the whole process's user + system time (both cores) divided by the calls.\n\n"
+                    + "\n".join(rows) + "\n")
+    return out
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack], Outcome]] = {
     "echo": run_echo,
     "files": run_files,
     "cold": run_cold,
     "scale": run_scale,
+    "crosscore": run_crosscore,
 }
 
 
@@ -337,6 +368,8 @@ def machine() -> dict:
 def build() -> None:
     cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
     print("building:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore"]
     subprocess.run(cmd, cwd=REPO, check=True)
 
 

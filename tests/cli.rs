@@ -434,6 +434,92 @@ fn the_uppercase_example_runs_on_every_backend() {
     }
 }
 
+#[allow(dead_code)]
+#[path = "../examples/proxy.rs"]
+mod proxy;
+
+/// A std upstream that answers each connection only after the client's end of stream: it reads
+/// everything, then sends it back and closes. Through a proxy this checks both the bytes and
+/// the half-close in each direction (the upstream sees end of stream only if the proxy passes
+/// the client's on, and the client shut its write side before any answer came).
+fn echo_after_eof_upstream() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).is_ok() {
+                    let _ = s.write_all(&got);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The proxy example, run in-process on every compiled backend in front of a std upstream:
+/// 20 concurrent connections of random sizes up to 4 MiB come back byte for byte, each after
+/// its client shut its write side, and the client-side bytes are counted.
+#[test]
+fn the_proxy_example_relays_with_half_close_on_every_backend() {
+    use std::io::{Read, Write};
+    let upstream = echo_after_eof_upstream();
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("proxy test seed {seed}");
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for kind in corepin::RuntimeKind::compiled() {
+        let cfg = corepin::LaunchConfig { cores: corepin::topology::CoreSelection::Count(2), ..Default::default() };
+        let cpus = cfg.plan().unwrap();
+        let app =
+            corepin::TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), proxy::ProxyFactory { upstream })
+                .unwrap();
+        let addr = app.local_addr();
+        let server = corepin::start(kind, &cfg, &cpus, Arc::new(app)).unwrap();
+        let sizes: Vec<usize> = (0..20).map(|_| (next() % (4 << 20) + 1) as usize).collect();
+        let clients: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let data: Vec<u8> = (0..len).map(|j| (j as u8).wrapping_mul(29).wrapping_add(i as u8)).collect();
+                std::thread::spawn(move || {
+                    let s = std::net::TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    let mut w = s.try_clone().unwrap();
+                    let sent = data.clone();
+                    let writer = std::thread::spawn(move || {
+                        w.write_all(&sent).unwrap();
+                        w.shutdown(std::net::Shutdown::Write).unwrap();
+                    });
+                    let mut got = Vec::new();
+                    (&s).read_to_end(&mut got).unwrap();
+                    writer.join().unwrap();
+                    assert!(got == data, "connection {i} of {len} bytes came back with {} bytes", got.len());
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap_or_else(|_| panic!("a proxied connection failed on {kind}"));
+        }
+        let total: u64 = sizes.iter().map(|&n| n as u64).sum();
+        let counters = server.counters().clone();
+        let sum = |f: fn(&corepin::worker::CoreCounters) -> &std::sync::atomic::AtomicU64| -> u64 {
+            (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(f(counters.core(i)))).sum()
+        };
+        assert_eq!(sum(|c| &c.bytes_in), total, "client bytes read by the proxy on {kind}");
+        assert_eq!(sum(|c| &c.bytes_out), total, "bytes the proxy wrote to clients on {kind}");
+        server.shutdown_handle().drain();
+        server.wait().unwrap();
+    }
+}
+
 /// A port that another process already serves is refused with the same one line as a plain
 /// bind, even though corepin's listeners set SO_REUSEPORT (which would otherwise let this
 /// second process join the group and take half the connections without a word).

@@ -1,6 +1,6 @@
 //! corepin-core: the runtime-agnostic heart of corepin.
 //!
-//! Owned-buffer I/O ([`buf`], [`io`]), the contract every backend implements ([`runtime`]),
+//! Owned-buffer I/O ([`buf`], [`io`], [`copy`](mod@copy)), the contract every backend implements ([`runtime`]),
 //! the service abstraction ([`service`]), the thread-per-core launcher ([`launcher`],
 //! [`topology`], [`worker`]), cross-core messaging ([`mesh`]), the capability report
 //! ([`caps`]), the metrics endpoint every service registers with ([`metrics`]) and a
@@ -11,6 +11,7 @@
 
 pub mod buf;
 pub mod caps;
+pub mod copy;
 pub mod engine;
 pub mod io;
 pub mod launcher;
@@ -29,12 +30,13 @@ pub mod worker;
 
 pub use buf::{BufResult, EitherBuf, IoBuf, IoBufMut, Slice};
 pub use caps::Capabilities;
+pub use copy::{copy, copy_bidirectional};
 pub use io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
 pub use launcher::{App, AppError, LaunchConfig, LaunchError, Server, ShutdownHandle, Signals};
 pub use mesh::submit_to;
 pub use pool::PooledBuf;
 pub use runtime::{EngineSettings, FdWatch, File, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
-pub use service::{Acceptor, ConnStream, Connection, Plain, Service, ServiceFactory, Stream};
+pub use service::{Acceptor, ConnStream, Connection, Plain, ReadHalf, Service, ServiceFactory, Stream, WriteHalf};
 pub use sharded::Sharded;
 pub use tcp::TcpServer;
 pub use worker::{Worker, WorkerInfo};

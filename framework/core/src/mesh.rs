@@ -173,6 +173,12 @@ pub(crate) async fn inbox_loop<R: Runtime>(local: Rc<WorkerLocal>) {
                 local.closing.fire();
             }
         }
+        // Stay awake briefly before parking: while `notified` stays set, senders skip the
+        // doorbell, and a job that arrives now is picked up on this core's next scheduler round
+        // with no syscall on either side (a busy core runs its other tasks in between).
+        if poll_window::<R>(inbox).await {
+            continue;
+        }
         inbox.notified.store(false, Ordering::SeqCst);
         if !inbox.queue.is_empty() {
             continue;
@@ -184,6 +190,24 @@ pub(crate) async fn inbox_loop<R: Runtime>(local: Rc<WorkerLocal>) {
             return;
         }
         drain_doorbell(inbox);
+    }
+}
+
+/// Yields to the executor, looking at the queue between yields, until a job arrives (true) or
+/// the backend's [`Runtime::INBOX_POLL_WINDOW`] passes (false).
+async fn poll_window<R: Runtime>(inbox: &Inbox) -> bool {
+    if R::INBOX_POLL_WINDOW.is_zero() {
+        return false;
+    }
+    let until = std::time::Instant::now() + R::INBOX_POLL_WINDOW;
+    loop {
+        crate::task::yield_now().await;
+        if !inbox.queue.is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
     }
 }
 

@@ -21,6 +21,14 @@ pub trait Runtime: Sized + 'static {
     /// lists engines, not driver variants such as `monoio-epoll`.
     const NAME: &'static str;
 
+    /// How long this core's cross-core inbox stays awake after its queue drains, yielding to
+    /// the core's other tasks between looks, before it parks on its doorbell. While it is
+    /// awake, senders skip the doorbell syscall and the job is picked up on the next scheduler
+    /// round. Zero (the default) parks at once. A backend sets it only where it measured a
+    /// win (docs/cross-core.md): on some engines a scheduler round is too slow for the window
+    /// to catch the next message and it only adds spinning.
+    const INBOX_POLL_WINDOW: Duration = Duration::ZERO;
+
     /// A listening TCP socket adopted from a prepared `SO_REUSEPORT` std listener.
     type TcpListener: TcpListener<Stream = Self::TcpStream>;
     /// A connected TCP stream.
@@ -71,6 +79,18 @@ pub trait TcpListener: Sized + 'static {
 
 /// A connected TCP stream with owned-buffer I/O.
 pub trait TcpStream: AsyncReadRent + AsyncWriteRent + Sized + 'static {
+    /// The read half [`into_split`](Self::into_split) gives (`read_cancelable` included).
+    type ReadHalf: AsyncReadRent + 'static;
+    /// The write half [`into_split`](Self::into_split) gives.
+    type WriteHalf: AsyncWriteRent + 'static;
+
+    /// Splits the stream into a read half and a write half that two tasks on this core can
+    /// drive at the same time (full duplex): a read waiting in one never holds up a write in
+    /// the other. No descriptor is duplicated. `shutdown` on the write half sends FIN while the
+    /// read half keeps reading; dropping the write half does the same; the socket closes when
+    /// both halves are gone.
+    fn into_split(self) -> (Self::ReadHalf, Self::WriteHalf);
+
     /// Connects to `addr`.
     fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self>>;
     /// Adopts a connected std stream.

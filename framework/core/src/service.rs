@@ -32,6 +32,18 @@ pub trait Service<Req> {
 /// an [`Acceptor`] puts between the socket and the service (TLS) implement it, so a service
 /// written against it runs over either without knowing which.
 pub trait ConnStream: AsyncReadRent + AsyncWriteRent + 'static {
+    /// The read half [`into_split`](Self::into_split) gives.
+    type ReadHalf: AsyncReadRent + 'static;
+    /// The write half [`into_split`](Self::into_split) gives.
+    type WriteHalf: AsyncWriteRent + 'static;
+
+    /// Splits the stream into halves that two tasks on this core drive at once (see
+    /// [`TcpStream::into_split`]); with them [`copy_bidirectional`](crate::copy::copy_bidirectional)
+    /// relays in both directions. `shutdown` on (or dropping) the write half sends end of
+    /// stream to the peer while the read half keeps reading. A layer over the socket (TLS)
+    /// splits its own state and the stream under it.
+    fn into_split(self) -> (Self::ReadHalf, Self::WriteHalf);
+
     /// The descriptor of the socket under the stream: deadlines and drain shut it down.
     fn as_raw_fd(&self) -> RawFd;
 
@@ -201,6 +213,15 @@ impl<S: AsyncWriteRent> AsyncWriteRent for Stream<S> {
 }
 
 impl<S: TcpStream> ConnStream for Stream<S> {
+    type ReadHalf = ReadHalf<S::ReadHalf>;
+    type WriteHalf = WriteHalf<S::WriteHalf>;
+
+    /// Splits the socket with the engine's own split ([`TcpStream::into_split`]); both halves
+    /// still count into this core's byte counters.
+    fn into_split(self) -> (ReadHalf<S::ReadHalf>, WriteHalf<S::WriteHalf>) {
+        let (r, w) = self.inner.into_split();
+        (ReadHalf { inner: r, worker: self.worker.clone() }, WriteHalf { inner: w, worker: self.worker })
+    }
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
     }
@@ -223,5 +244,74 @@ impl<S: TcpStream> ConnStream for Stream<S> {
         let buf = self.inner.read_pooled().await?;
         self.count_in(buf.len());
         Ok(buf)
+    }
+}
+
+/// The read half of a split [`Stream`]: reads count into the core's `bytes_in`.
+pub struct ReadHalf<H> {
+    inner: H,
+    worker: Worker,
+}
+
+impl<H> ReadHalf<H> {
+    /// The engine's read half (bytes read through it directly are not counted).
+    pub fn get_mut(&mut self) -> &mut H {
+        &mut self.inner
+    }
+    fn count_in(&self, n: usize) {
+        CoreCounters::add(&self.worker.counters().bytes_in, n as u64);
+    }
+}
+
+impl<H: AsyncReadRent> AsyncReadRent for ReadHalf<H> {
+    async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
+        let r = self.inner.read(buf).await;
+        if let Ok(n) = r.0 {
+            self.count_in(n);
+        }
+        r
+    }
+    async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
+        let r = self.inner.read_cancelable(buf, cancel).await;
+        if let Ok(n) = r.0 {
+            self.count_in(n);
+        }
+        r
+    }
+}
+
+/// The write half of a split [`Stream`]: writes count into the core's `bytes_out`.
+pub struct WriteHalf<H> {
+    inner: H,
+    worker: Worker,
+}
+
+impl<H> WriteHalf<H> {
+    /// The engine's write half (bytes written through it directly are not counted).
+    pub fn get_mut(&mut self) -> &mut H {
+        &mut self.inner
+    }
+    fn count_out(&self, n: usize) {
+        CoreCounters::add(&self.worker.counters().bytes_out, n as u64);
+    }
+}
+
+impl<H: AsyncWriteRent> AsyncWriteRent for WriteHalf<H> {
+    async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        let r = self.inner.write(buf).await;
+        if let Ok(n) = r.0 {
+            self.count_out(n);
+        }
+        r
+    }
+    async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let r = self.inner.writev(bufs).await;
+        if let Ok(n) = r.0 {
+            self.count_out(n);
+        }
+        r
+    }
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
+        self.inner.shutdown()
     }
 }

@@ -1001,6 +1001,11 @@ impl<S: AsyncWriteRent> AsyncWriteRent for Greeting<S> {
 }
 
 impl<S: ConnStream> ConnStream for Greeting<S> {
+    type ReadHalf = S::ReadHalf;
+    type WriteHalf = S::WriteHalf;
+    fn into_split(self) -> (S::ReadHalf, S::WriteHalf) {
+        self.0.into_split()
+    }
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_raw_fd()
     }
@@ -1258,6 +1263,238 @@ pub fn writev_gathers_buffers_of_different_kinds<R: Runtime>() {
     peer.join().unwrap();
 }
 
+// ---- split halves and copy ---------------------------------------------------------------
+
+/// Reads `r` to end of stream into one vector, through one reused buffer.
+async fn read_to_end<H: AsyncReadRent>(r: &mut H) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let BufResult(n, b) = r.read(buf).await;
+        buf = b;
+        match n.unwrap() {
+            0 => return got,
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Caps a socket's send and receive buffers at 64 KiB (the kernel doubles that), which also
+/// turns off their autotuning: loopback would otherwise grow receive buffers to 32 MiB here.
+fn small_socket_buffers(fd: std::os::fd::RawFd) {
+    let size: libc::c_int = 64 * 1024;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: `fd` is an open socket the caller owns; `size` is a valid c_int of the length
+        // passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// The two halves of a split stream, driven by two spawned tasks, carry 16 MiB each way at
+/// once through a peer that echoes as it reads, with socket buffers capped far below 16 MiB:
+/// the peer sends only what it has read from us, and reads only while it can send, so the
+/// transfer completes only if our read half drains while our write half is still writing. One
+/// task alternating between the sides, or halves that wait on each other (a shared lock held
+/// across a pending read), stop it.
+pub fn split_halves_carry_a_full_duplex_transfer_from_two_tasks<R: Runtime>() {
+    const N: usize = 16 << 20;
+    let (addr, peer) = std_peer(|mut s| {
+        small_socket_buffers(std::os::fd::AsRawFd::as_raw_fd(&s));
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(total, N, "the peer received and echoed all our bytes");
+    });
+    let got = within(Duration::from_secs(60), "full-duplex transfer", move || {
+        run::<R, _>(|| async move {
+            let s = R::TcpStream::connect(addr).await.unwrap();
+            small_socket_buffers(s.as_raw_fd());
+            let (mut r, mut w) = s.into_split();
+            let writer = spawn::<R, _>(async move {
+                let BufResult(res, _) = w.write_all(pattern(N, 9)).await;
+                res.unwrap();
+                w.shutdown().await.unwrap();
+                w
+            });
+            let reader = spawn::<R, _>(async move { read_to_end(&mut r).await });
+            let got = reader.await.unwrap();
+            drop(writer.await.unwrap());
+            got
+        })
+    });
+    assert!(got == pattern(N, 9), "our 16 MiB came back byte for byte ({} bytes)", got.len());
+    peer.join().unwrap();
+}
+
+/// Shutting the write half down (or dropping it) sends end of stream to the peer, which can
+/// still send to us; the read half reads it.
+pub fn shutting_the_write_half_is_a_half_close<R: Runtime>() {
+    for drop_it in [false, true] {
+        let (addr, peer) = std_peer(|mut s| {
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"request", "the peer saw end of stream after our bytes");
+            s.write_all(b"answer after your end of stream").unwrap();
+        });
+        let got = within(Duration::from_secs(20), "half-close", move || {
+            run::<R, _>(|| async move {
+                let s = R::TcpStream::connect(addr).await.unwrap();
+                let (mut r, mut w) = s.into_split();
+                let BufResult(res, _) = w.write_all(&b"request"[..]).await;
+                res.unwrap();
+                if drop_it {
+                    drop(w);
+                    read_to_end(&mut r).await
+                } else {
+                    w.shutdown().await.unwrap();
+                    let got = read_to_end(&mut r).await;
+                    drop(w);
+                    got
+                }
+            })
+        });
+        assert_eq!(got, b"answer after your end of stream", "drop_it={drop_it}");
+        peer.join().unwrap();
+    }
+}
+
+/// A read half keeps `read_cancelable`: cancelled, it returns the buffer and loses nothing.
+pub fn a_split_read_half_reads_cancelably<R: Runtime>() {
+    let (addr, peer) = std_peer(|mut s| {
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).unwrap();
+        s.write_all(b"late bytes").unwrap();
+    });
+    let got = within(Duration::from_secs(20), "cancelable read on a half", move || {
+        run::<R, _>(|| async move {
+            let s = R::TcpStream::connect(addr).await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            let token = corepin::CancelToken::new();
+            let t = token.clone();
+            let canceller = spawn::<R, _>(async move {
+                R::sleep(Duration::from_millis(50)).await;
+                t.cancel();
+            });
+            let BufResult(res, buf) = r.read_cancelable(Vec::with_capacity(64), &token).await;
+            canceller.await.unwrap();
+            assert!(corepin::io::is_cancelled(&res.unwrap_err()), "cancelled with nothing to read");
+            let BufResult(res, _) = w.write_all(&b"!"[..]).await;
+            res.unwrap();
+            let BufResult(res, buf) = r.read_exact(buf.slice(0..10)).await;
+            res.unwrap();
+            buf.into_inner()
+        })
+    });
+    assert_eq!(got, b"late bytes");
+    peer.join().unwrap();
+}
+
+/// copy_bidirectional through a real relay: the client's 4 MiB reach an upstream that answers
+/// only after end of stream (so the relay must pass the half-close on), and the answer comes
+/// back byte for byte, followed by end of stream.
+pub fn copy_bidirectional_relays_both_ways_with_half_close<R: Runtime>() {
+    const N: usize = 4 << 20;
+    let (upstream, up) = std_peer(|mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got.reverse();
+        s.write_all(&got).unwrap();
+    });
+    let relay = StdListener::bind("127.0.0.1:0").unwrap();
+    relay.set_nonblocking(true).unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        let s = StdStream::connect(relay_addr).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            w.write_all(&pattern(N, 5)).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::new();
+        (&s).read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        got
+    });
+    let counts = within(Duration::from_secs(60), "relay", move || {
+        run::<R, _>(|| async move {
+            let l = <R::TcpListener as corepin::TcpListener>::from_std(relay).unwrap();
+            let (a, _) = corepin::TcpListener::accept(&l).await.unwrap();
+            let b = R::TcpStream::connect(upstream).await.unwrap();
+            let (mut ar, mut aw) = a.into_split();
+            let (mut br, mut bw) = b.into_split();
+            corepin::copy_bidirectional(&mut ar, &mut aw, &mut br, &mut bw).await.unwrap()
+        })
+    });
+    let mut expect = pattern(N, 5);
+    expect.reverse();
+    let got = client.join().unwrap();
+    assert!(got == expect, "the answer came back byte for byte ({} bytes)", got.len());
+    assert_eq!(counts, (N as u64, N as u64));
+    up.join().unwrap();
+}
+
+/// A service that echoes through the halves of its stream with `copy`.
+struct SplitEchoFactory;
+struct SplitEcho;
+
+impl ServiceFactory for SplitEchoFactory {
+    type Service<R: Runtime, S: ConnStream> = SplitEcho;
+    type Error = std::convert::Infallible;
+    fn new_service<R: Runtime, S: ConnStream>(&self, _worker: &Worker) -> Result<SplitEcho, Self::Error> {
+        Ok(SplitEcho)
+    }
+}
+
+impl<R: Runtime, S: ConnStream> corepin::Service<corepin::Connection<R, S>> for SplitEcho {
+    type Response = ();
+    type Error = std::io::Error;
+    async fn call(&self, conn: corepin::Connection<R, S>) -> std::io::Result<()> {
+        let (mut r, mut w) = conn.stream.into_split();
+        corepin::copy(&mut r, &mut w).await?;
+        w.shutdown().await
+    }
+}
+
+/// Bytes moved through the halves of a connection's stream count into the core's counters.
+pub fn split_halves_count_their_bytes<R: Runtime>() {
+    let cfg = launch_cfg(CoreSelection::Count(1));
+    let cpus = cfg.plan().unwrap();
+    let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), SplitEchoFactory).unwrap();
+    let addr = app.local_addr();
+    let server = start::<R, _>(&cfg, Arc::new(app));
+    let mut total = 0u64;
+    for i in 0..4 {
+        let p = pattern(300_000 + i * 1001, i as u8);
+        assert!(echo_once(addr, &p) == p, "echo {i} is exact");
+        total += p.len() as u64;
+    }
+    let counters = server.counters().clone();
+    let sum = |f: fn(&corepin::worker::CoreCounters) -> &std::sync::atomic::AtomicU64| -> u64 {
+        (0..counters.len()).map(|i| corepin::worker::CoreCounters::get(f(counters.core(i)))).sum()
+    };
+    assert_eq!(sum(|c| &c.bytes_in), total, "bytes read through the read halves");
+    assert_eq!(sum(|c| &c.bytes_out), total, "bytes written through the write halves");
+    server.shutdown_handle().drain();
+    within(Duration::from_secs(30), "drain", move || server.wait()).unwrap();
+}
+
 corepin::per_runtime_tests! {
     send_file_moves_file_ranges_through_a_full_socket,
     a_write_deadline_frees_a_stalled_write,
@@ -1290,4 +1527,9 @@ corepin::per_runtime_tests! {
     udp_control_messages_carry_ecn_destination_and_segments,
     a_panicking_connection_closes_only_itself,
     sharded_state_lives_on_its_core_and_is_reached_by_invoke_on,
+    split_halves_carry_a_full_duplex_transfer_from_two_tasks,
+    shutting_the_write_half_is_a_half_close,
+    a_split_read_half_reads_cancelably,
+    copy_bidirectional_relays_both_ways_with_half_close,
+    split_halves_count_their_bytes,
 }

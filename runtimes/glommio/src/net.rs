@@ -13,7 +13,7 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
@@ -66,40 +66,50 @@ pub struct TcpStream {
 impl TcpStream {
     /// Reads into `buf` through glommio's readiness-based `poll_read`; with `cancel`, stops
     /// once it fires if nothing was read yet.
-    async fn read_into<B: IoBufMut>(&mut self, mut buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
-        let total = buf.bytes_total();
-        if total == 0 {
-            return BufResult(Ok(0), buf);
-        }
-        let ptr = buf.stable_mut_ptr();
-        let mut cancelled = cancel.map(CancelToken::cancelled);
+    async fn read_into<B: IoBufMut>(&mut self, buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
         let inner = &mut self.inner;
-        let res = poll_fn(|cx| {
-            // SAFETY: `ptr` is valid for writes of `total` bytes for as long as `buf` lives
-            // (IoBufMut contract), and `buf` is owned by this future and untouched until the
-            // poll_fn completes. The slice lives only for this call. Glommio's poll_read hands
-            // the pointer to recv(2), which only writes; nothing reads the bytes beyond the
-            // initialised prefix before `set_init` below records what recv wrote.
-            let slice = unsafe { std::slice::from_raw_parts_mut(ptr, total) };
-            if let Poll::Ready(r) = Pin::new(&mut *inner).poll_read(cx, slice) {
-                return Poll::Ready(r);
-            }
-            // Nothing was read and nothing is in flight that could consume bytes: the data
-            // stays in the socket, so stopping here loses nothing.
-            if let Some(c) = cancelled.as_mut() {
-                if Pin::new(c).poll(cx).is_ready() {
-                    return Poll::Ready(Err(cancelled_error()));
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-        if let Ok(n) = res {
-            // SAFETY: recv(2) wrote `n <= total` bytes at the start of the buffer.
-            unsafe { buf.set_init(n) };
-        }
-        BufResult(res, buf)
+        poll_read_into(move |cx, slice| Pin::new(&mut *inner).poll_read(cx, slice), buf, cancel).await
     }
+}
+
+/// Reads into `buf` through `poll_read` (glommio's readiness-based read on the stream); with
+/// `cancel`, stops once it fires if nothing was read yet.
+async fn poll_read_into<B: IoBufMut>(
+    mut poll_read: impl FnMut(&mut Context<'_>, &mut [u8]) -> Poll<io::Result<usize>>,
+    mut buf: B,
+    cancel: Option<&CancelToken>,
+) -> BufResult<usize, B> {
+    let total = buf.bytes_total();
+    if total == 0 {
+        return BufResult(Ok(0), buf);
+    }
+    let ptr = buf.stable_mut_ptr();
+    let mut cancelled = cancel.map(CancelToken::cancelled);
+    let res = poll_fn(|cx| {
+        // SAFETY: `ptr` is valid for writes of `total` bytes for as long as `buf` lives
+        // (IoBufMut contract), and `buf` is owned by this future and untouched until the
+        // poll_fn completes. The slice lives only for this call. Glommio's poll_read hands
+        // the pointer to recv(2), which only writes; nothing reads the bytes beyond the
+        // initialised prefix before `set_init` below records what recv wrote.
+        let slice = unsafe { std::slice::from_raw_parts_mut(ptr, total) };
+        if let Poll::Ready(r) = poll_read(cx, slice) {
+            return Poll::Ready(r);
+        }
+        // Nothing was read and nothing is in flight that could consume bytes: the data
+        // stays in the socket, so stopping here loses nothing.
+        if let Some(c) = cancelled.as_mut() {
+            if Pin::new(c).poll(cx).is_ready() {
+                return Poll::Ready(Err(cancelled_error()));
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    if let Ok(n) = res {
+        // SAFETY: recv(2) wrote `n <= total` bytes at the start of the buffer.
+        unsafe { buf.set_init(n) };
+    }
+    BufResult(res, buf)
 }
 
 impl AsyncReadRent for TcpStream {
@@ -139,44 +149,62 @@ fn try_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
     }
 }
 
+/// A write of `buf`: a non-blocking `send(2)` straight from the caller's buffer (with
+/// MSG_NOSIGNAL, which glommio's own send lacks); only when the socket buffer is full does
+/// `poll_write` (glommio's write path) wait for writability (a POLL_ADD) and send.
+async fn write_buf<B: IoBuf>(
+    fd: RawFd,
+    mut poll_write: impl FnMut(&mut Context<'_>, &[u8]) -> Poll<io::Result<usize>>,
+    buf: B,
+) -> BufResult<usize, B> {
+    let init = buf.as_init_slice();
+    let iov = [libc::iovec { iov_base: init.as_ptr() as *mut libc::c_void, iov_len: init.len() }];
+    if let Some(res) = try_sendmsg(fd, &iov) {
+        return BufResult(res, buf);
+    }
+    let res = poll_fn(|cx| poll_write(cx, buf.as_init_slice())).await;
+    BufResult(res, buf)
+}
+
+/// One `sendmsg(2)` gathering every buffer (up to `IOV_MAX`). When the socket buffer is
+/// full, waits through `poll_write` (glommio's write path) with the first non-empty buffer and
+/// returns what that wrote (a short write, which the contract allows).
+async fn writev_bufs<B: IoBuf>(
+    fd: RawFd,
+    mut poll_write: impl FnMut(&mut Context<'_>, &[u8]) -> Poll<io::Result<usize>>,
+    bufs: Vec<B>,
+) -> BufResult<usize, Vec<B>> {
+    let iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| b.bytes_init() > 0)
+        .take(IOV_MAX)
+        .map(|b| libc::iovec { iov_base: b.stable_ptr() as *mut libc::c_void, iov_len: b.bytes_init() })
+        .collect();
+    if iov.is_empty() {
+        return BufResult(Ok(0), bufs);
+    }
+    if let Some(res) = try_sendmsg(fd, &iov) {
+        return BufResult(res, bufs);
+    }
+    drop(iov);
+    let res = match bufs.iter().find(|b| b.bytes_init() > 0) {
+        Some(first) => poll_fn(|cx| poll_write(cx, first.as_init_slice())).await,
+        None => Ok(0),
+    };
+    BufResult(res, bufs)
+}
+
 impl AsyncWriteRent for TcpStream {
-    /// A non-blocking `send(2)` straight from the caller's buffer (with MSG_NOSIGNAL, which
-    /// glommio's own send lacks); only when the socket buffer is full does glommio's write
-    /// path wait for writability (a POLL_ADD) and send.
     async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
-        let init = buf.as_init_slice();
-        let iov = [libc::iovec { iov_base: init.as_ptr() as *mut libc::c_void, iov_len: init.len() }];
-        if let Some(res) = try_sendmsg(self.inner.as_raw_fd(), &iov) {
-            return BufResult(res, buf);
-        }
+        let fd = self.inner.as_raw_fd();
         let inner = &mut self.inner;
-        let res = poll_fn(|cx| Pin::new(&mut *inner).poll_write(cx, buf.as_init_slice())).await;
-        BufResult(res, buf)
+        write_buf(fd, |cx, b| Pin::new(&mut *inner).poll_write(cx, b), buf).await
     }
 
-    /// One `sendmsg(2)` gathering every buffer (up to `IOV_MAX`). When the socket buffer is
-    /// full, waits through glommio's write path with the first non-empty buffer and returns
-    /// what that wrote (a short write, which the contract allows).
     async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
-        let iov: Vec<libc::iovec> = bufs
-            .iter()
-            .filter(|b| b.bytes_init() > 0)
-            .take(IOV_MAX)
-            .map(|b| libc::iovec { iov_base: b.stable_ptr() as *mut libc::c_void, iov_len: b.bytes_init() })
-            .collect();
-        if iov.is_empty() {
-            return BufResult(Ok(0), bufs);
-        }
-        if let Some(res) = try_sendmsg(self.inner.as_raw_fd(), &iov) {
-            return BufResult(res, bufs);
-        }
-        drop(iov);
+        let fd = self.inner.as_raw_fd();
         let inner = &mut self.inner;
-        let res = match bufs.iter().find(|b| b.bytes_init() > 0) {
-            Some(first) => poll_fn(|cx| Pin::new(&mut *inner).poll_write(cx, first.as_init_slice())).await,
-            None => Ok(0),
-        };
-        BufResult(res, bufs)
+        writev_bufs(fd, |cx, b| Pin::new(&mut *inner).poll_write(cx, b), bufs).await
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
@@ -184,7 +212,116 @@ impl AsyncWriteRent for TcpStream {
     }
 }
 
+// ---- split halves -----------------------------------------------------------------------
+
+/// The glommio stream shared by the two halves of a split [`TcpStream`].
+///
+/// Glommio 0.9 has no split of its own. Its stream keeps separate state per direction (a
+/// read poll source and timeout for `poll_read`, a write poll source and timeout for
+/// `poll_write`, each with its own waker), so a read waiting in one task and a write waiting in
+/// another do not disturb each other. Access goes through a `RefCell` borrowed only for the
+/// duration of one synchronous `poll_read`/`poll_write` call, never across an `.await`, and both
+/// halves live on one thread (`Rc`, `!Send`), so the borrows never overlap: no `unsafe`, no
+/// aliased `&mut`. Were one ever to overlap, the half fails that call with an error rather than
+/// panicking. The descriptor closes when the last half is dropped.
+type Shared = std::rc::Rc<std::cell::RefCell<glommio::net::TcpStream>>;
+
+fn busy() -> io::Error {
+    io::Error::new(io::ErrorKind::ResourceBusy, "the other half of this stream is in the middle of a call")
+}
+
+/// The read half of a split [`TcpStream`].
+pub struct TcpReadHalf {
+    inner: Shared,
+}
+
+/// The write half of a split [`TcpStream`]. Dropping it shuts the write direction down (FIN),
+/// as Monoio's write half does; the socket closes when both halves are gone.
+pub struct TcpWriteHalf {
+    inner: Shared,
+    fd: RawFd,
+}
+
+impl TcpReadHalf {
+    async fn read_into<B: IoBufMut>(&mut self, buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
+        let inner = &self.inner;
+        poll_read_into(
+            move |cx, slice| match inner.try_borrow_mut() {
+                Ok(mut s) => Pin::new(&mut *s).poll_read(cx, slice),
+                Err(_) => Poll::Ready(Err(busy())),
+            },
+            buf,
+            cancel,
+        )
+        .await
+    }
+}
+
+impl AsyncReadRent for TcpReadHalf {
+    fn read<B: IoBufMut>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
+        self.read_into(buf, None)
+    }
+
+    fn read_cancelable<B: IoBufMut>(
+        &mut self,
+        buf: B,
+        cancel: &CancelToken,
+    ) -> impl Future<Output = BufResult<usize, B>> {
+        self.read_into(buf, Some(cancel))
+    }
+}
+
+/// `poll_write` on the shared stream, borrowed for this one call.
+fn poll_write_shared(inner: &Shared, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    match inner.try_borrow_mut() {
+        Ok(mut s) => Pin::new(&mut *s).poll_write(cx, buf),
+        Err(_) => Poll::Ready(Err(busy())),
+    }
+}
+
+impl AsyncWriteRent for TcpWriteHalf {
+    async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        let inner = &self.inner;
+        write_buf(self.fd, |cx, b| poll_write_shared(inner, cx, b), buf).await
+    }
+
+    async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let inner = &self.inner;
+        writev_bufs(self.fd, |cx, b| poll_write_shared(inner, cx, b), bufs).await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        shutdown_write(self.fd)
+    }
+}
+
+impl Drop for TcpWriteHalf {
+    fn drop(&mut self) {
+        // Errors (the peer already reset the connection) leave nothing to do.
+        let _ = shutdown_write(self.fd);
+    }
+}
+
+/// `shutdown(fd, SHUT_WR)`: a synchronous syscall (glommio's own shutdown is one too).
+fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: `fd` belongs to the shared stream, which the calling half keeps open; shutdown
+    // takes no pointers.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl runtime::TcpStream for TcpStream {
+    type ReadHalf = TcpReadHalf;
+    type WriteHalf = TcpWriteHalf;
+
+    fn into_split(self) -> (TcpReadHalf, TcpWriteHalf) {
+        let fd = self.inner.as_raw_fd();
+        let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(self.inner));
+        (TcpReadHalf { inner: shared.clone() }, TcpWriteHalf { inner: shared, fd })
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         require_engine()?;
         let inner = glommio::net::TcpStream::connect(addr).await.map_err(to_io)?;

@@ -23,7 +23,7 @@ use corepin_core::runtime::{self as rt, EngineError, EngineSettings};
 pub use buf::Owned;
 pub use fd::FdWatch;
 pub use fs::File;
-pub use net::{TcpListener, TcpStream, UdpSocket};
+pub use net::{TcpListener, TcpReadHalf, TcpStream, TcpWriteHalf, UdpSocket};
 
 /// The Monoio backend.
 pub struct MonoioRuntime;

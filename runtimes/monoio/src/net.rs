@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, is_cancelled, AsyncReadRent, AsyncWriteRent, CancelToken};
 use corepin_core::runtime as rt;
-use monoio::io::{AsyncReadRent as _, AsyncWriteRent as _, CancelableAsyncReadRent as _};
+use monoio::io::{AsyncReadRent as _, AsyncWriteRent as _};
 
 use crate::buf::{back, IoVecs, Owned};
 
@@ -38,34 +38,42 @@ impl AsyncReadRent for TcpStream {
         back(self.0.read(Owned(buf)).await)
     }
 
-    /// Monoio cancels the in-flight recv with `IORING_OP_ASYNC_CANCEL` and we await its
-    /// completion: the result is either `ECANCELED` (nothing consumed) or the bytes it read.
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        if cancel.is_cancelled() {
-            return BufResult(Err(cancelled_error()), buf);
+        read_cancelable(&mut self.0, buf, cancel).await
+    }
+}
+
+/// Monoio cancels the in-flight recv with `IORING_OP_ASYNC_CANCEL` and we await its
+/// completion: the result is either `ECANCELED` (nothing consumed) or the bytes it read.
+async fn read_cancelable<S, B>(stream: &mut S, buf: B, cancel: &CancelToken) -> BufResult<usize, B>
+where
+    S: monoio::io::CancelableAsyncReadRent,
+    B: IoBufMut,
+{
+    if cancel.is_cancelled() {
+        return BufResult(Err(cancelled_error()), buf);
+    }
+    let canceller = monoio::io::Canceller::new();
+    let mut read = std::pin::pin!(stream.cancelable_read(Owned(buf), canceller.handle()));
+    let mut canceller = Some(canceller);
+    let mut waiting = std::pin::pin!(cancel.cancelled());
+    let out = std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(r) = read.as_mut().poll(cx) {
+            return std::task::Poll::Ready(r);
         }
-        let canceller = monoio::io::Canceller::new();
-        let mut read = std::pin::pin!(self.0.cancelable_read(Owned(buf), canceller.handle()));
-        let mut canceller = Some(canceller);
-        let mut waiting = std::pin::pin!(cancel.cancelled());
-        let out = std::future::poll_fn(|cx| {
-            if let std::task::Poll::Ready(r) = read.as_mut().poll(cx) {
-                return std::task::Poll::Ready(r);
+        if canceller.is_some() && waiting.as_mut().poll(cx).is_ready() {
+            if let Some(c) = canceller.take() {
+                drop(c.cancel());
             }
-            if canceller.is_some() && waiting.as_mut().poll(cx).is_ready() {
-                if let Some(c) = canceller.take() {
-                    drop(c.cancel());
-                }
-                return read.as_mut().poll(cx);
-            }
-            std::task::Poll::Pending
-        })
-        .await;
-        let BufResult(res, buf) = back(out);
-        match res {
-            Err(e) if is_cancelled(&e) => BufResult(Err(cancelled_error()), buf),
-            other => BufResult(other, buf),
+            return read.as_mut().poll(cx);
         }
+        std::task::Poll::Pending
+    })
+    .await;
+    let BufResult(res, buf) = back(out);
+    match res {
+        Err(e) if is_cancelled(&e) => BufResult(Err(cancelled_error()), buf),
+        other => BufResult(other, buf),
     }
 }
 
@@ -82,7 +90,49 @@ impl AsyncWriteRent for TcpStream {
     }
 }
 
+/// The read half of a split [`TcpStream`]: Monoio's own owned read half.
+///
+/// Monoio's split shares the stream between the halves and declares it safe to do so
+/// (`unsafe impl Split for TcpStream`): a read and a write are separate io_uring operations
+/// (or separate reader and writer readiness on its epoll driver), so the halves touch disjoint
+/// state. corepin adds no `unsafe` of its own here.
+pub struct TcpReadHalf(monoio::io::OwnedReadHalf<monoio::net::TcpStream>);
+
+/// The write half of a split [`TcpStream`]: Monoio's owned write half, whose drop shuts the
+/// write direction down (FIN).
+pub struct TcpWriteHalf(monoio::io::OwnedWriteHalf<monoio::net::TcpStream>);
+
+impl AsyncReadRent for TcpReadHalf {
+    async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
+        back(self.0.read(Owned(buf)).await)
+    }
+    async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
+        read_cancelable(&mut self.0, buf, cancel).await
+    }
+}
+
+impl AsyncWriteRent for TcpWriteHalf {
+    async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        back(self.0.write(Owned(buf)).await)
+    }
+    async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let (res, v) = self.0.writev(IoVecs::new(bufs)).await;
+        BufResult(res, v.bufs)
+    }
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
 impl rt::TcpStream for TcpStream {
+    type ReadHalf = TcpReadHalf;
+    type WriteHalf = TcpWriteHalf;
+
+    fn into_split(self) -> (TcpReadHalf, TcpWriteHalf) {
+        let (r, w) = monoio::io::Splitable::into_split(self.0);
+        (TcpReadHalf(r), TcpWriteHalf(w))
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         monoio::net::TcpStream::connect_addr(addr).await.map(Self)
     }

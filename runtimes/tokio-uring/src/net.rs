@@ -214,7 +214,71 @@ impl AsyncWriteRent for TcpStream {
     }
 }
 
+// ---- split halves -----------------------------------------------------------------------
+
+/// The read half of a split [`TcpStream`]: the stream itself, limited to reads, keeping the
+/// readiness registration `read_cancelable` uses.
+///
+/// tokio-uring's socket operations take `&self` (each is its own io_uring operation holding its
+/// buffer), so the halves simply share the socket through an `Rc`: nothing is aliased mutably
+/// and no `unsafe` is involved. The lazily made readiness registration (`AsyncFd`) belongs to
+/// this half alone: the write half needs none (it only submits writes), and tokio's reactor
+/// would refuse a second registration of the same descriptor anyway.
+pub struct TcpReadHalf(TcpStream);
+
+/// The write half of a split [`TcpStream`]. Dropping it shuts the write direction down (FIN),
+/// as Monoio's write half does; the socket closes when both halves (and any operation still in
+/// flight on it) are gone.
+pub struct TcpWriteHalf {
+    inner: Rc<tokio_uring::net::TcpStream>,
+}
+
+impl AsyncReadRent for TcpReadHalf {
+    fn read<B: IoBufMut>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
+        self.0.read(buf)
+    }
+
+    fn read_cancelable<B: IoBufMut>(
+        &mut self,
+        buf: B,
+        cancel: &CancelToken,
+    ) -> impl Future<Output = BufResult<usize, B>> {
+        self.0.read_cancelable(buf, cancel)
+    }
+}
+
+impl AsyncWriteRent for TcpWriteHalf {
+    async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        back(self.inner.write(Owned(buf)).submit().await)
+    }
+
+    async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let bufs: Vec<Owned<B>> = bufs.into_iter().map(Owned).collect();
+        let (res, bufs) = self.inner.writev(bufs).await;
+        BufResult(res, unwrap_vec(bufs))
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl Drop for TcpWriteHalf {
+    fn drop(&mut self) {
+        // Errors (the peer already reset the connection) leave nothing to do.
+        let _ = self.inner.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 impl contract::TcpStream for TcpStream {
+    type ReadHalf = TcpReadHalf;
+    type WriteHalf = TcpWriteHalf;
+
+    fn into_split(self) -> (TcpReadHalf, TcpWriteHalf) {
+        let write = TcpWriteHalf { inner: Rc::clone(&self.inner) };
+        (TcpReadHalf(self), write)
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         Ok(Self::wrap(tokio_uring::net::TcpStream::connect(addr).await?))
     }
