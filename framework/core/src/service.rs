@@ -220,7 +220,7 @@ impl<S: TcpStream> ConnStream for Stream<S> {
     /// still count into this core's byte counters.
     fn into_split(self) -> (ReadHalf<S::ReadHalf>, WriteHalf<S::WriteHalf>) {
         let (r, w) = self.inner.into_split();
-        (ReadHalf { inner: r, worker: self.worker.clone() }, WriteHalf { inner: w, worker: self.worker })
+        (Stream::new(r, self.worker.clone()), Stream::new(w, self.worker))
     }
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
@@ -247,71 +247,9 @@ impl<S: TcpStream> ConnStream for Stream<S> {
     }
 }
 
-/// The read half of a split [`Stream`]: reads count into the core's `bytes_in`.
-pub struct ReadHalf<H> {
-    inner: H,
-    worker: Worker,
-}
+/// The read half of a split [`Stream`]: a `Stream` over the engine's read half, so its reads
+/// count into the core's `bytes_in` through the same code as an unsplit stream.
+pub type ReadHalf<H> = Stream<H>;
 
-impl<H> ReadHalf<H> {
-    /// The engine's read half (bytes read through it directly are not counted).
-    pub fn get_mut(&mut self) -> &mut H {
-        &mut self.inner
-    }
-    fn count_in(&self, n: usize) {
-        CoreCounters::add(&self.worker.counters().bytes_in, n as u64);
-    }
-}
-
-impl<H: AsyncReadRent> AsyncReadRent for ReadHalf<H> {
-    async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        let r = self.inner.read(buf).await;
-        if let Ok(n) = r.0 {
-            self.count_in(n);
-        }
-        r
-    }
-    async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        let r = self.inner.read_cancelable(buf, cancel).await;
-        if let Ok(n) = r.0 {
-            self.count_in(n);
-        }
-        r
-    }
-}
-
-/// The write half of a split [`Stream`]: writes count into the core's `bytes_out`.
-pub struct WriteHalf<H> {
-    inner: H,
-    worker: Worker,
-}
-
-impl<H> WriteHalf<H> {
-    /// The engine's write half (bytes written through it directly are not counted).
-    pub fn get_mut(&mut self) -> &mut H {
-        &mut self.inner
-    }
-    fn count_out(&self, n: usize) {
-        CoreCounters::add(&self.worker.counters().bytes_out, n as u64);
-    }
-}
-
-impl<H: AsyncWriteRent> AsyncWriteRent for WriteHalf<H> {
-    async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
-        let r = self.inner.write(buf).await;
-        if let Ok(n) = r.0 {
-            self.count_out(n);
-        }
-        r
-    }
-    async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
-        let r = self.inner.writev(bufs).await;
-        if let Ok(n) = r.0 {
-            self.count_out(n);
-        }
-        r
-    }
-    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
-        self.inner.shutdown()
-    }
-}
+/// The write half of a split [`Stream`]: its writes count into the core's `bytes_out`.
+pub type WriteHalf<H> = Stream<H>;
