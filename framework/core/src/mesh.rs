@@ -278,7 +278,9 @@ impl Drop for ReplyGuard {
     }
 }
 
-/// Runs `job` on worker `target` and awaits its result here. `job` is sent to the other core;
+/// Runs `job` on worker `target` (a worker index, `0..workers`, as
+/// [`WorkerInfo::index`](crate::worker::WorkerInfo::index); not a CPU number) and awaits its
+/// result here. `job` is sent to the other core;
 /// the future it returns runs there (it need not be `Send`); only the result travels back.
 pub async fn submit_to<F, Fut, T>(target: usize, job: F) -> Result<T, MeshError>
 where
