@@ -612,3 +612,83 @@ fn sigterm_stops_the_process_whatever_stdout_and_stderr_are() {
         assert_eq!(status.code(), Some(0), "{rt} with /dev/full: {status}");
     }
 }
+
+#[allow(dead_code)]
+#[path = "../examples/kv.rs"]
+mod kv;
+
+/// Runs `redis-cli -h 127.0.0.1 -p <port> <args>` with `stdin` and returns its stdout.
+fn redis_cli(port: u16, args: &[&str], stdin: Vec<u8>) -> String {
+    use std::io::Write;
+    let mut child = match Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("cannot run redis-cli ({e}): run scripts/setup.sh, which installs redis-tools"),
+    };
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || input.write_all(&stdin));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The kv example, run in-process on every compiled backend on two workers and driven by the
+/// independent client redis-cli: 200 SETs in pipe mode, every value back exactly (keys owned
+/// by both workers, so half the commands are forwarded to the other core), DBSIZE summed over
+/// the shards, DEL and EXISTS, and an error for an unknown command.
+#[test]
+fn the_kv_example_serves_redis_cli_on_every_backend() {
+    if Command::new("redis-cli").arg("--version").output().is_err() {
+        panic!("redis-cli not found: run scripts/setup.sh, which installs redis-tools");
+    }
+    for kind in corepin::RuntimeKind::compiled() {
+        let cfg = corepin::LaunchConfig { cores: corepin::topology::CoreSelection::Count(2), ..Default::default() };
+        let cpus = cfg.plan().unwrap();
+        let workers = cpus.len();
+        let app = corepin::TcpServer::bind("127.0.0.1:0".parse().unwrap(), workers, kv::KvFactory::new()).unwrap();
+        let port = app.local_addr().port();
+        let server = corepin::start(kind, &cfg, &cpus, Arc::new(app)).unwrap();
+
+        let keys: Vec<String> = (0..200).map(|i| format!("key:{i}")).collect();
+        let values: Vec<String> = (0..200).map(|i| format!("value-{i}-{kind}-{}", i * 7919)).collect();
+        let owners: std::collections::HashSet<usize> = keys.iter().map(|k| kv::owner(k.as_bytes(), workers)).collect();
+        assert_eq!(owners.len(), workers, "the keys are spread over every worker");
+
+        let mut resp = Vec::new();
+        for (k, v) in keys.iter().zip(&values) {
+            resp.extend_from_slice(
+                format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n", k.len(), v.len()).as_bytes(),
+            );
+        }
+        let piped = redis_cli(port, &["--pipe"], resp);
+        assert!(piped.contains("errors: 0, replies: 200"), "on {kind}: {piped}");
+
+        let gets: String = keys.iter().map(|k| format!("GET {k}\n")).collect();
+        let got = redis_cli(port, &[], gets.into_bytes());
+        assert_eq!(got.lines().collect::<Vec<_>>(), values, "on {kind}");
+
+        assert_eq!(redis_cli(port, &["DBSIZE"], Vec::new()), "200\n", "on {kind}");
+        assert_eq!(redis_cli(port, &["DEL", "key:0", "key:1", "key:2", "nope"], Vec::new()), "3\n", "on {kind}");
+        assert_eq!(redis_cli(port, &["EXISTS", "key:0", "key:3", "key:4"], Vec::new()), "2\n", "on {kind}");
+        assert_eq!(redis_cli(port, &["GET", "key:1"], Vec::new()), "\n", "on {kind}");
+        assert_eq!(redis_cli(port, &["DBSIZE"], Vec::new()), "197\n", "on {kind}");
+        let unknown = redis_cli(port, &["FLUSHALL"], Vec::new());
+        assert_eq!(unknown.trim_end(), "ERR unknown command 'FLUSHALL'", "on {kind}");
+
+        server.shutdown_handle().drain();
+        server.wait().unwrap();
+    }
+}

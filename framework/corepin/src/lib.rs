@@ -214,3 +214,7 @@ macro_rules! __corepin_test_module {
         mod $mod { $( #[test] fn $name() { super::$name::<$crate::$ty>() } )* }
     };
 }
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/writing-services.md")]
+pub struct WritingServicesGuide;
