@@ -5,7 +5,8 @@
 use std::cell::RefCell;
 use std::ops::Deref;
 
-use crate::buf::{IoBuf, IoBufMut};
+use crate::buf::{BufResult, IoBuf, IoBufMut};
+use crate::io::AsyncReadRent;
 
 /// Bytes in each pooled buffer: one read's worth for request heads and echo messages.
 pub const POOLED_BUF_SIZE: usize = 16 * 1024;
@@ -25,6 +26,13 @@ pub struct PooledBuf {
 pub fn take() -> PooledBuf {
     let buf = FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(POOLED_BUF_SIZE));
     PooledBuf { buf }
+}
+
+/// The core's fallback for `read_pooled` where an engine has no provided-buffer ring: a
+/// buffer from this core's pool, taken when the read starts. An empty buffer is end of stream.
+pub async fn read_fallback<S: AsyncReadRent + ?Sized>(stream: &mut S) -> std::io::Result<PooledBuf> {
+    let BufResult(res, buf) = stream.read(take()).await;
+    res.map(|_| buf)
 }
 
 /// Buffers waiting for reuse in this thread's pool.

@@ -124,10 +124,7 @@ pub trait TcpStream: AsyncReadRent + AsyncWriteRent + Sized + 'static {
     /// buffer from the core's pool ([`crate::pool`]) when the read starts. An empty buffer is
     /// end of stream. Dropping the buffer returns it to its pool.
     fn read_pooled(&mut self) -> impl Future<Output = io::Result<PooledBuf>> {
-        async move {
-            let BufResult(res, buf) = self.read(crate::pool::take()).await;
-            res.map(|_| buf)
-        }
+        crate::pool::read_fallback(self)
     }
 
     /// Sends up to `len` bytes of `file`, starting at `offset`, from the page cache to the

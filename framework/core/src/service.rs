@@ -70,10 +70,7 @@ pub trait ConnStream: AsyncReadRent + AsyncWriteRent + 'static {
     /// Reads into a buffer lent by the core (see [`TcpStream::read_pooled`]); an empty buffer
     /// is end of stream.
     fn read_pooled(&mut self) -> impl Future<Output = io::Result<PooledBuf>> {
-        async move {
-            let BufResult(res, buf) = self.read(crate::pool::take()).await;
-            res.map(|_| buf)
-        }
+        crate::pool::read_fallback(self)
     }
 }
 
