@@ -1198,6 +1198,16 @@ pub fn sharded_state_lives_on_its_core_and_is_reached_by_invoke_on<R: Runtime>()
                     .invoke_on(w, |s| (s.built_on, s.hits.get()))
                     .await
                     .map_err(|e| AppError::msg(e.to_string()))?;
+                // The async form awaits on the owner (a timer there) before answering.
+                let later = self
+                    .shards
+                    .invoke_on_async(w, |s| async move {
+                        R2::sleep(Duration::from_millis(1)).await;
+                        s.built_on
+                    })
+                    .await
+                    .map_err(|e| AppError::msg(e.to_string()))?;
+                assert_eq!(later, built_on, "invoke_on_async reaches the same shard");
                 self.seen.lock().unwrap().push((me, built_on, hits));
             }
             let local = self.shards.local().expect("a worker has its own value");
