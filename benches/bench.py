@@ -15,6 +15,9 @@ returns its results and its markdown, and register it):
 * cold   a small file's latency on the worker that streams a file evicted from the page
          cache, and the same file cached (benches/cold_files.py).
 * scale  resident memory per idle connection at ~19,000 connections (corepin-loadgen hold).
+* crosscore  CPU per cross-core call (`submit_to`) between two pinned workers (examples/crosscore.rs).
+* kv     the sharded key-value example against redis-server under redis-benchmark, on one core and
+         on two workers at 0% and ~50% of requests forwarded to the key's owner (examples/kv.rs).
 
 Method. The server runs pinned to CPU 0 with one worker, the load generator on CPU 1 (on a
 2-core machine the generator saturates its own core from about 16 connections on, so
@@ -258,31 +261,127 @@ def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitSta
 
 def run_crosscore(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
     """Cross-core calls (`submit_to`) from worker 0 (CPU 0) to worker 1 (CPU 1): calls/s and
-    the process's CPU per call, with 1 call in flight (each call wakes two sleeping cores) and
-    with 64 (both cores stay busy and calls batch). Both CPUs serve here: no load generator."""
+    the process's CPU per call, with 1 call in flight (between calls both cores go idle) and
+    with 64 (both cores stay busy and calls batch), each with the inbox sleeping as soon as its
+    core is idle (the default) and with a 20 µs idle poll window (`--inbox-poll-us 20`). Both
+    CPUs serve here: no load generator."""
     out = Outcome()
     calls = 20_000 if args.quick else 200_000
+    points = [(inflight, poll) for poll in (0, 20) for inflight in (1, 64)]
     for backend in args.backends:
-        for inflight in (1, 64):
+        for inflight, poll in points:
             cmd = [str(TARGET / "examples" / "crosscore"), "--runtime", backend, "--calls", str(calls),
-                   "--inflight", str(inflight)]
+                   "--inflight", str(inflight), "--inbox-poll-us", str(poll)]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if run.returncode != 0 or not run.stdout.strip():
                 raise RuntimeError(f"crosscore failed ({' '.join(cmd)}): {run.stderr.strip()}")
             r = json.loads(run.stdout.strip().splitlines()[-1])
             r["server"] = f"corepin-{backend}"
             out.results.append(r)
-            print(f"  crosscore {backend:<12} {inflight:>3} in flight  {r['calls_per_sec']:>10,.0f} calls/s  "
-                  f"{fmt_us(r['cpu_us_per_call'])} CPU/call", flush=True)
-    rows = ["| backend | 1 in flight: calls/s | CPU/call | 64 in flight: calls/s | CPU/call |", "|---|---:|---:|---:|---:|"]
+            print(f"  crosscore {backend:<12} {inflight:>3} in flight, poll {poll:>2} µs  "
+                  f"{r['calls_per_sec']:>10,.0f} calls/s  {fmt_us(r['cpu_us_per_call'])} CPU/call", flush=True)
+    head = "| backend | " + " | ".join(f"{i} in flight, poll {p} µs: calls/s | CPU/call" for i, p in points) + " |"
+    rows = [head, "|---|" + "---:|---:|" * len(points)]
     for backend in args.backends:
-        one = next(r for r in out.results if r["runtime"] == backend and r["inflight"] == 1)
-        many = next(r for r in out.results if r["runtime"] == backend and r["inflight"] == 64)
-        rows.append(f"| {backend} | {one['calls_per_sec']:,.0f} | {fmt_us(one['cpu_us_per_call'])} | "
-                    f"{many['calls_per_sec']:,.0f} | {fmt_us(many['cpu_us_per_call'])} |")
+        cells = []
+        for inflight, poll in points:
+            r = next(r for r in out.results
+                     if r["runtime"] == backend and r["inflight"] == inflight and r["inbox_poll_us"] == poll)
+            cells.append(f"{r['calls_per_sec']:,.0f} | {fmt_us(r['cpu_us_per_call'])}")
+        rows.append(f"| {backend} | " + " | ".join(cells) + " |")
     out.markdown = ("Cross-core calls (`submit_to` and its reply) between two pinned workers; CPU per call is "
-                    "the whole process's user + system time (both cores) divided by the calls.\n\n"
+                    "the whole process's user + system time (both cores) divided by the calls. `poll` is "
+                    "`LaunchConfig::inbox_poll`, how long an idle core's inbox keeps looking before it sleeps.\n\n"
                     + "\n".join(rows) + "\n")
+    return out
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within 20 s")
+
+
+def redis_benchmark(port: int, requests: int, cpus: str) -> dict[str, float]:
+    """SET then GET, 50 connections, random keys over 100,000; requests/s per command."""
+    cmd = ["taskset", "-c", cpus, "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set,get",
+           "-n", str(requests), "-c", "50", "-r", "100000", "--csv"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed ({' '.join(cmd)}): {run.stderr.strip()}")
+    rps = {}
+    for line in run.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if len(cells) > 1 and cells[0] in ("SET", "GET"):
+            rps[cells[0]] = float(cells[1])
+    if set(rps) != {"SET", "GET"}:
+        raise RuntimeError(f"redis-benchmark printed no SET/GET rates: {run.stdout!r}")
+    return rps
+
+
+def run_kv(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    """The sharded key-value example (examples/kv.rs) against redis-server under
+    redis-benchmark (SET and GET, 50 connections, random keys). One core: each server pinned
+    to CPU 0, the generator on CPU 1. Two workers: kv on both CPUs beside the generator, once
+    with every key served where its connection landed (`--local-keys`, 0% forwarded) and once
+    sharded (a key's owner is fixed, so about half the requests go to the other core). The
+    figure that matters is server CPU per request; forwarding's extra cost per forwarded
+    request is (sharded - local) / 0.5."""
+    if shutil.which("redis-benchmark") is None:
+        raise RuntimeError("redis-benchmark not found: run scripts/setup.sh --bench (redis-tools)")
+    out = Outcome()
+    requests = 20_000 if args.quick else 200_000
+    kv = str(TARGET / "examples" / "kv")
+    setups: list[tuple[str, str, list[str], str]] = []
+    if shutil.which("redis-server"):
+        setups.append(("redis-server", "1 core", ["redis-server", "--save", "", "--appendonly", "no"], "redis"))
+    for backend in args.backends:
+        setups.append((f"corepin-{backend}", "1 core", [kv, "--runtime", backend, "--cores", "0-0"], "kv"))
+    for backend in args.backends:
+        for mode, extra in (("2 workers, 0% forwarded", ["--local-keys"]), ("2 workers, ~50% forwarded", [])):
+            setups.append((f"corepin-{backend}", mode, [kv, "--runtime", backend, "--cores", "0-1"] + extra, "kv"))
+    for name, mode, cmd, kind in setups:
+        port = free_port()
+        if kind == "redis":
+            full = ["taskset", "-c", str(SERVER_CPU)] + cmd + ["--port", str(port)]
+        else:
+            full = cmd + ["--listen", f"127.0.0.1:{port}"]
+            if mode == "1 core":
+                full = ["taskset", "-c", str(SERVER_CPU)] + full
+        with contextlib.ExitStack() as local:
+            proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            server = Server(name, proc, port)
+            local.callback(server.stop)
+            wait_port(port, proc, name)
+            gen_cpus = str(CLIENT_CPU) if mode == "1 core" else f"{SERVER_CPU},{CLIENT_CPU}"
+            redis_benchmark(port, requests // 4, gen_cpus)  # warm-up
+            before = cpu_ticks(proc.pid)
+            rps = redis_benchmark(port, requests, gen_cpus)
+            used_us = (cpu_ticks(proc.pid) - before) * 1e6 / CLK_TCK
+            r = {"server": name, "mode": mode, "requests": 2 * requests, "set_per_sec": rps["SET"],
+                 "get_per_sec": rps["GET"], "server_cpu_us_per_req": used_us / (2 * requests)}
+            out.results.append(r)
+            print(f"  kv {name:<20} {mode:<26} SET {rps['SET']:>9,.0f}/s  GET {rps['GET']:>9,.0f}/s  "
+                  f"{fmt_us(r['server_cpu_us_per_req'])} CPU/req", flush=True)
+    rows = ["| server | setup | SET/s | GET/s | server CPU per request |", "|---|---|---:|---:|---:|"]
+    for r in out.results:
+        rows.append(f"| {r['server']} | {r['mode']} | {r['set_per_sec']:,.0f} | {r['get_per_sec']:,.0f} | "
+                    f"{fmt_us(r['server_cpu_us_per_req'])} |")
+    extra = ["", "| backend | extra CPU per forwarded request |", "|---|---:|"]
+    for backend in args.backends:
+        both = {r["mode"]: r["server_cpu_us_per_req"] for r in out.results if r["server"] == f"corepin-{backend}"}
+        local_cpu, fwd_cpu = both.get("2 workers, 0% forwarded"), both.get("2 workers, ~50% forwarded")
+        if local_cpu is not None and fwd_cpu is not None:
+            extra.append(f"| {backend} | {fmt_us((fwd_cpu - local_cpu) / 0.5)} |")
+    out.markdown = ("Sharded key-value example vs redis-server 7 (redis-benchmark: SET and GET, 50 connections, "
+                    "random keys); server CPU per request is the process's user + system time divided by the "
+                    "requests. With two workers the generator shares both CPUs.\n\n"
+                    + "\n".join(rows + extra) + "\n")
     return out
 
 
@@ -292,6 +391,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack
     "cold": run_cold,
     "scale": run_scale,
     "crosscore": run_crosscore,
+    "kv": run_kv,
 }
 
 
@@ -369,7 +469,7 @@ def build() -> None:
     cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
     print("building:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
-    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore"]
+    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore", "--example", "kv"]
     subprocess.run(cmd, cwd=REPO, check=True)
 
 

@@ -6,6 +6,7 @@
 //!
 //! ```sh
 //! cargo run --release --example crosscore -- --runtime monoio --calls 200000 --inflight 1
+//! cargo run --release --example crosscore -- --runtime monoio --inflight 1 --inbox-poll-us 20
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,10 @@ struct Args {
     /// Calls outstanding at once.
     #[arg(long, default_value_t = 1)]
     inflight: u64,
+    /// Microseconds an idle worker's inbox keeps looking before it sleeps
+    /// (`LaunchConfig::inbox_poll`).
+    #[arg(long, default_value_t = 0)]
+    inbox_poll_us: u64,
 }
 
 struct CrossCore {
@@ -82,7 +87,11 @@ fn cpu_seconds() -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let kind: RuntimeKind = args.runtime.parse()?;
-    let cfg = LaunchConfig { cores: CoreSelection::List(vec![0, 1]), ..LaunchConfig::default() };
+    let cfg = LaunchConfig {
+        cores: CoreSelection::List(vec![0, 1]),
+        inbox_poll: Duration::from_micros(args.inbox_poll_us),
+        ..LaunchConfig::default()
+    };
     let cpus = cfg.plan()?;
     let app = Arc::new(CrossCore {
         calls: args.calls,
@@ -97,9 +106,10 @@ fn main() -> anyhow::Result<()> {
     let calls = app.done.load(Ordering::Acquire).max(1) as f64;
     let secs = app.elapsed_ns.load(Ordering::Acquire) as f64 / 1e9;
     println!(
-        "{{\"runtime\":\"{}\",\"inflight\":{},\"calls\":{},\"calls_per_sec\":{:.0},\"cpu_us_per_call\":{:.3}}}",
+        "{{\"runtime\":\"{}\",\"inflight\":{},\"inbox_poll_us\":{},\"calls\":{},\"calls_per_sec\":{:.0},\"cpu_us_per_call\":{:.3}}}",
         kind,
         args.inflight,
+        args.inbox_poll_us,
         calls,
         calls / secs,
         cpu * 1e6 / calls

@@ -54,12 +54,21 @@ pub fn owner(key: &[u8], workers: usize) -> usize {
 /// Builds one `Kv` per core; all of them share the definition of the sharded map.
 pub struct KvFactory {
     shards: Sharded<Map>,
+    local_keys: bool,
 }
 
 impl KvFactory {
     /// An empty store: each worker's map is built on that worker when first used.
     pub fn new() -> Self {
-        Self { shards: Sharded::new(|_worker: &Worker| RefCell::new(HashMap::new())) }
+        Self { shards: Sharded::new(|_worker: &Worker| RefCell::new(HashMap::new())), local_keys: false }
+    }
+
+    /// A benchmark control, not a store: every key is served by the worker its connection
+    /// landed on, so nothing is forwarded (and two connections on different workers no longer
+    /// see each other's keys). Against the default it measures what forwarding costs.
+    pub fn local_keys(mut self) -> Self {
+        self.local_keys = true;
+        self
     }
 }
 
@@ -74,6 +83,7 @@ pub struct Kv {
     shards: Sharded<Map>,
     index: usize,
     workers: usize,
+    local_keys: bool,
 }
 
 impl ServiceFactory for KvFactory {
@@ -81,7 +91,7 @@ impl ServiceFactory for KvFactory {
     type Error = std::convert::Infallible;
     fn new_service<R: Runtime, S: ConnStream>(&self, worker: &Worker) -> Result<Kv, Self::Error> {
         let info = worker.info();
-        Ok(Kv { shards: self.shards.clone(), index: info.index, workers: info.workers })
+        Ok(Kv { shards: self.shards.clone(), index: info.index, workers: info.workers, local_keys: self.local_keys })
     }
 }
 
@@ -228,7 +238,7 @@ impl Kv {
         F: FnOnce(&Map) -> U + Send + 'static,
         U: Send + 'static,
     {
-        if w == self.index {
+        if w == self.index || self.local_keys {
             if let Some(map) = self.shards.local() {
                 return Ok(f(&map));
             }
@@ -396,6 +406,11 @@ struct Args {
     cores: String,
     #[arg(long, default_value = "127.0.0.1:6380")]
     listen: String,
+    /// Benchmark control: serve every key on the connection's own worker, forwarding nothing
+    /// (workers then disagree about keys). Compared with the default it shows what forwarding
+    /// costs; `benches/bench.py --only kv` uses it.
+    #[arg(long)]
+    local_keys: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -404,7 +419,8 @@ fn main() -> anyhow::Result<()> {
     let cfg = LaunchConfig { cores: args.cores.parse()?, ..LaunchConfig::default() };
     let cpus = cfg.plan()?;
     let addr = args.listen.parse().with_context(|| format!("bad --listen {:?}", args.listen))?;
-    let app = TcpServer::bind(addr, cpus.len(), KvFactory::new())?;
+    let factory = if args.local_keys { KvFactory::new().local_keys() } else { KvFactory::new() };
+    let app = TcpServer::bind(addr, cpus.len(), factory)?;
     let server = corepin::start(kind, &cfg, &cpus, Arc::new(app))?;
     println!("kv on {} with {kind} on {} cores", addr, cpus.len());
     server.wait_with_signals()?;

@@ -3,12 +3,12 @@
 # via sudo): the hwloc library for topology, a C toolchain, curl, the independent HTTP client
 # the file server's tests compare against, and redis-cli (redis-tools), the independent client
 # the kv example's test drives. `scripts/setup.sh --bench` also installs the peers the
-# benchmarks measure against (nginx, wrk). Idempotent: does nothing when everything is already
+# benchmarks measure against (nginx, wrk, redis-server). Idempotent: does nothing when everything is already
 # there.
 set -euo pipefail
 pkgs=(libhwloc-dev pkg-config build-essential curl redis-tools)
 if [ "${1:-}" = "--bench" ]; then
-  pkgs+=(nginx wrk)
+  pkgs+=(nginx wrk redis-server)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

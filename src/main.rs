@@ -55,6 +55,10 @@ struct CommonArgs {
     /// Seconds open connections may take to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     drain_timeout: f64,
+    /// Microseconds an idle worker keeps looking for cross-core messages before it sleeps
+    /// (0: sleep at once; some µs pay off on cores the server owns, see docs/cross-core.md).
+    #[arg(long, default_value_t = 0)]
+    inbox_poll_us: u64,
 }
 
 #[derive(Args)]
@@ -139,6 +143,7 @@ fn prepare(c: &CommonArgs) -> Result<Prepared> {
         ring_flags,
         force_fallback: c.epoll,
         drain_timeout: Duration::from_secs_f64(c.drain_timeout),
+        inbox_poll: Duration::from_micros(c.inbox_poll_us),
         ..LaunchConfig::default()
     };
     let cpus = cfg.plan()?;

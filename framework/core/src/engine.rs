@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::task::Waker;
 
 use crate::caps::Capabilities;
 use crate::runtime::EngineError;
@@ -14,6 +15,7 @@ use crate::runtime::EngineError;
 thread_local! {
     static CLAIMED: Cell<bool> = const { Cell::new(false) };
     static REPORT: RefCell<Option<Capabilities>> = const { RefCell::new(None) };
+    static YIELD: Cell<Option<fn(&Waker)>> = const { Cell::new(None) };
 }
 
 /// This thread's claim on running an engine. Dropping it (normally or while unwinding) frees
@@ -39,6 +41,15 @@ impl EngineGuard {
         Ok(EngineGuard { _thread: PhantomData })
     }
 
+    /// Tells [`task::yield_now`](crate::task::yield_now) how to put a task behind the core's
+    /// other ready tasks on this engine, for engines where a task that wakes itself during its
+    /// own poll is polled again first (Monoio re-queues such a task at the front, so a
+    /// self-wake there yields to nothing). `defer` must arrange for the waker to be woken only
+    /// after the tasks already queued have run. Without it, yielding is a self-wake.
+    pub fn set_yield(&self, defer: fn(&Waker)) {
+        YIELD.with(|y| y.set(Some(defer)));
+    }
+
     /// Records the capability report of the engine built on this thread.
     pub fn set_capabilities(&self, caps: Capabilities) {
         tracing::debug!("{caps}");
@@ -49,6 +60,7 @@ impl EngineGuard {
 impl Drop for EngineGuard {
     fn drop(&mut self) {
         REPORT.with(|r| r.borrow_mut().take());
+        YIELD.with(|y| y.set(None));
         CLAIMED.with(|c| c.set(false));
     }
 }
@@ -56,6 +68,15 @@ impl Drop for EngineGuard {
 /// The capability report of the engine running on this thread (`None` outside one).
 pub fn current_capabilities() -> Option<Capabilities> {
     REPORT.with(|r| r.borrow().clone())
+}
+
+/// Wakes `waker` so that its task runs after the tasks already ready on this core (see
+/// [`EngineGuard::set_yield`]).
+pub(crate) fn wake_behind(waker: &Waker) {
+    match YIELD.with(Cell::get) {
+        Some(defer) => defer(waker),
+        None => waker.wake_by_ref(),
+    }
 }
 
 /// Whether an engine has claimed this thread.

@@ -1,8 +1,8 @@
 //! Cross-core messaging: send work to the core that owns the data and await its reply, in the
 //! spirit of Seastar's `submit_to`. Each core has a lock-free inbox (crossbeam `SegQueue`)
-//! and a doorbell, an AF_UNIX datagram socketpair the owning core awaits with its own
-//! runtime's readiness (so every backend wakes natively; see docs/cross-core.md). Replies
-//! travel back the same way, so no waker ever crosses a thread.
+//! and a doorbell, an eventfd the owning core awaits with its own runtime's readiness (so
+//! every backend wakes natively; see docs/cross-core.md). Replies travel back the same way, so
+//! no waker ever crosses a thread.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -13,14 +13,27 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 
 use crate::runtime::{FdWatch, Runtime};
 use crate::worker::{Phase, Worker, WorkerLocal};
 
-/// A unit of work delivered to a core. It receives a spawner for that core.
-type Job = Box<dyn FnOnce(&dyn Fn(Pin<Box<dyn Future<Output = ()>>>)) + Send>;
+/// A unit of work delivered to a core. It runs in that core's inbox loop and receives a
+/// spawner for work that must await.
+type Job = Box<dyn FnOnce(&Spawner<'_>) + Send>;
+
+/// Spawns a future as a task of the core running the job.
+type Spawner<'a> = dyn Fn(Pin<Box<dyn Future<Output = ()>>>) + 'a;
+
+/// What travels through an inbox.
+enum Message {
+    /// Work for this core.
+    Job(Job),
+    /// The answer to a call this core made: the caller's reply slot and the value.
+    Reply(usize, Reply),
+}
 
 /// Why a cross-core call did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,51 +53,46 @@ pub enum MeshError {
 }
 
 struct Inbox {
-    queue: SegQueue<Job>,
+    queue: SegQueue<Message>,
     notified: AtomicBool,
     closed: AtomicBool,
-    ring_fd: OwnedFd,
-    wait_fd: OwnedFd,
+    /// An eventfd: senders add to it, the owner waits for it to be readable and reads it back
+    /// to zero.
+    doorbell: OwnedFd,
 }
 
 /// The inboxes of every core. Shared (`Arc`) by all workers and the launcher.
 pub struct Mesh {
     inboxes: Vec<Inbox>,
+    /// How long an idle core's inbox keeps looking before it sleeps
+    /// ([`LaunchConfig::inbox_poll`](crate::launcher::LaunchConfig::inbox_poll)).
+    poll_window: Duration,
 }
 
-fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid out-array of two ints.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a negative result is an error.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: socketpair succeeded, so both descriptors are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    // SAFETY: eventfd succeeded, so `fd` is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Mesh {
-    /// Inboxes for `cores` workers.
-    pub fn new(cores: usize) -> std::io::Result<Arc<Mesh>> {
+    /// Inboxes for `cores` workers, each looking for messages for `poll_window` once its core
+    /// is idle before it sleeps.
+    pub fn new(cores: usize, poll_window: Duration) -> std::io::Result<Arc<Mesh>> {
         let mut inboxes = Vec::with_capacity(cores);
         for _ in 0..cores {
-            let (ring_fd, wait_fd) = socketpair()?;
             inboxes.push(Inbox {
                 queue: SegQueue::new(),
                 notified: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
-                ring_fd,
-                wait_fd,
+                doorbell: eventfd()?,
             });
         }
-        Ok(Arc::new(Mesh { inboxes }))
+        Ok(Arc::new(Mesh { inboxes, poll_window }))
     }
 
     /// Number of cores.
@@ -97,12 +105,12 @@ impl Mesh {
         self.inboxes.is_empty()
     }
 
-    fn post(&self, core: usize, job: Job) -> Result<(), MeshError> {
+    fn post(&self, core: usize, msg: Message) -> Result<(), MeshError> {
         let inbox = self.inboxes.get(core).ok_or(MeshError::NoSuchCore(core))?;
         if inbox.closed.load(Ordering::Acquire) {
             return Err(MeshError::Closed(core));
         }
-        inbox.queue.push(job);
+        inbox.queue.push(msg);
         // One doorbell write per sleep of the target: later posters see `notified` set.
         if !inbox.notified.swap(true, Ordering::SeqCst) {
             ring(inbox);
@@ -127,21 +135,17 @@ impl Mesh {
 }
 
 fn ring(inbox: &Inbox) {
-    let b = [1u8];
-    // SAFETY: sending one byte from a valid buffer on our own socket. EAGAIN means the
-    // doorbell already holds unread bytes, which wakes the target just as well.
-    unsafe { libc::send(inbox.ring_fd.as_raw_fd(), b.as_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+    let one = 1u64;
+    // SAFETY: writing 8 bytes from a valid u64 to our own eventfd. EAGAIN (the counter is at
+    // its maximum) means the doorbell is already ringing, which wakes the target just as well.
+    unsafe { libc::write(inbox.doorbell.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 fn drain_doorbell(inbox: &Inbox) {
-    let mut b = [0u8; 64];
-    loop {
-        // SAFETY: receiving into a valid local buffer on our own non-blocking socket.
-        let n = unsafe { libc::recv(inbox.wait_fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
-        if n <= 0 {
-            break;
-        }
-    }
+    let mut count = 0u64;
+    // SAFETY: reading 8 bytes into a valid u64 from our own non-blocking eventfd; one read
+    // resets the counter, and EAGAIN means it was already zero.
+    unsafe { libc::read(inbox.doorbell.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
 }
 
 /// The inbox loop of one worker: runs jobs posted to it and turns shutdown phase changes into
@@ -149,7 +153,7 @@ fn drain_doorbell(inbox: &Inbox) {
 pub(crate) async fn inbox_loop<R: Runtime>(local: Rc<WorkerLocal>) {
     let mesh = local.mesh.clone();
     let inbox = &mesh.inboxes[local.info.index];
-    let watch = match R::FdWatch::new(inbox.wait_fd.as_raw_fd()) {
+    let watch = match R::FdWatch::new(inbox.doorbell.as_raw_fd()) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(core = local.info.cpu, "cannot watch the inbox doorbell: {e}");
@@ -162,8 +166,22 @@ pub(crate) async fn inbox_loop<R: Runtime>(local: Rc<WorkerLocal>) {
         drop(crate::task::spawn::<R, _>(fut));
     };
     loop {
-        while let Some(job) = inbox.queue.pop() {
-            job(&spawn);
+        // Run what has arrived, at most a batch per scheduler round so a flood of messages
+        // cannot keep this core's connections waiting.
+        let mut more = true;
+        for _ in 0..BATCH {
+            match inbox.queue.pop() {
+                Some(Message::Job(job)) => job(&spawn),
+                Some(Message::Reply(slot, reply)) => complete(slot, reply),
+                None => {
+                    more = false;
+                    break;
+                }
+            }
+        }
+        if more {
+            crate::task::yield_now().await;
+            continue;
         }
         match local.shutdown.phase() {
             Phase::Running => {}
@@ -173,10 +191,11 @@ pub(crate) async fn inbox_loop<R: Runtime>(local: Rc<WorkerLocal>) {
                 local.closing.fire();
             }
         }
-        // Stay awake briefly before parking: while `notified` stays set, senders skip the
-        // doorbell, and a job that arrives now is picked up on this core's next scheduler round
-        // with no syscall on either side (a busy core runs its other tasks in between).
-        if poll_window::<R>(inbox).await {
+        // Stay awake while the core is busy anyway, and briefly once it is idle, before
+        // parking: while `notified` stays set, senders skip the doorbell, and a message that
+        // arrives now is picked up on this core's next scheduler round with no syscall and no
+        // interrupt on either side.
+        if stay_awake(inbox, mesh.poll_window).await {
             continue;
         }
         inbox.notified.store(false, Ordering::SeqCst);
@@ -193,21 +212,32 @@ pub(crate) async fn inbox_loop<R: Runtime>(local: Rc<WorkerLocal>) {
     }
 }
 
-/// Yields to the executor, looking at the queue between yields, until a job arrives (true) or
-/// the backend's [`Runtime::INBOX_POLL_WINDOW`] passes (false).
-async fn poll_window<R: Runtime>(inbox: &Inbox) -> bool {
-    if R::INBOX_POLL_WINDOW.is_zero() {
-        return false;
-    }
-    let until = std::time::Instant::now() + R::INBOX_POLL_WINDOW;
+/// Messages an inbox handles per scheduler round before it lets the core's other tasks run.
+const BATCH: usize = 128;
+
+/// A scheduler round at least this long ran other work: the core is busy, so looking at the
+/// inbox once per round costs nothing a doorbell would not cost more. An idle round (only this
+/// loop runnable) is the engine's poll of its ring, a microsecond or so.
+const BUSY_ROUND: Duration = Duration::from_micros(5);
+
+/// Yields to the executor, looking at the queue between yields, until a message arrives (true)
+/// or the core has been idle for `window` (false). Rounds in which the core ran other work do
+/// not count as idle: a busy core keeps its inbox awake, and senders to it ring no doorbell.
+async fn stay_awake(inbox: &Inbox, window: Duration) -> bool {
+    let mut last = Instant::now();
+    let mut idle_since = last;
     loop {
         crate::task::yield_now().await;
         if !inbox.queue.is_empty() {
             return true;
         }
-        if std::time::Instant::now() >= until {
+        let now = Instant::now();
+        if now - last >= BUSY_ROUND {
+            idle_since = now;
+        } else if now - idle_since >= window {
             return false;
         }
+        last = now;
     }
 }
 
@@ -216,8 +246,8 @@ async fn poll_window<R: Runtime>(inbox: &Inbox) -> bool {
 pub(crate) fn close_inbox(mesh: &Mesh, core: usize) {
     let inbox = &mesh.inboxes[core];
     inbox.closed.store(true, Ordering::Release);
-    while let Some(job) = inbox.queue.pop() {
-        drop(job);
+    while let Some(msg) = inbox.queue.pop() {
+        drop(msg);
     }
 }
 
@@ -264,7 +294,7 @@ impl ReplyGuard {
     fn send(mut self, reply: Reply) {
         self.sent = true;
         let slot = self.slot;
-        let _ = self.mesh.post(self.home, Box::new(move |_| complete(slot, reply)));
+        let _ = self.mesh.post(self.home, Message::Reply(slot, reply));
     }
 }
 
@@ -273,7 +303,7 @@ impl Drop for ReplyGuard {
         if !self.sent {
             let slot = self.slot;
             let err = MeshError::Closed(self.target);
-            let _ = self.mesh.post(self.home, Box::new(move |_| complete(slot, Err(err))));
+            let _ = self.mesh.post(self.home, Message::Reply(slot, Err(err)));
         }
     }
 }
@@ -281,23 +311,17 @@ impl Drop for ReplyGuard {
 /// Runs `job` on worker `target` (a worker index, `0..workers`, as
 /// [`WorkerInfo::index`](crate::worker::WorkerInfo::index); not a CPU number) and awaits its
 /// result here. `job` is sent to the other core;
-/// the future it returns runs there (it need not be `Send`); only the result travels back.
+/// the future it returns runs there as a task (it need not be `Send`); only the result travels
+/// back.
 pub async fn submit_to<F, Fut, T>(target: usize, job: F) -> Result<T, MeshError>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
     T: Send + 'static,
 {
-    let worker = Worker::current().ok_or(MeshError::NotAWorker)?;
-    let mesh = worker.mesh().clone();
-    let home = worker.info().index;
-    let slot = REPLIES.with(|r| r.borrow_mut().insert(ReplySlot::default()));
-    let guard = ReplyGuard { mesh: mesh.clone(), home, target, slot, sent: false };
-    let posted = mesh.post(
-        target,
-        Box::new(move |spawn| {
+    call(target, move |guard: ReplyGuard| -> Job {
+        Box::new(move |spawn: &Spawner<'_>| {
             spawn(Box::pin(async move {
-                let guard = guard;
                 match crate::task::catch_panic(job()).await {
                     Ok(value) => guard.send(Ok(Box::new(value))),
                     Err(msg) => {
@@ -308,9 +332,42 @@ where
                     }
                 }
             }))
-        }),
-    );
-    if let Err(e) = posted {
+        })
+    })
+    .await
+}
+
+/// Runs the closure `f` on worker `target` right in its inbox loop, with no task and no
+/// scheduler round, and awaits its result here: the path of
+/// [`Sharded::invoke_on`](crate::sharded::Sharded::invoke_on), whose closures do not await.
+pub(crate) async fn run_on<F, T>(target: usize, f: F) -> Result<T, MeshError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    call(target, move |guard: ReplyGuard| -> Job {
+        Box::new(move |_: &Spawner<'_>| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(value) => guard.send(Ok(Box::new(value))),
+            Err(payload) => {
+                let target = guard.target;
+                guard.send(Err(MeshError::Panicked(target)));
+                // The panic still takes this worker down (through its inbox loop), as any
+                // task panic does.
+                std::panic::resume_unwind(payload);
+            }
+        })
+    })
+    .await
+}
+
+/// Posts the job `make` builds around the reply guard to `target` and awaits the reply.
+async fn call<T: Send + 'static>(target: usize, make: impl FnOnce(ReplyGuard) -> Job) -> Result<T, MeshError> {
+    let worker = Worker::current().ok_or(MeshError::NotAWorker)?;
+    let mesh = worker.mesh().clone();
+    let home = worker.info().index;
+    let slot = REPLIES.with(|r| r.borrow_mut().insert(ReplySlot::default()));
+    let guard = ReplyGuard { mesh: mesh.clone(), home, target, slot, sent: false };
+    if let Err(e) = mesh.post(target, Message::Job(make(guard))) {
         REPLIES.with(|r| r.borrow_mut().remove(slot));
         return Err(e);
     }

@@ -21,14 +21,6 @@ pub trait Runtime: Sized + 'static {
     /// lists engines, not driver variants such as `monoio-epoll`.
     const NAME: &'static str;
 
-    /// How long this core's cross-core inbox stays awake after its queue drains, yielding to
-    /// the core's other tasks between looks, before it parks on its doorbell. While it is
-    /// awake, senders skip the doorbell syscall and the job is picked up on the next scheduler
-    /// round. Zero (the default) parks at once. A backend sets it only where it measured a
-    /// win (docs/cross-core.md): on some engines a scheduler round is too slow for the window
-    /// to catch the next message and it only adds spinning.
-    const INBOX_POLL_WINDOW: Duration = Duration::ZERO;
-
     /// A listening TCP socket adopted from a prepared `SO_REUSEPORT` std listener.
     type TcpListener: TcpListener<Stream = Self::TcpStream>;
     /// A connected TCP stream.

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::mesh::{submit_to, MeshError};
+use crate::mesh::{run_on, submit_to, MeshError};
 use crate::worker::Worker;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -68,7 +68,7 @@ impl<T: 'static> Sharded<T> {
         // Only the definition travels (`Sharded` is `Send` whatever `T` is); the value stays in
         // each core's thread-local map.
         let this = self.clone();
-        submit_to(worker, move || async move {
+        run_on(worker, move || {
             let value = this.local().expect("invoke_on runs on a worker");
             f(&value)
         })

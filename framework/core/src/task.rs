@@ -147,7 +147,9 @@ pub async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
     .await
 }
 
-/// Lets the core's other ready tasks run once before this one goes on.
+/// Lets the core's other ready tasks run once before this one goes on, on every backend
+/// (on Monoio, where a task that wakes itself is polled again first, the wake is deferred
+/// behind the queued tasks).
 pub async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
@@ -155,7 +157,7 @@ pub async fn yield_now() {
             Poll::Ready(())
         } else {
             yielded = true;
-            cx.waker().wake_by_ref();
+            crate::engine::wake_behind(cx.waker());
             Poll::Pending
         }
     })

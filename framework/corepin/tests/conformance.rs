@@ -1,8 +1,10 @@
 //! The conformance suite: one set of test bodies, run on every compiled backend (and on
 //! Monoio's epoll fallback) through real sockets, files and kernels.
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -438,6 +440,47 @@ pub fn placement_spreads_over_a_simulated_two_node_topology<R: Runtime>() {
     assert!(seen.iter().all(|s| s.3 == vec![s.1]));
 }
 
+/// `task::yield_now` lets every other ready task on the core run before the yielder goes on
+/// (on Monoio a task that wakes itself is otherwise polled again first, so a yield loop starved
+/// everything else on the core).
+pub fn yield_now_lets_the_other_ready_tasks_run<R: Runtime>() {
+    let rounds = run::<R, _>(|| async {
+        let ran = Rc::new(Cell::new(0u32));
+        // Three tasks that each need one poll; the yielder must see all of them done after a
+        // few yields, not after thousands.
+        for _ in 0..3 {
+            let ran = ran.clone();
+            drop(corepin::task::spawn::<R, _>(async move { ran.set(ran.get() + 1) }));
+        }
+        let mut rounds = 0u32;
+        while ran.get() < 3 && rounds < 10_000 {
+            corepin::task::yield_now().await;
+            rounds += 1;
+        }
+        assert_eq!(ran.get(), 3, "the other tasks never ran while this one yielded {rounds} times");
+        // And a ping-pong: two tasks that alternate through yields both make progress.
+        let turns = Rc::new(Cell::new(0u32));
+        let other = {
+            let turns = turns.clone();
+            corepin::task::spawn::<R, _>(async move {
+                for _ in 0..100 {
+                    turns.set(turns.get() + 1);
+                    corepin::task::yield_now().await;
+                }
+            })
+        };
+        let mut seen = 0u32;
+        for _ in 0..100 {
+            seen = seen.max(turns.get());
+            corepin::task::yield_now().await;
+        }
+        other.await.unwrap();
+        assert!(seen >= 50, "the other task made {seen} of 100 turns while this one yielded 100 times");
+        rounds
+    });
+    assert!(rounds <= 4, "the spawned tasks ran only after {rounds} yields");
+}
+
 struct CrossCore(Mutex<Vec<String>>);
 
 impl App for CrossCore {
@@ -475,13 +518,23 @@ pub fn cross_core_messages_round_trip<R: Runtime>() {
     assert_eq!(got, vec![format!("0->1:{}:{}", name(cpus[1]), cpus[1]), format!("1->0:{}:{}", name(cpus[0]), cpus[0])]);
 }
 
-struct PanickingJob(Mutex<Option<Result<(), corepin::mesh::MeshError>>>);
+struct PanickingJob {
+    /// Through `Sharded::invoke_on` (a closure run in the target's inbox loop) rather than
+    /// `submit_to` (a future run as a task there).
+    sharded: bool,
+    shard: corepin::Sharded<()>,
+    answer: Mutex<Option<Result<(), corepin::mesh::MeshError>>>,
+}
 
 impl App for PanickingJob {
     async fn run<R: Runtime>(&self, w: Worker) -> Result<(), AppError> {
         if w.info().index == 0 {
-            let r = corepin::submit_to(1, || async { panic!("deliberate job panic") }).await;
-            *self.0.lock().unwrap() = Some(r);
+            let r = if self.sharded {
+                self.shard.invoke_on(1, |_| panic!("deliberate job panic")).await
+            } else {
+                corepin::submit_to(1, || async { panic!("deliberate job panic") }).await
+            };
+            *self.answer.lock().unwrap() = Some(r);
         }
         w.draining().await;
         Ok(())
@@ -489,14 +542,16 @@ impl App for PanickingJob {
 }
 
 /// A job that panics on its target answers the caller with `Panicked`, and the target worker
-/// then stops the process like any other panic.
+/// then stops the process like any other panic; for `submit_to` and for `invoke_on`.
 pub fn a_panicking_cross_core_job_answers_its_caller<R: Runtime>() {
-    let app = Arc::new(PanickingJob(Mutex::new(None)));
-    let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), app.clone());
-    let cpu1 = server.workers()[1].cpu;
-    let err = within(Duration::from_secs(30), "panic shutdown", move || server.wait()).unwrap_err();
-    assert!(matches!(err, corepin::LaunchError::Panicked { cpu, .. } if cpu == cpu1), "{err}");
-    assert_eq!(*app.0.lock().unwrap(), Some(Err(corepin::mesh::MeshError::Panicked(1))));
+    for sharded in [false, true] {
+        let app = Arc::new(PanickingJob { sharded, shard: corepin::Sharded::new(|_| ()), answer: Mutex::new(None) });
+        let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), app.clone());
+        let cpu1 = server.workers()[1].cpu;
+        let err = within(Duration::from_secs(30), "panic shutdown", move || server.wait()).unwrap_err();
+        assert!(matches!(err, corepin::LaunchError::Panicked { cpu, .. } if cpu == cpu1), "{err}");
+        assert_eq!(*app.answer.lock().unwrap(), Some(Err(corepin::mesh::MeshError::Panicked(1))), "sharded: {sharded}");
+    }
 }
 
 struct Panics;
@@ -1506,6 +1561,7 @@ pub fn split_halves_count_their_bytes<R: Runtime>() {
 }
 
 corepin::per_runtime_tests! {
+    yield_now_lets_the_other_ready_tasks_run,
     send_file_moves_file_ranges_through_a_full_socket,
     a_write_deadline_frees_a_stalled_write,
     short_reads_and_writes_are_completed_by_the_helpers,

@@ -88,6 +88,7 @@ where
     // Claimed first, so a nested engine is refused before anything is built, and freed by the
     // guard's drop also when `main` panics.
     let guard = EngineGuard::claim(NAME, settings.cpu)?;
+    guard.set_yield(wake_behind);
     let unavailable =
         if settings.force_fallback { Some("forced by configuration".to_string()) } else { io_uring_unavailable() };
     let reason = match unavailable {
@@ -113,4 +114,12 @@ where
         .map_err(|e| EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: format!("epoll driver: {e}") })?;
     guard.set_capabilities(report(Driver::Epoll { reason }, settings, None));
     Ok(run_on(r, async move { main().await }))
+}
+
+/// Monoio polls a task that woke itself during its poll again before any other (it goes to the
+/// front of the run queue), so a plain self-wake yields to nothing. A task spawned now goes to
+/// the back: it wakes the yielding task after everything already queued has run.
+fn wake_behind(waker: &std::task::Waker) {
+    let waker = waker.clone();
+    drop(monoio::spawn(async move { waker.wake() }));
 }

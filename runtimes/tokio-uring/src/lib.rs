@@ -37,9 +37,6 @@ pub struct TokioUringRuntime;
 
 impl Runtime for TokioUringRuntime {
     const NAME: &'static str = engine::NAME;
-    // Measured with examples/crosscore.rs (docs/cross-core.md): a serial cross-core call costs
-    // a fraction of the CPU with the window, since neither core sleeps between messages.
-    const INBOX_POLL_WINDOW: Duration = Duration::from_micros(20);
 
     type TcpListener = TcpListener;
     type TcpStream = TcpStream;
