@@ -13,9 +13,9 @@
 //! [`resource`]: crate::resource
 //! [`transfer`]: crate::transfer
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use corepin_core::task::read_timeout_or;
+use corepin_core::task::{read_timeout, read_timeout_or};
 use corepin_core::{BufResult, ConnStream, Connection, IoBuf, Runtime};
 
 use crate::http::{self, Head, HeadWriter, Parsed};
@@ -95,6 +95,15 @@ fn write_head(out: &mut Vec<u8>, plan: &Plan, keep_alive: bool, minor: u8) {
     w.finish(h.content_length, keep_alive, minor);
 }
 
+/// Lingering close (nginx's `lingering_close`): after an answer that ends the connection
+/// while the client may still be sending, what still arrives is read and dropped for at most
+/// this long in all...
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// ...until the client has been silent this long...
+const LINGER_SILENCE: Duration = Duration::from_secs(1);
+/// ...or this many bytes have been dropped, before the socket is closed.
+const LINGER_BYTES: u64 = 1 << 20;
+
 /// One connection's state.
 struct Conn<'s, R: Runtime, S: ConnStream> {
     files: &'s Files,
@@ -148,6 +157,44 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
             Ok(_) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Closes without losing the answer just sent. Closing a socket that still holds unread
+    /// input makes the kernel send a reset, and a reset that reaches the client before it has
+    /// read the answer destroys it (the client sees "connection reset" instead of its 413). So
+    /// writing is shut down first (the client sees the end of the answer), then what the client
+    /// still sends is dropped until it closes its side, falls silent, or the time or byte
+    /// budget runs out. Bounded, so a client cannot hold the connection open this way.
+    async fn linger(&mut self) {
+        if self.c.stream.shutdown().await.is_err() {
+            return;
+        }
+        let until = Instant::now() + LINGER_TIME;
+        let mut dropped = 0u64;
+        while dropped < LINGER_BYTES {
+            let left = until.saturating_duration_since(Instant::now()).min(LINGER_SILENCE);
+            if left.is_zero() {
+                break;
+            }
+            let mut buf = std::mem::take(&mut self.inbuf);
+            buf.clear();
+            let cap = buf.capacity().max(4096);
+            buf.reserve(cap);
+            let BufResult(res, slice) = read_timeout::<R, _, _>(&mut self.c.stream, buf.slice(0..cap), left).await;
+            self.inbuf = slice.into_inner();
+            match res {
+                Ok(n) if n > 0 => dropped += n as u64,
+                _ => break,
+            }
+        }
+        self.inbuf.clear();
+        self.start = 0;
+    }
+
+    /// Whether the client may still be sending: part of a request body, or bytes past the
+    /// last request, are unread.
+    fn input_pending(&self, discard: u64) -> bool {
+        discard > 0 || self.start < self.inbuf.len()
     }
 
     /// Writes the head of `plan` and sends it with its body.
@@ -223,6 +270,9 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     }
                     result?;
                     if !stay {
+                        if self.input_pending(discard) {
+                            self.linger().await;
+                        }
                         return Ok(());
                     }
                 }
@@ -231,7 +281,9 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     match self.fill(Some(d)).await {
                         Err(End::Timeout) => {
                             // The head did not arrive in time: say so (best effort), then close.
-                            let _ = self.respond(Plan::error(408), false, 1).await;
+                            if self.respond(Plan::error(408), false, 1).await.is_ok() {
+                                self.linger().await;
+                            }
                             self.counters.response(408);
                             return Err(End::Timeout);
                         }
@@ -242,6 +294,7 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     tracing::debug!(peer = %self.c.peer, "refused request: {}", reject.why);
                     self.respond(Plan::error(reject.status), false, 1).await?;
                     self.counters.response(reject.status);
+                    self.linger().await;
                     return Ok(());
                 }
             }

@@ -706,6 +706,54 @@ pub fn slow_and_vanishing_clients_are_closed<R: Runtime>() {
     srv.stop();
 }
 
+/// An answer that ends the connection while the client is still sending (413 for a body too
+/// large to discard, 400 for a malformed head) reaches the client whole: the server stops
+/// writing, drops what still arrives for a bounded time and size, and only then closes, so no
+/// reset destroys the answer or fails the client's upload. A client that keeps sending cannot
+/// hold the connection open that way.
+pub fn refusals_close_lingeringly<R: Runtime>() {
+    let srv = serve::<R>(|_| {});
+    for head in [
+        "POST /4k.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n",
+        "GET /4k.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        let mut s = connect(srv.addr);
+        // The head, then (once the server has answered) 768 KiB of body in 16 KiB pieces, as
+        // an upload keeps going: with an abrupt close the first piece after it draws a reset
+        // and the next write fails.
+        s.write_all(head.as_bytes()).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let piece = vec![b'x'; 16 << 10];
+        for i in 0..48 {
+            let sent = s.write_all(&piece);
+            assert!(sent.is_ok(), "the upload was cut off after {i} pieces: {sent:?} ({head:?})");
+            thread::sleep(Duration::from_millis(2));
+        }
+        let r = read_resp(&mut s, &mut Vec::new(), false).expect("an answer");
+        assert!(r.status == 413 || r.status == 400, "status {} ({head:?})", r.status);
+        assert_eq!(r.header("connection"), Some("close"));
+        // The client is done sending but keeps its side open: the server still closes.
+        assert!(closed_by_server(&mut s), "the lingering connection was closed");
+    }
+    // A client that never stops sending is cut off after the linger budget.
+    let mut s = connect(srv.addr);
+    s.write_all(b"POST /4k.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n").unwrap();
+    let started = Instant::now();
+    let chunk = vec![b'y'; 64 << 10];
+    let ended = loop {
+        if s.write_all(&chunk).is_err() {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+    };
+    assert!(ended, "a client sending without end held the connection for a minute");
+    assert_eq!(settle(|| srv.active(), |n| *n == 0), 0, "every lingering connection was released");
+    check_all_sizes(srv.addr);
+    srv.stop();
+}
+
 /// The per-core connection limit closes extra connections at once.
 pub fn the_connection_limit_holds<R: Runtime>() {
     let srv = serve_on::<R>(CoreSelection::Count(1), 2, |_| {});
@@ -844,6 +892,7 @@ pub fn curl_agrees<R: Runtime>() {
 }
 
 corepin::per_runtime_tests! {
+    refusals_close_lingeringly,
     bodies_arrive_byte_for_byte_on_every_path,
     pipelined_requests_are_answered_in_order,
     validators_give_not_modified,
