@@ -268,29 +268,35 @@ def run_crosscore(args: argparse.Namespace, prof: Profile, stack: contextlib.Exi
     out = Outcome()
     calls = 20_000 if args.quick else 200_000
     points = [(inflight, poll) for poll in (0, 20) for inflight in (1, 64)]
+    kinds = ("submit_to", "invoke_on")
     for backend in args.backends:
-        for inflight, poll in points:
-            cmd = [str(TARGET / "examples" / "crosscore"), "--runtime", backend, "--calls", str(calls),
-                   "--inflight", str(inflight), "--inbox-poll-us", str(poll)]
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            if run.returncode != 0 or not run.stdout.strip():
-                raise RuntimeError(f"crosscore failed ({' '.join(cmd)}): {run.stderr.strip()}")
-            r = json.loads(run.stdout.strip().splitlines()[-1])
-            r["server"] = f"corepin-{backend}"
-            out.results.append(r)
-            print(f"  crosscore {backend:<12} {inflight:>3} in flight, poll {poll:>2} µs  "
-                  f"{r['calls_per_sec']:>10,.0f} calls/s  {fmt_us(r['cpu_us_per_call'])} CPU/call", flush=True)
-    head = "| backend | " + " | ".join(f"{i} in flight, poll {p} µs: calls/s | CPU/call" for i, p in points) + " |"
-    rows = [head, "|---|" + "---:|---:|" * len(points)]
+        for kind in kinds:
+            for inflight, poll in points:
+                cmd = [str(TARGET / "examples" / "crosscore"), "--runtime", backend, "--calls", str(calls),
+                       "--inflight", str(inflight), "--inbox-poll-us", str(poll)]
+                if kind == "invoke_on":
+                    cmd.append("--sharded")
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                if run.returncode != 0 or not run.stdout.strip():
+                    raise RuntimeError(f"crosscore failed ({' '.join(cmd)}): {run.stderr.strip()}")
+                r = json.loads(run.stdout.strip().splitlines()[-1])
+                r["server"] = f"corepin-{backend}"
+                out.results.append(r)
+                print(f"  crosscore {backend:<12} {kind:<9} {inflight:>3} in flight, poll {poll:>2} µs  "
+                      f"{r['calls_per_sec']:>10,.0f} calls/s  {fmt_us(r['cpu_us_per_call'])} CPU/call", flush=True)
+    head = "| backend | call | " + " | ".join(f"{i} in flight, poll {p} µs: calls/s | CPU/call" for i, p in points) + " |"
+    rows = [head, "|---|---|" + "---:|---:|" * len(points)]
     for backend in args.backends:
-        cells = []
-        for inflight, poll in points:
-            r = next(r for r in out.results
-                     if r["runtime"] == backend and r["inflight"] == inflight and r["inbox_poll_us"] == poll)
-            cells.append(f"{r['calls_per_sec']:,.0f} | {fmt_us(r['cpu_us_per_call'])}")
-        rows.append(f"| {backend} | " + " | ".join(cells) + " |")
+        for kind in kinds:
+            cells = []
+            for inflight, poll in points:
+                r = next(r for r in out.results if r["runtime"] == backend and r["call"] == kind
+                         and r["inflight"] == inflight and r["inbox_poll_us"] == poll)
+                cells.append(f"{r['calls_per_sec']:,.0f} | {fmt_us(r['cpu_us_per_call'])}")
+            rows.append(f"| {backend} | `{kind}` | " + " | ".join(cells) + " |")
     out.markdown = ("Cross-core calls (`submit_to` and its reply) between two pinned workers; CPU per call is "
-                    "the whole process's user + system time (both cores) divided by the calls. `poll` is "
+                    "the whole process's user + system time (both cores) divided by the calls. `submit_to` runs a "
+                    "future as a task on the target; `invoke_on` runs a closure in the target's inbox loop. `poll` is "
                     "`LaunchConfig::inbox_poll`, how long an idle core's inbox keeps looking before it sleeps.\n\n"
                     + "\n".join(rows) + "\n")
     return out

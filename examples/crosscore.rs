@@ -7,15 +7,17 @@
 //! ```sh
 //! cargo run --release --example crosscore -- --runtime monoio --calls 200000 --inflight 1
 //! cargo run --release --example crosscore -- --runtime monoio --inflight 1 --inbox-poll-us 20
+//! cargo run --release --example crosscore -- --runtime monoio --inflight 64 --sharded
 //! ```
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use corepin::topology::CoreSelection;
-use corepin::{App, AppError, LaunchConfig, Runtime, RuntimeKind, Worker};
+use corepin::{App, AppError, LaunchConfig, Runtime, RuntimeKind, Sharded, Worker};
 
 #[derive(Parser)]
 struct Args {
@@ -32,11 +34,17 @@ struct Args {
     /// (`LaunchConfig::inbox_poll`).
     #[arg(long, default_value_t = 0)]
     inbox_poll_us: u64,
+    /// Call through `Sharded::invoke_on` (a closure run in the target's inbox loop) instead
+    /// of `submit_to` (a future run as a task there).
+    #[arg(long)]
+    sharded: bool,
 }
 
 struct CrossCore {
     calls: u64,
     inflight: u64,
+    /// Per-worker counters reached by `invoke_on` when set.
+    shards: Option<Sharded<Cell<u64>>>,
     done: AtomicU64,
     elapsed_ns: AtomicU64,
 }
@@ -58,10 +66,14 @@ impl App for CrossCore {
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..self.inflight {
+            let shards = self.shards.clone();
             tasks.push(corepin::task::spawn::<R, _>(async move {
                 let mut sum = 0u64;
                 for i in 0..per_task {
-                    sum += corepin::submit_to(1, move || async move { i }).await.unwrap_or(0);
+                    sum += match &shards {
+                        Some(s) => s.invoke_on(1, move |c| c.replace(c.get() + i)).await.unwrap_or(0),
+                        None => corepin::submit_to(1, move || async move { i }).await.unwrap_or(0),
+                    };
                 }
                 sum
             }));
@@ -96,6 +108,7 @@ fn main() -> anyhow::Result<()> {
     let app = Arc::new(CrossCore {
         calls: args.calls,
         inflight: args.inflight.max(1),
+        shards: args.sharded.then(|| Sharded::new(|_: &Worker| Cell::new(0))),
         done: AtomicU64::new(0),
         elapsed_ns: AtomicU64::new(0),
     });
@@ -106,10 +119,11 @@ fn main() -> anyhow::Result<()> {
     let calls = app.done.load(Ordering::Acquire).max(1) as f64;
     let secs = app.elapsed_ns.load(Ordering::Acquire) as f64 / 1e9;
     println!(
-        "{{\"runtime\":\"{}\",\"inflight\":{},\"inbox_poll_us\":{},\"calls\":{},\"calls_per_sec\":{:.0},\"cpu_us_per_call\":{:.3}}}",
+        "{{\"runtime\":\"{}\",\"inflight\":{},\"inbox_poll_us\":{},\"call\":\"{}\",\"calls\":{},\"calls_per_sec\":{:.0},\"cpu_us_per_call\":{:.3}}}",
         kind,
         args.inflight,
         args.inbox_poll_us,
+        if args.sharded { "invoke_on" } else { "submit_to" },
         calls,
         calls / secs,
         cpu * 1e6 / calls
