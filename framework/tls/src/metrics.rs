@@ -144,6 +144,7 @@ impl CoreTlsCounters {
 pub type TlsMetrics = PerCore<CoreTlsCounters>;
 
 /// Exports the TLS counters, and the certificate reloads of a [`CertStore`].
+#[derive(Clone)]
 pub struct TlsCollector {
     metrics: Arc<TlsMetrics>,
     certs: Arc<CertStore>,
