@@ -479,8 +479,16 @@ fn main() -> ExitCode {
             if e.use_stderr() {
                 // One clear line, not a page of usage.
                 let text = e.to_string();
-                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
-                write_err(&format!("{first} (see `corepin --help`)"));
+                let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+                let first = lines.next().unwrap_or("bad arguments");
+                // "the following required arguments were not provided:" names them below.
+                let named: Vec<&str> = if first.ends_with(':') {
+                    lines.take_while(|l| !l.starts_with("Usage")).collect()
+                } else {
+                    Vec::new()
+                };
+                let line = if named.is_empty() { first.to_string() } else { format!("{first} {}", named.join(", ")) };
+                write_err(&format!("{line} (see `corepin --help`)"));
                 return ExitCode::from(2);
             }
             let _ = e.print();
