@@ -23,6 +23,10 @@ pub(crate) const WRITE_PLAIN_MAX: usize = 4 * RECORD_PLAIN_MAX;
 /// Room for `WRITE_PLAIN_MAX` encrypted (header, explicit nonce, content type and tag add at
 /// most 29 bytes per record with the suites offered) plus a pending handshake message.
 pub(crate) const OUT_CAP: usize = WRITE_PLAIN_MAX + 4 * RECORD_OVERHEAD_MAX + 4096;
+/// The send buffer a connection starts with: room for the server's handshake flight and small
+/// responses. It grows to `OUT_CAP` once, on the first write that needs more, so idle and
+/// small-response connections stay small.
+pub(crate) const OUT_INITIAL: usize = 8 * 1024;
 /// Bytes a record adds to its plaintext, bounded generously (TLS 1.2 AES-GCM adds 29).
 pub(crate) const RECORD_OVERHEAD_MAX: usize = 64;
 
@@ -93,7 +97,7 @@ pub(crate) struct Session {
     pub(crate) plain: Vec<u8>,
     pub(crate) plain_start: usize,
     /// Ciphertext to send, `tls_out[..out_len]`; `None` while lent to a socket write. Fully
-    /// initialised (`len() == OUT_CAP` or more).
+    /// initialised (`OUT_INITIAL` bytes, grown once to `OUT_CAP` for bulk writes).
     pub(crate) tls_out: Option<Vec<u8>>,
     pub(crate) out_len: usize,
     /// Records encoded while `tls_out` was lent; sent right after it. Empty otherwise.
@@ -113,7 +117,7 @@ impl Session {
             in_gen: 0,
             plain: Vec::new(),
             plain_start: 0,
-            tls_out: Some(vec![0; OUT_CAP]),
+            tls_out: Some(vec![0; OUT_INITIAL]),
             out_len: 0,
             side_out: Vec::new(),
             peer_closed: false,
@@ -273,6 +277,9 @@ impl Session {
                     Goal::Write(data) => {
                         // As much as fits in the free space with every record's overhead, so
                         // the buffer never grows for application data.
+                        if data.len() + 2 * RECORD_OVERHEAD_MAX > out.free() {
+                            out.grow_to(OUT_CAP);
+                        }
                         let free = out.free();
                         let budget = free.saturating_sub(RECORD_OVERHEAD_MAX * (free / RECORD_PLAIN_MAX + 1));
                         let n = data.len().min(WRITE_PLAIN_MAX).min(budget);
@@ -411,6 +418,15 @@ struct OutTarget<'a> {
 }
 
 impl OutTarget<'_> {
+    /// Grows `tls_out` (when it is here) to `cap` bytes.
+    fn grow_to(&mut self, cap: usize) {
+        if let Some(b) = self.tls_out.as_mut() {
+            if b.len() < cap {
+                b.resize(cap, 0);
+            }
+        }
+    }
+
     /// Free bytes in `tls_out` (0 while it is lent: nothing is encrypted then).
     fn free(&self) -> usize {
         self.tls_out.as_ref().map_or(0, |b| b.len() - *self.out_len)

@@ -354,18 +354,20 @@ pub fn sessions_resume_across_cores<R: Runtime>() {
     for flag in ["-tls1_3", "-tls1_2"] {
         let sess = dir.path().join(format!("sess{flag}"));
         let sess = sess.to_str().unwrap();
-        let first = s_client(srv.addr, &[flag, "-sess_out", sess], b"");
+        let first = s_client(srv.addr, &[flag, "-sess_out", sess]);
         assert!(first.contains("New, TLSv1."), "{flag}: {first}");
         for _ in 0..4 {
-            let again = s_client(srv.addr, &[flag, "-sess_in", sess], b"");
+            let again = s_client(srv.addr, &[flag, "-sess_in", sess]);
             assert!(again.contains("Reused, TLSv1."), "{flag}: not reused:\n{again}");
         }
     }
     srv.stop();
 }
 
-/// Runs `openssl s_client` against `addr` with `args`, `input` on stdin; stdout + stderr.
-fn s_client(addr: SocketAddr, args: &[&str], input: &[u8]) -> String {
+/// Runs `openssl s_client` against `addr` with `args` until it has said how the handshake
+/// went ("Cipher is") and `-sess_out`, if given, has been written (5 s at most); returns its
+/// stdout and stderr.
+fn s_client(addr: SocketAddr, args: &[&str]) -> String {
     let mut child = Command::new("openssl")
         .args(["s_client", "-connect", &addr.to_string(), "-servername", "localhost", "-ign_eof"])
         .args(args)
@@ -374,21 +376,40 @@ fn s_client(addr: SocketAddr, args: &[&str], input: &[u8]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("openssl is needed for this test: scripts/setup.sh installs it");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input).unwrap();
-    drop(stdin);
-    // With -ign_eof, s_client waits for the server; the echo server keeps the connection, so
-    // give it a moment to read tickets, then stop it.
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
+    let text = Arc::new(std::sync::Mutex::new(String::new()));
+    let readers: Vec<_> =
+        [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+            .into_iter()
+            .map(|mut r| {
+                let text = Arc::clone(&text);
+                thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                })
+            })
+            .collect();
+    let sess_out = args.iter().position(|a| *a == "-sess_out").map(|i| args[i + 1].to_string());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        let said = text.lock().unwrap().contains("Cipher is");
+        let saved = sess_out.as_ref().is_none_or(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+        if said && saved {
             break;
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    let _ = child.wait();
+    for r in readers {
+        let _ = r.join();
+    }
+    let out = text.lock().unwrap().clone();
+    out
 }
 
 /// TLS 1.0 and 1.1 are refused (the server's failure counters move, so the client did send
@@ -397,7 +418,7 @@ pub fn old_tls_versions_are_refused<R: Runtime>() {
     let (srv, _roots) = echo::<R>(1, TlsOptions::default());
     for (i, flag) in ["-tls1", "-tls1_1"].into_iter().enumerate() {
         // SECLEVEL=0: OpenSSL 3 would not even offer these versions otherwise.
-        let out = s_client(srv.addr, &[flag, "-cipher", "DEFAULT@SECLEVEL=0"], b"");
+        let out = s_client(srv.addr, &[flag, "-cipher", "DEFAULT@SECLEVEL=0"]);
         assert!(out.contains("Cipher is (NONE)"), "{flag} must not connect:\n{out}");
         assert!(out.contains("alert"), "{flag}: the server answers with an alert:\n{out}");
         let refused = settle(
@@ -407,7 +428,7 @@ pub fn old_tls_versions_are_refused<R: Runtime>() {
         assert_eq!(refused, i as u64 + 1, "{flag}: the refusal is counted as a version/incompatibility failure");
     }
     for (flag, proto) in [("-tls1_2", "New, TLSv1.2, Cipher is"), ("-tls1_3", "New, TLSv1.3, Cipher is")] {
-        let out = s_client(srv.addr, &[flag], b"");
+        let out = s_client(srv.addr, &[flag]);
         assert!(out.contains(proto), "{flag} must connect:\n{out}");
     }
     srv.stop();
