@@ -269,6 +269,7 @@ impl Launch<'_> {
 }
 
 /// The TLS front of `echo` and `files`: the acceptor, its banner lines, the SIGHUP reload.
+#[cfg(feature = "tls")]
 struct Tls {
     acceptor: corepin::tls::TlsAcceptor,
     lines: Vec<String>,
@@ -276,6 +277,7 @@ struct Tls {
     written: Option<PathBuf>,
 }
 
+#[cfg(feature = "tls")]
 impl Tls {
     /// Builds the acceptor when --tls or --tls-cert asked for TLS.
     fn prepare(args: &TlsArgs, alpn: Vec<Vec<u8>>, cores: usize) -> Result<Option<Tls>> {
@@ -349,7 +351,25 @@ impl Tls {
     }
 }
 
+/// A build without the `tls` feature: asking for TLS is an error.
+#[cfg(not(feature = "tls"))]
+enum Tls {}
+
+#[cfg(not(feature = "tls"))]
+impl Tls {
+    fn prepare(args: &TlsArgs, _alpn: Vec<Vec<u8>>, _cores: usize) -> Result<Option<Tls>> {
+        if args.tls || args.tls_cert.is_some() {
+            anyhow::bail!("this build has no TLS; rebuild with `--features tls`");
+        }
+        Ok(None)
+    }
+    fn run<F: corepin::ServiceFactory>(self, _app: TcpServer<F>, _s: corepin::Signals, _l: Launch<'_>) -> Result<()> {
+        match self {}
+    }
+}
+
 /// SIGHUP: reads the certificate and key again; one line either way.
+#[cfg(feature = "tls")]
 fn reload_certificate(certs: &corepin::tls::CertStore) {
     match certs.reload() {
         Ok(loaded) => {

@@ -4,6 +4,8 @@
 //! EC (SEC1) keys; SIGHUP reloads the certificate for new connections while an open one
 //! goes on, and a broken file keeps the old certificate, each with one log line.
 
+#![cfg(feature = "tls")]
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
