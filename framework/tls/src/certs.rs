@@ -253,3 +253,37 @@ impl ResolvesServerCert for CertStore {
         Some(Arc::clone(&self.current.load().key))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_is_the_base64_sha256_of_the_spki() {
+        let made = self_signed(&["localhost"]).unwrap();
+        let loaded =
+            LoadedCert::from_pem(made.cert_pem.as_bytes(), made.key_pem.as_bytes(), &crate::provider()).unwrap();
+        assert_eq!(loaded.fingerprint.as_ref(), Some(&made.fingerprint));
+        assert_eq!(made.fingerprint.0.len(), 44, "32 bytes in base64 with padding: {}", made.fingerprint);
+        assert_eq!(SpkiFingerprint::of_spki(b"").0, "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+    }
+
+    #[test]
+    fn bad_pem_is_a_typed_error_not_a_panic() {
+        let p = crate::provider();
+        let a = self_signed(&["localhost"]).unwrap();
+        let b = self_signed(&["localhost"]).unwrap();
+        let err = LoadedCert::from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes(), &p).unwrap_err();
+        assert!(matches!(err, CertError::Key { .. }), "a key from another certificate: {err}");
+        let err = LoadedCert::from_pem(b"", a.key_pem.as_bytes(), &p).unwrap_err();
+        assert!(matches!(err, CertError::NoCertificate(_)), "{err}");
+        let err = LoadedCert::from_pem(a.cert_pem.as_bytes(), a.cert_pem.as_bytes(), &p).unwrap_err();
+        assert!(matches!(err, CertError::NoKey(_)), "{err}");
+        let err =
+            CertStore::from_pem_files(Path::new("/nonexistent/c.pem"), Path::new("/nonexistent/k.pem")).unwrap_err();
+        assert!(err.to_string().starts_with("certificate /nonexistent/c.pem: "), "{err}");
+        let (store, _) = CertStore::self_signed(&["localhost"]).unwrap();
+        assert!(matches!(store.reload(), Err(CertError::NothingToReload)));
+        assert_eq!(store.reload_failures(), 1);
+    }
+}

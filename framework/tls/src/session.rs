@@ -481,3 +481,74 @@ impl OutTarget<'_> {
         Err(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn session() -> Session {
+        let (certs, _) = crate::CertStore::self_signed(&["localhost"]).unwrap();
+        let cfg = crate::server_config(Arc::new(certs), Vec::new()).unwrap();
+        Session::new(UnbufferedServerConnection::new(Arc::new(cfg)).unwrap())
+    }
+
+    #[test]
+    fn a_completed_read_swaps_buffers_when_the_tail_did_not_move() {
+        let mut s = session();
+        s.tls_in[..5].copy_from_slice(b"abcde");
+        s.in_start = 2; // "ab" processed, "cde" pending
+        s.in_end = 5;
+        let (gen, leftover) = (s.in_gen, s.pending_in());
+        let mut rx = vec![0u8; IN_CAP];
+        rx[..leftover].copy_from_slice(b"cde");
+        rx[leftover..leftover + 3].copy_from_slice(b"fgh");
+        let rx_ptr = rx.as_ptr();
+        s.absorb(&mut rx, gen, leftover, 3).unwrap();
+        assert_eq!(&s.tls_in[s.in_start..s.in_end], b"cdefgh");
+        assert_eq!(s.tls_in.as_ptr(), rx_ptr, "the read's buffer became the session's: no copy");
+    }
+
+    #[test]
+    fn a_completed_read_appends_when_the_tail_moved_meanwhile() {
+        let mut s = session();
+        s.tls_in[..5].copy_from_slice(b"abcde");
+        s.in_end = 5;
+        let (gen, leftover) = (s.in_gen, s.pending_in());
+        let mut rx = vec![0u8; IN_CAP];
+        rx[..leftover].copy_from_slice(b"abcde");
+        rx[leftover..leftover + 2].copy_from_slice(b"fg");
+        s.consume(3); // the other half processed "abc" while the read was in flight
+        s.absorb(&mut rx, gen, leftover, 2).unwrap();
+        assert_eq!(&s.tls_in[s.in_start..s.in_end], b"defg");
+    }
+
+    #[test]
+    fn records_encoded_while_the_send_buffer_is_lent_follow_it() {
+        let mut s = session();
+        let lent = s.tls_out.take().unwrap();
+        let mut out = OutTarget { tls_out: &mut s.tls_out, out_len: &mut s.out_len, side_out: &mut s.side_out };
+        out.put(|b| {
+            b[..3].copy_from_slice(b"xyz");
+            Ok(3)
+        })
+        .unwrap();
+        assert_eq!(s.side_out, b"xyz");
+        s.return_out(lent);
+        assert!(s.side_out.is_empty());
+        assert_eq!(&s.tls_out.as_ref().unwrap()[..s.out_len], b"xyz", "queued first, before new records");
+    }
+
+    #[test]
+    fn garbage_fails_the_handshake_and_the_failure_sticks() {
+        let mut s = session();
+        let junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        s.tls_in[..junk.len()].copy_from_slice(junk);
+        s.in_end = junk.len();
+        let first = s.drive(Goal::Handshake).expect_err("not TLS");
+        assert!(matches!(first, Failure::Tls(_)), "{first:?}");
+        assert!(matches!(s.drive(Goal::Handshake), Err(Failure::Tls(_))), "later passes report it too");
+        s.encode_alert();
+        assert!(s.out_len > 0, "an alert is ready for the peer");
+    }
+}
