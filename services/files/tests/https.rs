@@ -58,13 +58,18 @@ fn sha(b: &[u8]) -> String {
 struct Srv {
     server: Option<Server>,
     port: u16,
+    cert_pem: String,
     ca: PathBuf,
     metrics: Arc<FileMetrics>,
     _ca_dir: tempfile::TempDir,
 }
 
 fn serve<R: Runtime>(site: &Site) -> Srv {
-    let launch = LaunchConfig { cores: CoreSelection::Count(2), ..LaunchConfig::default() };
+    let launch = LaunchConfig {
+        cores: CoreSelection::Count(2),
+        drain_timeout: Duration::from_secs(30),
+        ..LaunchConfig::default()
+    };
     let cpus = launch.plan().unwrap();
     let factory = FilesFactory::new(FilesConfig::new(&site.root), cpus.len()).unwrap();
     let metrics = factory.metrics().clone();
@@ -77,7 +82,7 @@ fn serve<R: Runtime>(site: &Site) -> Srv {
     let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), factory).unwrap().with_acceptor(acceptor);
     let addr: SocketAddr = app.local_addr();
     let server = Server::start::<R, _>(&launch, &cpus, Arc::new(app)).unwrap();
-    Srv { server: Some(server), port: addr.port(), ca, metrics, _ca_dir: ca_dir }
+    Srv { server: Some(server), port: addr.port(), cert_pem: made.cert_pem, ca, metrics, _ca_dir: ca_dir }
 }
 
 impl Srv {
@@ -136,6 +141,43 @@ pub fn curl_fetches_every_size_over_https<R: Runtime>() {
     srv.stop();
 }
 
+/// An idle keep-alive connection over TLS ends as soon as the server drains (its read is
+/// cancelled without loss, through the TLS stream), long before the 30 s drain deadline.
+pub fn idle_tls_connections_close_at_once_when_draining<R: Runtime>() {
+    use corepin::tls::rustls;
+    use std::io::{Read, Write};
+    let site = site();
+    let mut srv = serve::<R>(&site);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::pem::PemObject::from_pem_slice(srv.cert_pem.as_bytes()).unwrap()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let sock = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut c = rustls::StreamOwned::new(conn, sock);
+    c.write_all(b"GET /one.bin HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n")
+        || got.len() < got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 5
+    {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    // The connection is idle now, waiting for its next request.
+    let server = srv.server.take().unwrap();
+    let t = Instant::now();
+    server.shutdown_handle().drain();
+    server.wait().expect("the server stops cleanly");
+    assert!(t.elapsed() < Duration::from_secs(10), "drain waited {:?} for an idle TLS connection", t.elapsed());
+}
+
 fn settle<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -149,4 +191,5 @@ fn settle<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
 
 corepin::per_runtime_tests! {
     curl_fetches_every_size_over_https,
+    idle_tls_connections_close_at_once_when_draining,
 }
