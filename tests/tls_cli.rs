@@ -227,8 +227,9 @@ fn sighup_reloads_the_certificate_and_a_broken_file_keeps_the_old_one() {
 
     for rt in runtimes() {
         install("a");
-        let args = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
-        let server = start("echo", rt, &args, "tls: TLS 1.3 and 1.2");
+        let args =
+            ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--metrics", "127.0.0.1:0"];
+        let server = start("echo", rt, &args, "metrics: http://");
         assert!(server.banner.contains(&format!("tls: SPKI sha256 {fa} ")), "{rt}: banner:\n{}", server.banner);
         assert_eq!(served_fingerprint(server.addr), fa, "{rt}: A is served");
         let mut open = Session::open(server.addr);
@@ -252,8 +253,32 @@ fn sighup_reloads_the_certificate_and_a_broken_file_keeps_the_old_one() {
         assert_eq!(served_fingerprint(server.addr), fc, "{rt}: C (an RSA PKCS#1 key) is served");
         open.echo("still open");
         drop(open);
+        let metrics = scrape(&server.banner);
+        for line in [
+            "corepin_tls_certificate_reloads_total{result=\"ok\"} 2",
+            "corepin_tls_certificate_reloads_total{result=\"failed\"} 1",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{rt}: no `{line}` in\n{metrics}");
+        }
+        let full = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("corepin_tls_handshakes_all_cores_total{kind=\"full\"} "))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(full.is_some_and(|n| n >= 4), "{rt}: full handshakes counted:\n{metrics}");
         server.stop();
     }
+}
+
+/// GETs /metrics from the address the banner names.
+fn scrape(banner: &str) -> String {
+    use std::io::Read;
+    let url = banner.lines().find_map(|l| l.strip_prefix("metrics: http://")).expect("a metrics line");
+    let addr = url.trim_end_matches("/metrics");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
 }
 
 #[test]

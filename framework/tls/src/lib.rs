@@ -247,8 +247,13 @@ impl TlsAcceptor {
                 }
             }
         }
-        // Tickets and anything else queued at the end of the handshake go out now.
-        stream::flush(io, &session).await.map_err(TlsError::Io)?;
+        // Tickets and anything else queued at the end of the handshake go out now. The
+        // handshake is complete even if the peer has already gone (a client that closes right
+        // after its Finished): the failure is kept in the session, and the service sees it on
+        // its first write, after any data that did arrive.
+        if let Err(e) = stream::flush(io, &session).await {
+            tracing::debug!("sending session tickets failed: {e}");
+        }
         let session = session.into_inner();
         let info = TlsInfo::of(&session)
             .ok_or_else(|| TlsError::Io(io::Error::other("handshake complete without a version or suite")))?;
