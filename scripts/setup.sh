@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing corepin need from the system (Debian/Ubuntu, as root or
 # via sudo): the hwloc library for topology, a C toolchain, curl, the independent HTTP client
-# the file server's tests compare against, and redis-cli (redis-tools), the independent client
+# the file server's tests compare against, openssl (s_client, the TLS tests' independent
+# client), and redis-cli (redis-tools), the independent client
 # the kv example's test drives. `scripts/setup.sh --bench` also installs the peers the
 # benchmarks measure against (nginx, wrk, redis-server). Idempotent: does nothing when everything is already
 # there.
 set -euo pipefail
-pkgs=(libhwloc-dev pkg-config build-essential curl redis-tools)
+pkgs=(libhwloc-dev pkg-config build-essential curl openssl redis-tools)
 if [ "${1:-}" = "--bench" ]; then
   pkgs+=(nginx wrk redis-server)
 fi

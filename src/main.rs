@@ -61,10 +61,33 @@ struct CommonArgs {
     inbox_poll_us: u64,
 }
 
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// Serve TLS (1.3 and 1.2) with a self-signed certificate for localhost, 127.0.0.1 and
+    /// ::1; its SPKI fingerprint and the path of its PEM (for `curl --cacert`) are printed.
+    #[arg(long)]
+    tls: bool,
+    /// Serve TLS with this PEM certificate chain (end entity first); needs --tls-key.
+    /// SIGHUP reloads both files.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, RSA or EC) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Seconds a TLS handshake may take before the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    tls_handshake_timeout: f64,
+    /// TLS handshakes in progress per core beyond which new connections are closed.
+    #[arg(long, default_value_t = 256)]
+    tls_max_handshakes_per_core: usize,
+}
+
 #[derive(Args)]
 struct EchoArgs {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Address to listen on (one SO_REUSEPORT listener per core).
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
@@ -80,6 +103,8 @@ struct EchoArgs {
 struct FilesArgs {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Directory to serve (default: the demo site shipped in the repository).
     root: Option<PathBuf>,
     /// Address to listen on (one SO_REUSEPORT listener per core).
@@ -209,15 +234,155 @@ fn run_echo(args: EchoArgs) -> Result<()> {
         anyhow::bail!("--buffer-size must be at least 1");
     }
     let app = TcpServer::bind(listen, p.cpus.len(), corepin_echo::EchoFactory { buffer_size: args.buffer_size })?;
-    let addr = app.local_addr();
-    let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
-    let mut extra = Vec::new();
-    let metrics = serve_metrics(metrics_addr, corepin::metrics::registry_for(&server), &mut extra)?;
-    print_banner("echo", addr, &p, &server, &extra);
-    server.wait_with(signals)?;
-    drop(metrics);
-    tracing::info!("stopped cleanly");
-    Ok(())
+    let tls = Tls::prepare(&args.tls, Vec::new(), p.cpus.len())?;
+    let launch = Launch { what: "echo", p: &p, metrics_addr, extra: Vec::new(), add: Box::new(|_| {}) };
+    match tls {
+        None => launch.run(app, signals),
+        Some(tls) => tls.run(app, signals, launch),
+    }
+}
+
+/// What `run_echo` and `run_files` share once their app is built: start it, serve metrics,
+/// print the banner, wait for signals.
+struct Launch<'a> {
+    what: &'static str,
+    p: &'a Prepared,
+    metrics_addr: Option<SocketAddr>,
+    /// Banner lines after the capability report.
+    extra: Vec<String>,
+    /// Adds the service's own collectors to the registry.
+    add: Box<dyn FnOnce(&mut corepin::metrics::Registry) + 'a>,
+}
+
+impl Launch<'_> {
+    fn run<F: corepin::ServiceFactory, A: corepin::Acceptor>(
+        mut self,
+        app: TcpServer<F, A>,
+        signals: corepin::Signals,
+    ) -> Result<()> {
+        let addr = app.local_addr();
+        let server = corepin::start(self.p.kind, &self.p.cfg, &self.p.cpus, Arc::new(app))?;
+        let mut registry = corepin::metrics::registry_for(&server);
+        (self.add)(&mut registry);
+        let metrics = serve_metrics(self.metrics_addr, registry, &mut self.extra)?;
+        print_banner(self.what, addr, self.p, &server, &self.extra);
+        server.wait_with(signals)?;
+        drop(metrics);
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+/// The TLS front of `echo` and `files`: the acceptor, its banner lines, the SIGHUP reload.
+#[cfg(feature = "tls")]
+struct Tls {
+    acceptor: corepin::tls::TlsAcceptor,
+    lines: Vec<String>,
+    /// The self-signed certificate's PEM file, removed at exit.
+    written: Option<PathBuf>,
+}
+
+#[cfg(feature = "tls")]
+impl Tls {
+    /// Builds the acceptor when --tls or --tls-cert asked for TLS.
+    fn prepare(args: &TlsArgs, alpn: Vec<Vec<u8>>, cores: usize) -> Result<Option<Tls>> {
+        use corepin::tls::{CertStore, TlsAcceptor, TlsOptions};
+        if !args.tls && args.tls_cert.is_none() {
+            return Ok(None);
+        }
+        let options = TlsOptions {
+            handshake_timeout: seconds("tls-handshake-timeout", args.tls_handshake_timeout)?,
+            max_handshakes_per_core: args.tls_max_handshakes_per_core.max(1),
+            alpn,
+        };
+        let mut lines = Vec::new();
+        let mut written = None;
+        let certs = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let store = CertStore::from_pem_files(cert, key)?;
+                lines.push(format!(
+                    "tls: certificate {} with key {} (SIGHUP reloads them)",
+                    cert.display(),
+                    key.display()
+                ));
+                store
+            }
+            _ => {
+                let (store, made) = CertStore::self_signed(&["localhost", "127.0.0.1", "::1"])?;
+                let path = std::env::temp_dir().join(format!("corepin-{}-localhost.pem", std::process::id()));
+                std::fs::write(&path, &made.cert_pem)
+                    .with_context(|| format!("cannot write the self-signed certificate to {}", path.display()))?;
+                lines.push(format!(
+                    "tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to {} (curl --cacert {})",
+                    path.display(),
+                    path.display()
+                ));
+                written = Some(path);
+                store
+            }
+        };
+        let certs = Arc::new(certs);
+        if let Some(fp) = &certs.current().fingerprint {
+            lines.push(format!("tls: SPKI sha256 {fp} (chromium --ignore-certificate-errors-spki-list={fp})"));
+        }
+        lines.push("tls: TLS 1.3 and 1.2 (rustls, ring); session tickets shared by every core".into());
+        let acceptor = TlsAcceptor::new(certs, options, cores)?;
+        Ok(Some(Tls { acceptor, lines, written }))
+    }
+
+    /// Runs `app` behind TLS: adds the banner lines and the TLS metrics, and reloads the
+    /// certificate on SIGHUP.
+    fn run<F: corepin::ServiceFactory>(
+        self,
+        app: TcpServer<F>,
+        signals: corepin::Signals,
+        mut launch: Launch<'_>,
+    ) -> Result<()> {
+        let Tls { acceptor, lines, written } = self;
+        launch.extra.extend(lines);
+        let certs = Arc::clone(acceptor.certs());
+        let signals = signals.on_hangup(move || reload_certificate(&certs))?;
+        let collector = acceptor.collector();
+        let add = launch.add;
+        launch.add = Box::new(move |registry| {
+            add(registry);
+            collector.register(registry);
+        });
+        let result = launch.run(app.with_acceptor(acceptor), signals);
+        if let Some(path) = written {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+}
+
+/// A build without the `tls` feature: asking for TLS is an error.
+#[cfg(not(feature = "tls"))]
+enum Tls {}
+
+#[cfg(not(feature = "tls"))]
+impl Tls {
+    fn prepare(args: &TlsArgs, _alpn: Vec<Vec<u8>>, _cores: usize) -> Result<Option<Tls>> {
+        if args.tls || args.tls_cert.is_some() {
+            anyhow::bail!("this build has no TLS; rebuild with `--features tls`");
+        }
+        Ok(None)
+    }
+    fn run<F: corepin::ServiceFactory>(self, _app: TcpServer<F>, _s: corepin::Signals, _l: Launch<'_>) -> Result<()> {
+        match self {}
+    }
+}
+
+/// SIGHUP: reads the certificate and key again; one line either way.
+#[cfg(feature = "tls")]
+fn reload_certificate(certs: &corepin::tls::CertStore) {
+    match certs.reload() {
+        Ok(loaded) => {
+            let fp = loaded.fingerprint.as_ref().map_or_else(|| "unknown".to_string(), ToString::to_string);
+            tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes present SPKI sha256 {fp}");
+        }
+        Err(e) => tracing::error!("SIGHUP: TLS certificate NOT reloaded, still serving the previous one: {e}"),
+    }
 }
 
 /// Starts the metrics endpoint on `addr`, when one was asked for, serving `registry`; adds
@@ -292,20 +457,26 @@ fn run_files(args: FilesArgs) -> Result<()> {
         .max_connections_per_core
         .unwrap_or_else(|| (nofile_limit().saturating_sub(256) / 2 / p.cpus.len() as u64).max(1) as usize);
     let app = TcpServer::bind(listen, p.cpus.len(), factory)?.max_connections_per_core(per_core);
-    let addr = app.local_addr();
-    let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
+    let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
     let mut extra = vec![
         format!("root: {} (confined with {:?})", served.display(), confinement),
         format!("max connections per core: {per_core}"),
     ];
-    let mut registry = corepin::metrics::registry_for(&server);
-    corepin_files::metrics::FilesCollector::new(files_metrics).register(&mut registry);
-    let metrics = serve_metrics(metrics_addr, registry, &mut extra)?;
-    print_banner("files", addr, &p, &server, &extra);
-    server.wait_with(signals)?;
-    drop(metrics);
-    tracing::info!("stopped cleanly");
-    Ok(())
+    if tls.is_some() {
+        extra.push(
+            "file transfer under TLS: read + write through the engine; sendfile(2) is not used \
+             (every byte is encrypted in user space: this kernel has no kernel TLS)"
+                .into(),
+        );
+    }
+    let add = Box::new(move |registry: &mut corepin::metrics::Registry| {
+        corepin_files::metrics::FilesCollector::new(files_metrics).register(registry);
+    });
+    let launch = Launch { what: "files", p: &p, metrics_addr, extra, add };
+    match tls {
+        None => launch.run(app, signals),
+        Some(tls) => tls.run(app, signals, launch),
+    }
 }
 
 fn run_caps(c: CommonArgs) -> Result<()> {
@@ -333,8 +504,16 @@ fn main() -> ExitCode {
             if e.use_stderr() {
                 // One clear line, not a page of usage.
                 let text = e.to_string();
-                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
-                write_err(&format!("{first} (see `corepin --help`)"));
+                let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+                let first = lines.next().unwrap_or("bad arguments");
+                // "the following required arguments were not provided:" names them below.
+                let named: Vec<&str> = if first.ends_with(':') {
+                    lines.take_while(|l| !l.starts_with("Usage")).collect()
+                } else {
+                    Vec::new()
+                };
+                let line = if named.is_empty() { first.to_string() } else { format!("{first} {}", named.join(", ")) };
+                write_err(&format!("{line} (see `corepin --help`)"));
                 return ExitCode::from(2);
             }
             let _ = e.print();

@@ -330,14 +330,25 @@ impl Server {
     /// The signal thread changes the phase first and logs after, inside `catch_unwind`: a log
     /// write that blocks (stderr a full pipe) or panics (a subscriber that reports its own
     /// write errors on a closed stderr) can delay or lose the message, never the shutdown.
+    ///
+    /// A SIGHUP, when [`Signals::on_hangup`] registered a hook, calls the hook on the signal
+    /// thread (inside `catch_unwind`: a panicking hook is logged and the server goes on).
     pub fn wait_with(self, signals: Signals) -> Result<(), LaunchError> {
-        let mut signals = signals.0;
+        let Signals { mut signals, on_hangup } = signals;
         let sig_handle = signals.handle();
         let handle = self.handle.clone();
         let watcher = std::thread::Builder::new()
             .name("corepin-signals".into())
             .spawn(move || {
                 for sig in signals.forever() {
+                    if sig == signal_hook::consts::SIGHUP {
+                        if let Some(hook) = &on_hangup {
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)).is_err() {
+                                let _ = std::panic::catch_unwind(|| tracing::error!("the SIGHUP hook panicked"));
+                            }
+                        }
+                        continue;
+                    }
                     let draining = handle.phase() == Phase::Running;
                     if draining {
                         handle.drain();
@@ -363,16 +374,32 @@ impl Server {
 
 /// SIGINT and SIGTERM handlers, installed before a server exists so that a signal sent while
 /// it starts is kept for [`Server::wait_with`] instead of ending the process by the default
-/// action.
-pub struct Signals(signal_hook::iterator::Signals);
+/// action; and, with [`on_hangup`](Signals::on_hangup), a SIGHUP hook (reloading
+/// certificates, say). The hook is plain code run on the signal thread, so it knows no
+/// runtime; work it hands to the workers goes through state they share (an `ArcSwap`).
+pub struct Signals {
+    signals: signal_hook::iterator::Signals,
+    on_hangup: Option<Box<dyn Fn() + Send + 'static>>,
+}
 
 impl Signals {
     /// Installs the handlers (for the whole process).
     pub fn install() -> Result<Signals, LaunchError> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-            .map(Signals)
+            .map(|signals| Signals { signals, on_hangup: None })
             .map_err(|e| LaunchError::Setup(format!("installing signal handlers: {e}")))
+    }
+
+    /// Catches SIGHUP from now on and calls `hook` on the signal thread for each one, once
+    /// [`Server::wait_with`] runs (a SIGHUP that arrives before is kept and acted on then).
+    /// Without a hook SIGHUP keeps its default action.
+    pub fn on_hangup(mut self, hook: impl Fn() + Send + 'static) -> Result<Signals, LaunchError> {
+        self.signals
+            .add_signal(signal_hook::consts::SIGHUP)
+            .map_err(|e| LaunchError::Setup(format!("installing the SIGHUP handler: {e}")))?;
+        self.on_hangup = Some(Box::new(hook));
+        Ok(self)
     }
 }
 

@@ -17,6 +17,11 @@
 
 pub use corepin_core::*;
 
+/// TLS as a stream adapter (rustls): [`tls::TlsAcceptor`] for `TcpServer::with_acceptor`.
+/// Compiled with the `tls` feature (on by default).
+#[cfg(feature = "tls")]
+pub use corepin_tls as tls;
+
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
