@@ -18,6 +18,8 @@
 #![warn(missing_docs)]
 
 pub mod certs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod session;
 mod stream;

@@ -339,11 +339,13 @@ impl Session {
     }
 
     /// After a fatal TLS error rustls has queued an alert for the peer: encodes it into
-    /// `tls_out` (best effort) so the caller can send it before closing.
+    /// `tls_out` (best effort) so the caller can send it before closing. rustls is handed the
+    /// unprocessed input again, not an empty buffer: it may still hold progress into that input
+    /// (a handshake message spanning records), and it slices the buffer by that progress.
     pub(crate) fn encode_alert(&mut self) {
         for _ in 0..4 {
-            let Session { conn, tls_out, out_len, side_out, .. } = self;
-            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
+            let Session { conn, tls_in, in_start, in_end, tls_out, out_len, side_out, .. } = self;
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut tls_in[*in_start..*in_end]);
             let mut out = OutTarget { tls_out, out_len, side_out };
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
