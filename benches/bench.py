@@ -12,6 +12,8 @@ returns its results and its markdown, and register it):
          same echo written directly on raw Monoio, Glommio and tokio-uring (corepin's own
          overhead), tokio multi-thread (epoll) and a hand-written io_uring loop (the floor).
 * files  the file server against nginx with wrk (benches/files_vs_nginx.py).
+* https  the same over TLS 1.3 (AES-128-GCM, one certificate for both), and full handshakes per
+         second (benches/files_vs_nginx.py --tls).
 * cold   a small file's latency on the worker that streams a file evicted from the page
          cache, and the same file cached (benches/cold_files.py).
 * scale  resident memory per idle connection at ~19,000 connections (corepin-loadgen hold).
@@ -207,6 +209,11 @@ def run_files(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitSta
     return run_script("files_vs_nginx.py", "files_vs_nginx.json", "corepin files vs nginx", prof.files_args, args)
 
 
+def run_https(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    return run_script("files_vs_nginx.py", "https_vs_nginx.json", "corepin files vs nginx over HTTPS",
+                      prof.files_args + ["--tls"], args)
+
+
 def run_cold(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
     return run_script("cold_files.py", "cold_files.json", "Small-file latency", prof.cold_args, args)
 
@@ -394,6 +401,7 @@ def run_kv(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack], Outcome]] = {
     "echo": run_echo,
     "files": run_files,
+    "https": run_https,
     "cold": run_cold,
     "scale": run_scale,
     "crosscore": run_crosscore,

@@ -20,6 +20,13 @@ Method
 * wrk's Requests/sec, Transfer/sec, request count, p50/p99 (from its latency distribution),
   non-2xx/3xx responses and socket errors are parsed; a run with any error is flagged.
 
+``--tls`` mode serves HTTPS instead: one EC P-256 certificate (made with openssl for the run)
+for both servers, TLS 1.3 only with the AES-128-GCM suite on both (nginx
+``ssl_conf_command Ciphersuites``, corepin ``--tls-ciphers``), the same files on keep-alive
+connections, plus a ``handshake`` row per server: wrk sending ``Connection: close`` for 4k.bin,
+so every request is a new connection with a full handshake (wrk does not resume sessions), and
+req/s there is full handshakes per second.
+
 ``--paths`` mode measures, per backend and file size, corepin's three ways of sending a body
 (memory cache, sendfile(2), read+write) to choose the size threshold between the memory path
 and sendfile (``--memory-max``).
@@ -48,6 +55,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -166,6 +174,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TLS = False  # --tls: every server speaks HTTPS
+
+
 def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
     """Poll until GET path answers 200, or fail if the process died or the time ran out."""
     deadline = time.monotonic() + timeout
@@ -173,7 +184,11 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = STA
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with status {proc.returncode} during start-up")
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            if TLS:
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    "127.0.0.1", port, timeout=2, context=ssl._create_unverified_context())
+            else:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", path)
             resp = conn.getresponse()
             resp.read()
@@ -181,7 +196,7 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = STA
             if resp.status == 200:
                 return
             raise RuntimeError(f"GET {path} answered {resp.status}")
-        except (ConnectionError, socket.timeout, http.client.HTTPException):
+        except (ConnectionError, socket.timeout, http.client.HTTPException, ssl.SSLError):
             time.sleep(0.05)
     raise RuntimeError(f"no answer on port {port} within {timeout:.0f}s")
 
@@ -238,11 +253,29 @@ http {{
     uwsgi_temp_path {state}/uwsgi;
     scgi_temp_path {state}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         root {root};
     }}
 }}
 """
+
+# --tls: TLS 1.3, AES-128-GCM only, the run's certificate; tickets off (wrk never resumes).
+NGINX_TLS = """ ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+        ssl_session_tickets off"""
+TLS_SUITE = "TLS13_AES_128_GCM_SHA256"
+
+
+def make_certificate(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def start_nginx(tmp: Path, root: Path, probe_path: str) -> Server:
@@ -250,7 +283,8 @@ def start_nginx(tmp: Path, root: Path, probe_path: str) -> Server:
     state.mkdir()
     port = free_port()
     conf = state / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(state=state, port=port, root=root))
+    tls = NGINX_TLS.format(cert=tmp / "cert.pem", key=tmp / "key.pem") if TLS else ""
+    conf.write_text(NGINX_CONF.format(state=state, port=port, root=root, tls=tls))
     log = state / "stderr.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
@@ -270,6 +304,9 @@ def start_nginx(tmp: Path, root: Path, probe_path: str) -> Server:
 def start_corepin(binary: Path, backend: str, root: Path, tmp: Path, extra: list[str],
                   probe_path: str) -> Server:
     port = free_port()
+    if TLS:
+        extra = [*extra, "--tls-cert", str(tmp / "cert.pem"), "--tls-key", str(tmp / "key.pem"),
+                 "--tls-ciphers", TLS_SUITE]
     log = tmp / f"corepin-{backend}-{port}.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
@@ -333,9 +370,11 @@ def parse_wrk(out: str, r: RunResult) -> None:
         r.problems.append("no requests parsed from wrk")
 
 
-def run_wrk(url: str, conns: int, secs: int) -> str:
+def run_wrk(url: str, conns: int, secs: int, close: bool = False) -> str:
     cmd = ["taskset", "-c", str(CLIENT_CPU), "wrk", "-t1", f"-c{conns}", f"-d{secs}s",
            "--latency", url]
+    if close:
+        cmd[5:5] = ["-H", "Connection: close"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
     if p.returncode != 0:
         raise RuntimeError(f"wrk failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
@@ -343,12 +382,13 @@ def run_wrk(url: str, conns: int, secs: int) -> str:
 
 
 def measure(server: Server, file: str, size: int, config: str, args: argparse.Namespace) -> RunResult:
-    url = f"http://127.0.0.1:{server.port}/{file}"
+    url = f"{'https' if TLS else 'http'}://127.0.0.1:{server.port}/{file}"
     r = RunResult(server=server.name, config=config, file=file, size=size)
+    close = config == "handshake"
     if args.warmup > 0:
-        run_wrk(url, args.conns, args.warmup)
+        run_wrk(url, args.conns, args.warmup, close)
     t0, c0 = time.monotonic(), server.cpu_ticks()
-    out = run_wrk(url, args.conns, args.secs)
+    out = run_wrk(url, args.conns, args.secs, close)
     t1, c1 = time.monotonic(), server.cpu_ticks()
     parse_wrk(out, r)
     r.server_user_s = (c1[0] - c0[0]) / CLK_TCK
@@ -401,16 +441,20 @@ def header_line(args: argparse.Namespace, what: str) -> str:
 
 
 def compare_table(results: list[RunResult], args: argparse.Namespace) -> str:
-    lines = [header_line(args, "corepin files vs nginx " + nginx_version()), "",
+    what = ("corepin files vs nginx over HTTPS (TLS 1.3, AES-128-GCM, EC P-256) " if TLS
+            else "corepin files vs nginx ") + nginx_version()
+    lines = [header_line(args, what), "",
              "| file | server | req/s | transfer | server CPU/req | ratio req/s to nginx "
              "| ratio CPU/req to nginx | p50 | p99 | errors |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for file in COMPARE_FILES:
-        base = next((r for r in results if r.file == file and r.server == "nginx"), None)
-        for r in (r for r in results if r.file == file):
+    rows = [(f, "default") for f in COMPARE_FILES] + ([("4k.bin", "handshake")] if TLS else [])
+    for file, config in rows:
+        base = next((r for r in results if r.file == file and r.config == config and r.server == "nginx"), None)
+        for r in (r for r in results if r.file == file and r.config == config):
             err = f"**{r.error_text}**" if r.error_text else "none"
+            name = f"{r.file}, new connection each" if config == "handshake" else r.file
             lines.append(
-                f"| {r.file} | {r.server} | {r.req_per_s:,.0f} | {fmt_transfer(r.transfer_bytes_per_s)} "
+                f"| {name} | {r.server} | {r.req_per_s:,.0f} | {fmt_transfer(r.transfer_bytes_per_s)} "
                 f"| {fmt_cpu(r.server_cpu_us_per_req)} "
                 f"| {fmt_ratio(r.req_per_s, base and base.req_per_s)} "
                 f"| {fmt_ratio(r.server_cpu_us_per_req, base and base.server_cpu_us_per_req)} "
@@ -487,8 +531,11 @@ def run_compare(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack
         stack.callback(server.stop)
         for file, size in COMPARE_FILES.items():
             results.append(measure(server, file, size, "default", args))
+        if TLS:
+            results.append(measure(server, "4k.bin", 4096, "handshake", args))
         server.stop()
-    results.sort(key=lambda r: list(COMPARE_FILES).index(r.file))  # stable: nginx first per file
+    # Stable: nginx first per row.
+    results.sort(key=lambda r: (r.config == "handshake", list(COMPARE_FILES).index(r.file)))
     return results
 
 
@@ -526,6 +573,8 @@ def parse_args() -> argparse.Namespace:
                    "files_vs_nginx.json, or files_paths.json with --paths)")
     p.add_argument("--paths", action="store_true",
                    help="compare corepin's memory / sendfile / read-write paths by file size")
+    p.add_argument("--tls", action="store_true",
+                   help="HTTPS: TLS 1.3 with AES-128-GCM on both servers, plus full handshakes per second")
     p.add_argument("--sizes", default=",".join(map(str, PATH_SIZES)),
                    help="--paths: comma-separated file sizes in bytes (default: %(default)s)")
     args = p.parse_args()
@@ -541,7 +590,7 @@ def parse_args() -> argparse.Namespace:
     if args.secs < 1 or args.conns < 1 or args.warmup < 0:
         p.error("--secs and --conns must be >= 1, --warmup >= 0")
     if args.json is None:
-        name = "files_paths.json" if args.paths else "files_vs_nginx.json"
+        name = "files_paths.json" if args.paths else "https_vs_nginx.json" if args.tls else "files_vs_nginx.json"
         args.json = REPO / "benches/results" / name
     args.binary = args.binary.resolve()
     return args
@@ -565,6 +614,8 @@ def main() -> None:
     if not shutil.which("nginx"):  # Debian installs it in /usr/sbin, not always on PATH
         os.environ["PATH"] += os.pathsep + "/usr/sbin"
     check_tools(args)
+    global TLS
+    TLS = args.tls
     # SIGTERM/SIGHUP end the run like Ctrl-C (SIGINT is set too, in case it was inherited as
     # ignored), so the ExitStack clean-up runs.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -573,6 +624,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corepin-files-bench-")))
         try:
+            if TLS:
+                make_certificate(tmp)
             if args.paths:
                 results = run_paths(args, tmp, stack)
                 table = paths_table(results, args)

@@ -80,6 +80,10 @@ struct TlsArgs {
     /// TLS handshakes in progress per core beyond which new connections are closed.
     #[arg(long, default_value_t = 256)]
     tls_max_handshakes_per_core: usize,
+    /// Offer only these cipher suites, comma-separated IANA names in order of preference
+    /// (e.g. TLS13_AES_128_GCM_SHA256); default: all of rustls's, in the client's order.
+    #[arg(long, value_delimiter = ',')]
+    tls_ciphers: Vec<String>,
 }
 
 #[derive(Args)]
@@ -294,6 +298,7 @@ impl Tls {
             handshake_timeout: seconds("tls-handshake-timeout", args.tls_handshake_timeout)?,
             max_handshakes_per_core: args.tls_max_handshakes_per_core.max(1),
             alpn,
+            cipher_suites: args.tls_ciphers.clone(),
         };
         let mut lines = Vec::new();
         let mut written = None;

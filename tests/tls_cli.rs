@@ -320,4 +320,32 @@ fn bad_tls_arguments_give_one_clear_line() {
         "/nonexistent/k.pem",
     ]);
     assert!(err.starts_with("error: certificate /nonexistent/c.pem"), "{err}");
+    let err = run(&["echo", "--listen", "127.0.0.1:0", "--tls", "--tls-ciphers", "TLS13_AES_128_GCM_SHA256,NOPE"]);
+    assert!(err.contains("unknown TLS cipher suite \"NOPE\"") && err.contains("TLS13_AES_256_GCM_SHA384"), "{err}");
+}
+
+/// `--tls-ciphers` fixes the suite: openssl, which prefers AES-256-GCM and gets it by default
+/// (rustls follows the client's order), gets AES-128-GCM when only that is offered.
+#[test]
+fn tls_ciphers_choose_the_suite() {
+    for rt in runtimes() {
+        tls_ciphers_choose_the_suite_on(rt);
+    }
+}
+
+fn tls_ciphers_choose_the_suite_on(rt: &str) {
+    let suite = |extra: &[&str]| {
+        let mut args = vec!["--tls"];
+        args.extend_from_slice(extra);
+        let server = start("files", rt, &args, "tls: TLS 1.3 and 1.2");
+        let out = sh(&format!(
+            "openssl s_client -connect {} -tls1_3 -ciphersuites TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256 \
+             </dev/null 2>/dev/null | grep -o 'Cipher is [A-Z0-9_]*' | head -1",
+            server.addr
+        ));
+        server.stop();
+        out
+    };
+    assert_eq!(suite(&[]), "Cipher is TLS_AES_256_GCM_SHA384", "{rt}: by default the client's first choice");
+    assert_eq!(suite(&["--tls-ciphers", "TLS13_AES_128_GCM_SHA256"]), "Cipher is TLS_AES_128_GCM_SHA256", "{rt}");
 }

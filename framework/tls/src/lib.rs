@@ -71,6 +71,14 @@ pub enum TlsError {
     /// The TLS configuration was refused.
     #[error("TLS configuration: {0}")]
     Config(rustls::Error),
+    /// A cipher suite name the provider does not have.
+    #[error("unknown TLS cipher suite {name:?} (known: {known})")]
+    UnknownCipherSuite {
+        /// The name asked for.
+        name: String,
+        /// The names the provider has.
+        known: String,
+    },
 }
 
 impl TlsError {
@@ -102,7 +110,7 @@ impl TlsError {
                 E::AlertReceived(_) => FailReason::Alert,
                 _ => FailReason::Other,
             },
-            TlsError::Config(_) => FailReason::Other,
+            TlsError::Config(_) | TlsError::UnknownCipherSuite { .. } => FailReason::Other,
         }
     }
 }
@@ -127,11 +135,21 @@ pub struct TlsOptions {
     /// Application protocols offered through ALPN, most preferred first (e.g. `http/1.1`).
     /// Empty: no ALPN. A client that offers only others is refused (`no_application_protocol`).
     pub alpn: Vec<Vec<u8>>,
+    /// The cipher suites offered, by their IANA names (`TLS13_AES_128_GCM_SHA256`,
+    /// `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`, ...), in the order given; the server then
+    /// picks by its own order, not the client's. Empty: every suite of the provider, in the
+    /// client's order.
+    pub cipher_suites: Vec<String>,
 }
 
 impl Default for TlsOptions {
     fn default() -> Self {
-        Self { handshake_timeout: Duration::from_secs(10), max_handshakes_per_core: 256, alpn: Vec::new() }
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes_per_core: 256,
+            alpn: Vec::new(),
+            cipher_suites: Vec::new(),
+        }
     }
 }
 
@@ -140,7 +158,32 @@ impl Default for TlsOptions {
 /// session resumes on any core), and no server-side session cache (which would be a lock
 /// shared by every core's handshakes).
 pub fn server_config(certs: Arc<CertStore>, alpn: Vec<Vec<u8>>) -> Result<ServerConfig, TlsError> {
-    let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider()))
+    server_config_with_suites(certs, alpn, &[])
+}
+
+/// [`server_config`] offering only the cipher suites named in `suites` (IANA names), in that
+/// order of preference; all of the provider's when empty.
+pub fn server_config_with_suites(
+    certs: Arc<CertStore>,
+    alpn: Vec<Vec<u8>>,
+    suites: &[String],
+) -> Result<ServerConfig, TlsError> {
+    let mut provider = provider();
+    if !suites.is_empty() {
+        let name = |s: &rustls::SupportedCipherSuite| format!("{:?}", s.suite());
+        let mut chosen = Vec::with_capacity(suites.len());
+        for wanted in suites {
+            match provider.cipher_suites.iter().find(|s| name(s).eq_ignore_ascii_case(wanted)) {
+                Some(s) => chosen.push(*s),
+                None => {
+                    let known = provider.cipher_suites.iter().map(name).collect::<Vec<_>>().join(", ");
+                    return Err(TlsError::UnknownCipherSuite { name: wanted.clone(), known });
+                }
+            }
+        }
+        provider.cipher_suites = chosen;
+    }
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Config)?
         .with_no_client_auth()
@@ -148,6 +191,8 @@ pub fn server_config(certs: Arc<CertStore>, alpn: Vec<Vec<u8>>) -> Result<Server
     cfg.alpn_protocols = alpn;
     cfg.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    // A chosen list is the server's preference; otherwise the client's order decides.
+    cfg.ignore_client_order = !suites.is_empty();
     Ok(cfg)
 }
 
@@ -162,7 +207,8 @@ pub struct TlsAcceptor {
 impl TlsAcceptor {
     /// An acceptor serving `certs` with `options`, for a server of `cores` workers.
     pub fn new(certs: Arc<CertStore>, options: TlsOptions, cores: usize) -> Result<Self, TlsError> {
-        let config = Arc::new(server_config(Arc::clone(&certs), options.alpn.clone())?);
+        let config =
+            Arc::new(server_config_with_suites(Arc::clone(&certs), options.alpn.clone(), &options.cipher_suites)?);
         Ok(Self { config, certs, options, metrics: TlsMetrics::new(cores.max(1)) })
     }
 
