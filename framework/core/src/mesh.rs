@@ -368,7 +368,14 @@ async fn call<T: Send + 'static>(target: usize, make: impl FnOnce(ReplyGuard) ->
     let slot = REPLIES.with(|r| r.borrow_mut().insert(ReplySlot::default()));
     let guard = ReplyGuard { mesh: mesh.clone(), home, target, slot, sent: false };
     if let Err(e) = mesh.post(target, Message::Job(make(guard))) {
-        REPLIES.with(|r| r.borrow_mut().remove(slot));
+        // The refused job was dropped, and its guard has posted `Closed` to this core for the
+        // slot: leave the slot to that reply (which frees it), so no later call reuses the
+        // slot and takes the stale answer.
+        REPLIES.with(|r| {
+            if let Some(s) = r.borrow_mut().get_mut(slot) {
+                s.abandoned = true;
+            }
+        });
         return Err(e);
     }
     let waiter = ReplyWait { slot, done: false };

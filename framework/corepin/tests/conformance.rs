@@ -497,6 +497,14 @@ impl App for CrossCore {
         .map_err(|e| AppError::msg(e.to_string()))?;
         let missing = corepin::submit_to(99, || async {}).await;
         assert_eq!(missing, Err(corepin::mesh::MeshError::NoSuchCore(99)));
+        // Back-to-back calls: with an idle poll window most arrive while the target's inbox is
+        // still looking, with none each one rings the doorbell; every answer must come back.
+        let mut sum = 0u64;
+        for i in 0..200u64 {
+            sum +=
+                corepin::submit_to(other, move || async move { i }).await.map_err(|e| AppError::msg(e.to_string()))?;
+        }
+        assert_eq!(sum, 199 * 200 / 2);
         self.0.lock().unwrap().push(format!("{me}->{other}:{thread_name}:{cpu}"));
         // Stay until every worker has had its answer, so no inbox closes early.
         while self.0.lock().unwrap().len() < w.info().workers {
@@ -506,10 +514,18 @@ impl App for CrossCore {
     }
 }
 
-/// `submit_to` runs a job on another core and brings its result back.
+/// `submit_to` runs a job on another core and brings its result back, with inboxes that sleep
+/// as soon as their core is idle (the default) and with an idle poll window
+/// (`LaunchConfig::inbox_poll`), where a message can arrive while the inbox is yielding.
 pub fn cross_core_messages_round_trip<R: Runtime>() {
+    for poll in [Duration::ZERO, Duration::from_micros(200)] {
+        cross_core_round_trip_with::<R>(LaunchConfig { inbox_poll: poll, ..launch_cfg(CoreSelection::Count(2)) });
+    }
+}
+
+fn cross_core_round_trip_with<R: Runtime>(cfg: LaunchConfig) {
     let app = Arc::new(CrossCore(Mutex::new(Vec::new())));
-    let server = start::<R, _>(&launch_cfg(CoreSelection::Count(2)), app.clone());
+    let server = start::<R, _>(&cfg, app.clone());
     let cpus: Vec<usize> = server.workers().iter().map(|w| w.cpu).collect();
     within(Duration::from_secs(30), "cross-core round trip", move || server.wait()).unwrap();
     let mut got = app.0.lock().unwrap().clone();
