@@ -34,16 +34,11 @@ pub fn serve_bytes(input: &[u8]) -> bool {
     let mut rx = vec![0u8; IN_CAP];
     let mut handshaken = false;
     while !rest.is_empty() {
-        // What `stream::receive` does around a socket read.
-        let leftover = s.pending_in();
-        if leftover >= rx.len() {
-            return handshaken; // Oversized: the connection would be closed.
-        }
+        // As `stream::receive` does around a socket read; Oversized closes the connection.
+        let Ok((gen, leftover)) = s.stage_read(&mut rx) else { return handshaken };
         let n = piece.min(rest.len()).min(rx.len() - leftover);
-        rx[..leftover].copy_from_slice(&s.tls_in[s.in_start..s.in_end]);
         rx[leftover..leftover + n].copy_from_slice(&rest[..n]);
         rest = &rest[n..];
-        let gen = s.in_gen;
         if s.absorb(&mut rx, gen, leftover, n).is_err() {
             return handshaken;
         }

@@ -372,6 +372,18 @@ impl Session {
         }
     }
 
+    /// Readies `spare` for a socket read: copies the unprocessed bytes to its front and returns
+    /// the generation and length of that copy, which [`absorb`](Self::absorb) takes back with
+    /// the read's count. Fails (and records) `Oversized` when unprocessed bytes fill it.
+    pub(crate) fn stage_read(&mut self, spare: &mut [u8]) -> Result<(u64, usize), Failure> {
+        let leftover = self.pending_in();
+        if leftover >= spare.len() {
+            return Err(self.fail(Failure::Oversized));
+        }
+        spare[..leftover].copy_from_slice(&self.tls_in[self.in_start..self.in_end]);
+        Ok((self.in_gen, leftover))
+    }
+
     /// Takes the received bytes a read put into `rx`: `rx[..leftover]` is the copy of the
     /// unprocessed bytes made before the read (taken when `gen` still matches), followed by
     /// `n` new bytes. The buffers swap, so the new bytes are not copied again.

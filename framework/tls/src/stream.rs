@@ -241,16 +241,13 @@ pub(crate) async fn receive<Rd: AsyncReadRent>(
     // Only missing when a read future was dropped mid-read: that connection is broken anyway,
     // but a fresh buffer keeps this from panicking.
     let mut spare = rx.take().unwrap_or_else(|| vec![0; IN_CAP]);
-    let (gen, leftover) = {
-        let mut s = session.borrow_mut();
-        let leftover = s.pending_in();
-        if leftover >= spare.len() {
-            s.set_failure(Failure::Oversized);
+    let staged = session.borrow_mut().stage_read(&mut spare);
+    let (gen, leftover) = match staged {
+        Ok(v) => v,
+        Err(f) => {
             *rx = Some(spare);
-            return Err(Failure::Oversized.to_io());
+            return Err(f.to_io());
         }
-        spare[..leftover].copy_from_slice(&s.tls_in[s.in_start..s.in_end]);
-        (s.in_gen, leftover)
     };
     let len = spare.len();
     let BufResult(res, slice) = match cancel {
