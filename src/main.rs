@@ -330,6 +330,9 @@ impl Tls {
         if let Some(fp) = &certs.current().fingerprint {
             lines.push(format!("tls: SPKI sha256 {fp} (chromium --ignore-certificate-errors-spki-list={fp})"));
         }
+        if let Some(expiry) = &certs.current().expiry {
+            lines.push(format!("tls: certificate chain valid until {expiry}"));
+        }
         lines.push("tls: TLS 1.3 and 1.2 (rustls, ring); session tickets shared by every core".into());
         let acceptor = TlsAcceptor::new(certs, options, cores)?;
         Ok(Some(Tls { acceptor, lines, written }))
@@ -384,7 +387,10 @@ fn reload_certificate(certs: &corepin::tls::CertStore) {
     match certs.reload() {
         Ok(loaded) => {
             let fp = loaded.fingerprint.as_ref().map_or_else(|| "unknown".to_string(), ToString::to_string);
-            tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes present SPKI sha256 {fp}");
+            let until = loaded.expiry.as_ref().map_or_else(|| "unknown".to_string(), ToString::to_string);
+            tracing::info!(
+                "SIGHUP: TLS certificate reloaded; new handshakes present SPKI sha256 {fp}, valid until {until}"
+            );
         }
         Err(e) => tracing::error!("SIGHUP: TLS certificate NOT reloaded, still serving the previous one: {e}"),
     }

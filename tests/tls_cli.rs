@@ -231,6 +231,17 @@ fn sighup_reloads_the_certificate_and_a_broken_file_keeps_the_old_one() {
             ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--metrics", "127.0.0.1:0"];
         let server = start("echo", rt, &args, "metrics: http://");
         assert!(server.banner.contains(&format!("tls: SPKI sha256 {fa} ")), "{rt}: banner:\n{}", server.banner);
+        // The expiry, as openssl reads it ("notAfter=Dec  1 07:37:21 2026 GMT"), in the banner as
+        // "01 Dec 2026 07:37:21"; `-days 2` leaves two days, or one and most of another.
+        let end = sh(&format!("openssl x509 -enddate -noout -in {d}/a.pem"));
+        let [mon, day, time, year] = [0, 1, 2, 3].map(|i| end["notAfter=".len()..].split_whitespace().nth(i).unwrap());
+        let until = format!("{day:0>2} {mon} {year} {time}");
+        let line = server.banner.lines().find(|l| l.starts_with("tls: certificate chain valid until "));
+        assert!(
+            line.is_some_and(|l| l.contains(&until) && (l.ends_with(" (in 1 day)") || l.ends_with(" (in 2 days)"))),
+            "{rt}: `{end}` not in the banner:\n{}",
+            server.banner
+        );
         assert_eq!(served_fingerprint(server.addr), fa, "{rt}: A is served");
         let mut open = Session::open(server.addr);
         open.echo("before the reload");

@@ -82,6 +82,49 @@ pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
     /// Its SPKI fingerprint, when the key can tell its public key (RSA and ECDSA keys can).
     pub fingerprint: Option<SpkiFingerprint>,
+    /// When the chain stops being valid: the earliest `notAfter` of its certificates (an
+    /// expired intermediate fails clients as surely as an expired leaf). `None` when no
+    /// certificate of the chain parses as X.509 (rustls does not need to parse them).
+    pub expiry: Option<Expiry>,
+}
+
+/// The end of a chain's validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    /// Unix time, in seconds, of the earliest `notAfter`.
+    pub unix: i64,
+    /// The same instant as RFC 2822 text, for logs.
+    pub text: String,
+}
+
+impl Expiry {
+    /// The earliest `notAfter` among the certificates of `chain` that parse.
+    pub fn of_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
+        chain
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der.as_ref()).ok())
+            .map(|(_, cert)| cert.validity().not_after)
+            .min_by_key(|t| t.timestamp())
+            .map(|t| Self { unix: t.timestamp(), text: t.to_rfc2822().unwrap_or_else(|_| t.to_string()) })
+    }
+
+    /// Whole days from now until the expiry (negative once expired).
+    pub fn days_left(&self) -> i64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        (self.unix - now).div_euclid(86_400)
+    }
+}
+
+impl fmt::Display for Expiry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let days = self.days_left();
+        let unit = |n: i64| if n == 1 { "day" } else { "days" };
+        if days < 0 {
+            write!(f, "{} (EXPIRED {} {} ago)", self.text, -days, unit(-days))
+        } else {
+            write!(f, "{} (in {days} {})", self.text, unit(days))
+        }
+    }
 }
 
 impl LoadedCert {
@@ -125,9 +168,10 @@ impl LoadedCert {
     ) -> Result<Self, rustls::Error> {
         // from_der parses the key with the provider and compares its public key with the
         // certificate's: a key that belongs to another certificate is refused here.
+        let expiry = Expiry::of_chain(&chain);
         let ck = CertifiedKey::from_der(chain, key, provider)?;
         let fingerprint = ck.key.public_key().map(|spki| SpkiFingerprint::of_spki(spki.as_ref()));
-        Ok(Self { key: Arc::new(ck), fingerprint })
+        Ok(Self { key: Arc::new(ck), fingerprint, expiry })
     }
 }
 
@@ -266,6 +310,31 @@ mod tests {
         assert_eq!(loaded.fingerprint.as_ref(), Some(&made.fingerprint));
         assert_eq!(made.fingerprint.0.len(), 44, "32 bytes in base64 with padding: {}", made.fingerprint);
         assert_eq!(SpkiFingerprint::of_spki(b"").0, "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+    }
+
+    #[test]
+    fn the_expiry_is_the_earliest_not_after_of_the_chain() {
+        use rcgen::{date_time_ymd, BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.not_after = date_time_ymd(2029, 2, 3);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.not_after = date_time_ymd(2031, 5, 17);
+        let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        // 2031-05-17T00:00:00Z and 2029-02-03T00:00:00Z.
+        let alone = Expiry::of_chain(&[leaf.der().clone()]).unwrap();
+        assert_eq!(alone.unix, 1_936_742_400, "{alone:?}");
+        let pem = format!("{}{}", leaf.pem(), ca.pem());
+        let loaded =
+            LoadedCert::from_pem(pem.as_bytes(), leaf_key.serialize_pem().as_bytes(), &crate::provider()).unwrap();
+        let chain = loaded.expiry.expect("the chain parses");
+        assert_eq!(chain.unix, 1_864_771_200, "the CA expires first: {chain:?}");
+        assert!(chain.text.contains("2029"), "{}", chain.text);
+        assert!(chain.to_string().contains("EXPIRED") == (chain.days_left() < 0), "{chain}");
+        assert_eq!(Expiry::of_chain(&[CertificateDer::from(vec![1u8, 2, 3])]), None, "not X.509: no expiry");
     }
 
     #[test]

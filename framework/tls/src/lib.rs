@@ -35,7 +35,7 @@ use corepin_core::{Acceptor, ConnStream, Runtime, Stream, Worker};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ServerConfig, UnbufferedServerConnection};
 
-pub use certs::{CertError, CertStore, LoadedCert, SelfSigned, SpkiFingerprint};
+pub use certs::{CertError, CertStore, Expiry, LoadedCert, SelfSigned, SpkiFingerprint};
 pub use metrics::{CoreTlsCounters, FailReason, TlsCollector, TlsMetrics};
 pub use rustls;
 pub use stream::{TlsInfo, TlsReadHalf, TlsStream, TlsWriteHalf};
@@ -65,6 +65,9 @@ pub enum TlsError {
     /// A record or handshake message does not fit the connection's buffer.
     #[error("TLS record or handshake message larger than the connection's {IN_CAP}-byte buffer")]
     Oversized,
+    /// A TLS 1.2 client asked to renegotiate, which corepin refuses (after a handshake only).
+    #[error("the client asked to renegotiate TLS; renegotiation is refused")]
+    Renegotiation,
     /// A socket error.
     #[error("TLS handshake: {0}")]
     Io(io::Error),
@@ -90,6 +93,7 @@ impl TlsError {
             TlsError::OverCap(_) => FailReason::OverCap,
             TlsError::Closed => FailReason::Closed,
             TlsError::Oversized => FailReason::Oversized,
+            TlsError::Renegotiation => FailReason::Renegotiation,
             TlsError::Io(e) => match e.kind() {
                 io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => {
                     FailReason::Closed
@@ -101,6 +105,7 @@ impl TlsError {
                     P::Tls12NotOffered | P::Tls12NotOfferedOrEnabled | P::SupportedVersionsExtensionRequired,
                 ) => FailReason::ProtocolVersion,
                 E::PeerIncompatible(_) | E::NoApplicationProtocol => FailReason::Incompatible,
+                E::PeerMisbehaved(rustls::PeerMisbehaved::TooManyRenegotiationRequests) => FailReason::Renegotiation,
                 E::InvalidMessage(_)
                 | E::InappropriateMessage { .. }
                 | E::InappropriateHandshakeMessage { .. }
@@ -120,6 +125,7 @@ impl From<Failure> for TlsError {
         match f {
             Failure::Tls(e) => TlsError::Protocol(e),
             Failure::Oversized => TlsError::Oversized,
+            Failure::Renegotiation => TlsError::Renegotiation,
             Failure::Io(kind, msg) => TlsError::Io(io::Error::new(kind, msg)),
         }
     }
@@ -252,8 +258,9 @@ impl TlsAcceptor {
         counters.end();
         let result = if timed_out { Err(TlsError::Timeout(timeout)) } else { result };
         match result {
-            Ok((rx, session, info)) => {
+            Ok((rx, mut session, info)) => {
                 counters.completed(info.resumed, info.version, info.cipher_suite);
+                session.counters = Some((Arc::clone(&self.metrics), core.min(self.metrics.len() - 1)));
                 Ok(TlsStream::new(stream, rx, session, info))
             }
             Err(e) => {

@@ -38,13 +38,16 @@ pub enum FailReason {
     Alert,
     /// A record or handshake message larger than the connection's buffer.
     Oversized,
+    /// A TLS 1.2 client asked to renegotiate (after the handshake; rustls refuses and so does
+    /// corepin, by closing the connection).
+    Renegotiation,
     /// Anything else.
     Other,
 }
 
 impl FailReason {
     /// Every reason, in exposition order.
-    pub const ALL: [FailReason; 10] = [
+    pub const ALL: [FailReason; 11] = [
         FailReason::Timeout,
         FailReason::OverCap,
         FailReason::Closed,
@@ -54,6 +57,7 @@ impl FailReason {
         FailReason::BadMessage,
         FailReason::Alert,
         FailReason::Oversized,
+        FailReason::Renegotiation,
         FailReason::Other,
     ];
 
@@ -69,6 +73,7 @@ impl FailReason {
             FailReason::BadMessage => "bad_message",
             FailReason::Alert => "alert",
             FailReason::Oversized => "oversized",
+            FailReason::Renegotiation => "renegotiation",
             FailReason::Other => "other",
         }
     }
@@ -93,7 +98,10 @@ pub struct CoreTlsCounters {
     /// Completed resumed handshakes (a session ticket).
     pub resumed: AtomicU64,
     /// Failed handshakes, by [`FailReason`] (in `FailReason::ALL` order).
-    pub failed: [AtomicU64; 10],
+    pub failed: [AtomicU64; 11],
+    /// Connections ended by a TLS failure after their handshake (bad or oversized records,
+    /// a fatal alert, a renegotiation attempt), by [`FailReason`].
+    pub broken: [AtomicU64; 11],
     /// Completed handshakes by version: TLS 1.2, TLS 1.3.
     pub versions: [AtomicU64; 2],
     /// Completed handshakes by cipher suite (in [`counted_suites`] order).
@@ -106,6 +114,16 @@ impl CoreTlsCounters {
     /// Counts a failed handshake.
     pub fn failed(&self, reason: FailReason) {
         CoreCounters::add(&self.failed[reason.index()], 1);
+    }
+
+    /// Counts a connection ended by a TLS failure after its handshake.
+    pub fn broke(&self, reason: FailReason) {
+        CoreCounters::add(&self.broken[reason.index()], 1);
+    }
+
+    /// Connections ended after their handshake for `reason`.
+    pub fn breakages(&self, reason: FailReason) -> u64 {
+        self.broken[reason.index()].load(Ordering::Relaxed)
     }
 
     /// Counts a completed handshake.
@@ -195,6 +213,14 @@ impl Collector for TlsCollector {
         )?;
         per_core_counter(
             &mut enc,
+            "corepin_tls_connection_failures",
+            "Connections ended by a TLS failure after the handshake (bad records, fatal alerts, renegotiation attempts), by reason",
+            Some(("reason", &reasons)),
+            n,
+            |c, i| get(&m.core(c).broken[i]),
+        )?;
+        per_core_counter(
+            &mut enc,
             "corepin_tls_versions",
             "Completed TLS handshakes by protocol version",
             Some(("version", &["TLSv1.2", "TLSv1.3"])),
@@ -229,6 +255,15 @@ impl Collector for TlsCollector {
         )?;
         ConstCounter::new(self.certs.reloads()).encode(r.encode_family(&[("result", "ok")])?)?;
         ConstCounter::new(self.certs.reload_failures()).encode(r.encode_family(&[("result", "failed")])?)?;
+        if let Some(expiry) = &self.certs.current().expiry {
+            let g = enc.encode_descriptor(
+                "corepin_tls_certificate_expiry_seconds",
+                "Unix time at which the served certificate chain expires (its earliest notAfter)",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            ConstGauge::new(expiry.unix).encode(g)?;
+        }
         Ok(())
     }
 }

@@ -9,9 +9,13 @@
 //! the write half.
 
 use std::io;
+use std::sync::Arc;
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::ProtocolVersion;
+
+use crate::metrics::TlsMetrics;
 
 /// The most plaintext one TLS record carries.
 pub(crate) const RECORD_PLAIN_MAX: usize = 16 * 1024;
@@ -65,6 +69,8 @@ pub(crate) enum Goal<'a> {
 pub(crate) enum Failure {
     Tls(rustls::Error),
     Oversized,
+    /// A TLS 1.2 client asked to renegotiate after the handshake.
+    Renegotiation,
     Io(io::ErrorKind, String),
 }
 
@@ -75,6 +81,10 @@ impl Failure {
             Failure::Oversized => io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("TLS record or handshake message larger than the connection's {IN_CAP}-byte buffer"),
+            ),
+            Failure::Renegotiation => io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS: the client asked to renegotiate; renegotiation is refused and the connection closed",
             ),
             Failure::Io(kind, msg) => io::Error::new(*kind, msg.clone()),
         }
@@ -105,6 +115,9 @@ pub(crate) struct Session {
     pub(crate) peer_closed: bool,
     pub(crate) close_sent: bool,
     pub(crate) failure: Option<Failure>,
+    /// Where a failure after the handshake is counted (set once the handshake is complete;
+    /// handshake failures are counted by the acceptor).
+    pub(crate) counters: Option<(Arc<TlsMetrics>, usize)>,
 }
 
 impl Session {
@@ -123,6 +136,7 @@ impl Session {
             peer_closed: false,
             close_sent: false,
             failure: None,
+            counters: None,
         }
     }
 
@@ -173,7 +187,14 @@ impl Session {
         self.failure.get_or_insert(f);
     }
 
+    /// Records the first fatal failure (and counts it, after the handshake); returns the one
+    /// recorded.
     fn fail(&mut self, f: Failure) -> Failure {
+        if self.failure.is_none() {
+            if let Some((metrics, core)) = &self.counters {
+                metrics.core(*core).broke(crate::TlsError::from(f.clone()).reason());
+            }
+        }
         self.failure.get_or_insert(f).clone()
     }
 
@@ -184,6 +205,15 @@ impl Session {
         }
         // Bounded: every turn either consumes input, emits output, or returns.
         loop {
+            // After a TLS 1.2 handshake rustls emits a record of its own accord only to refuse
+            // a renegotiation (a `no_renegotiation` warning; it would answer a second attempt
+            // with an error). corepin ends the connection at the first one instead of leaving
+            // a client that asked for a new handshake waiting for it.
+            // (The handshake's own last flight is encoded while `Goal::Handshake` drives it.)
+            let tls12_traffic = !matches!(goal, Goal::Handshake)
+                && !self.conn.is_handshaking()
+                && self.conn.protocol_version() == Some(ProtocolVersion::TLSv1_2);
+            let mut renegotiation = false;
             let Session {
                 conn,
                 tls_in,
@@ -237,7 +267,10 @@ impl Session {
                         Err(EncodeError::AlreadyEncoded) => Err(None),
                     });
                     match r {
-                        Ok(_) => None,
+                        Ok(_) => {
+                            renegotiation = tls12_traffic;
+                            None
+                        }
                         Err(()) => {
                             self.consume(discard);
                             return Err(self.fail(Failure::Io(io::ErrorKind::Other, "TLS record encoded twice".into())));
@@ -329,6 +362,10 @@ impl Session {
                 }
             };
             self.consume(discard);
+            if renegotiation {
+                // The warning stays queued in `tls_out`, to be sent before the close.
+                return Err(self.fail(Failure::Renegotiation));
+            }
             match reached {
                 // A TLS 1.3 server may send before the client's Finished has arrived.
                 Some(Reached::Handshaken) if self.conn.is_handshaking() => return Ok(Reached::NeedInput),

@@ -580,7 +580,111 @@ pub fn reload_changes_the_certificate_for_new_handshakes_only<R: Runtime>() {
     srv.stop();
 }
 
+/// A TLS 1.2 client that asks to renegotiate (`openssl s_client`'s `R` command) is refused:
+/// the connection is closed and counted, and other clients are served meanwhile. The served
+/// certificate's expiry is exported.
+pub fn renegotiation_is_refused_closed_and_counted<R: Runtime>() {
+    let (srv, roots) = echo::<R>(1, TlsOptions::default());
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &srv.addr.to_string(), "-servername", "localhost", "-tls1_2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is needed for this test: scripts/setup.sh installs it");
+    let text = Arc::new(std::sync::Mutex::new(String::new()));
+    let readers: Vec<_> =
+        [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+            .into_iter()
+            .map(|mut r| {
+                let text = Arc::clone(&text);
+                thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                })
+            })
+            .collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let said = |what: &str| settle(|| text.lock().unwrap().contains(what), |b| *b);
+    assert!(said("New, TLSv1.2, Cipher is"), "TLS 1.2 connects:\n{}", text.lock().unwrap());
+    stdin.write_all(b"before\n").unwrap();
+    assert!(said("before\n"), "echoed before the renegotiation:\n{}", text.lock().unwrap());
+    stdin.write_all(b"R\n").unwrap();
+    let refused = settle(|| srv.sum(|c| c.breakages(FailReason::Renegotiation)), |n| *n == 1);
+    assert_eq!(refused, 1, "the renegotiation attempt is counted:\n{}", text.lock().unwrap());
+    // The server closed the connection: s_client exits on its own (stdin is still open;
+    // without `-ign_eof`, which would turn its command letters off).
+    let t = Instant::now();
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stdin);
+    for r in readers {
+        let _ = r.join();
+    }
+    let out = text.lock().unwrap().clone();
+    assert!(exited.is_some(), "the server must close a connection that asked to renegotiate:\n{out}");
+    assert!(out.contains("RENEGOTIATING"), "{out}");
+    // Another client, meanwhile and after, is served.
+    let mut c = connect(srv.addr, &client_config(&roots, TLS12, &[]));
+    ping(&mut c, b"after a refused renegotiation");
+    let mut registry = corepin::metrics::Registry::default();
+    srv.collector.clone().register(&mut registry);
+    let text = corepin::metrics::render(&registry);
+    for line in [
+        "corepin_tls_connection_failures_all_cores_total{reason=\"renegotiation\"} 1",
+        "corepin_tls_handshakes_all_cores_total{kind=\"full\"} 2",
+        // rcgen's default notAfter, 4096-01-01T00:00:00Z (`openssl x509 -enddate` of the
+        // written PEM says "Jan  1 00:00:00 4096 GMT").
+        "corepin_tls_certificate_expiry_seconds 67090118400",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no line `{line}` in\n{text}");
+    }
+    srv.stop();
+}
+
+/// After the handshake, a record that does not decrypt and a record longer than TLS allows
+/// each end their connection (closed, not left hanging) and are counted by reason; another
+/// client is served meanwhile.
+pub fn bad_records_after_the_handshake_close_the_connection_and_are_counted<R: Runtime>() {
+    let (srv, roots) = echo::<R>(1, TlsOptions::default());
+    let cfg = client_config(&roots, TLS13, &[]);
+    let mut other = connect(srv.addr, &cfg);
+    // An application-data record of 32 random bytes: authentication fails.
+    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+    forged.extend(random(32, 7));
+    // A header announcing 0x5000 bytes, beyond the 2^14 + 256 TLS 1.3 allows.
+    let oversized = vec![0x17, 0x03, 0x03, 0x50, 0x00];
+    for (n, bytes) in [forged, oversized].into_iter().enumerate() {
+        let mut c = connect(srv.addr, &cfg);
+        ping(&mut c, b"a good record first");
+        c.sock.write_all(&bytes).unwrap();
+        let took = closed_after(c.sock);
+        assert!(took < Duration::from_secs(5), "record {n}: closed at once, took {took:?}");
+        let bad = settle(|| srv.sum(|c| c.breakages(FailReason::BadMessage)), |v| *v == n as u64 + 1);
+        assert_eq!(bad, n as u64 + 1, "record {n} is counted as a bad message");
+        ping(&mut other, b"still served");
+    }
+    assert_eq!(srv.failures(FailReason::BadMessage), 0, "the handshakes themselves succeeded");
+    srv.stop();
+}
+
 corepin::per_runtime_tests! {
+    renegotiation_is_refused_closed_and_counted,
+    bad_records_after_the_handshake_close_the_connection_and_are_counted,
     echo_round_trips_beyond_socket_buffers_on_tls12_and_tls13,
     split_halves_write_while_the_reader_waits_and_close_cleanly,
     alpn_is_negotiated_and_refused_without_overlap,
