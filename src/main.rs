@@ -148,6 +148,14 @@ struct FilesArgs {
     /// How larger files are sent: `sendfile` (zero-copy) or `read-write` (the fallback).
     #[arg(long, default_value = "sendfile")]
     transfer: String,
+    /// Files each core keeps open with their metadata, so a known file costs no open, fstat
+    /// or close (0: off). Changes to a file are seen at once (inotify).
+    #[arg(long, default_value_t = corepin_files::DEFAULT_OPEN_FILES)]
+    open_file_cache: usize,
+    /// Seconds an open-file cache entry is trusted before its path is checked again (bounds
+    /// how long a renamed directory or retargeted symlink above a cached file goes unseen).
+    #[arg(long, default_value_t = 1.0)]
+    open_file_cache_valid: f64,
 }
 
 struct Prepared {
@@ -459,14 +467,18 @@ fn run_files(args: FilesArgs) -> Result<()> {
     cfg.cache_bytes = args.cache_size;
     cfg.large_bodies = large_bodies;
     cfg.access_log = args.access_log;
+    cfg.open_files = args.open_file_cache;
+    cfg.open_files_valid = seconds("open-file-cache-valid", args.open_file_cache_valid)?;
     let factory = corepin_files::FilesFactory::new(cfg, p.cpus.len())?;
     let files_metrics = factory.metrics().clone();
     let confinement = factory.root().confinement();
     let served = factory.root().path().to_path_buf();
-    // Keep some descriptors for listeners, rings, files being sent and the metrics endpoint.
+    // Keep some descriptors for listeners, rings, files being sent, the open-file caches and
+    // the metrics endpoint.
+    let cached = (args.open_file_cache * p.cpus.len()) as u64;
     let per_core = args
         .max_connections_per_core
-        .unwrap_or_else(|| (nofile_limit().saturating_sub(256) / 2 / p.cpus.len() as u64).max(1) as usize);
+        .unwrap_or_else(|| (nofile_limit().saturating_sub(256 + cached) / 2 / p.cpus.len() as u64).max(1) as usize);
     let app = TcpServer::bind(listen, p.cpus.len(), factory)?.max_connections_per_core(per_core);
     let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
     let mut extra = vec![

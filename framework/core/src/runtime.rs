@@ -305,17 +305,22 @@ impl Metadata {
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(Self::from_stat(&st))
+    }
+
+    /// The metadata a `stat` structure describes.
+    pub fn from_stat(st: &libc::stat) -> Self {
         let fmt = st.st_mode & libc::S_IFMT;
         let modified = SystemTime::UNIX_EPOCH
             + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec.clamp(0, 999_999_999) as u32);
-        Ok(Self {
+        Self {
             len: st.st_size.max(0) as u64,
             modified,
             is_file: fmt == libc::S_IFREG,
             is_dir: fmt == libc::S_IFDIR,
             ino: st.st_ino,
             dev: st.st_dev,
-        })
+        }
     }
 }
 

@@ -70,6 +70,11 @@ impl Cache {
         }
     }
 
+    /// Forgets the body of the inode `(dev, ino)` (its file changed).
+    pub fn forget(&mut self, dev: u64, ino: u64) {
+        self.remove(&(dev, ino));
+    }
+
     /// Bytes of bodies held.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -32,6 +32,7 @@ pub mod fsroot;
 pub mod h1;
 pub mod http;
 pub mod metrics;
+pub mod open_cache;
 pub mod range;
 pub mod resource;
 pub mod target;
@@ -50,6 +51,7 @@ use crate::cache::Cache;
 use crate::fsroot::Root;
 use crate::http::Limits;
 use crate::metrics::{CoreFileCounters, FileMetrics};
+use crate::open_cache::OpenFiles;
 
 /// How bodies larger than `memory_max` are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,13 @@ pub struct FilesConfig {
     pub read_write_chunk: usize,
     /// Log every request through tracing (target `corepin::access`).
     pub access_log: bool,
+    /// Files each core keeps open with their metadata (the open-file cache; 0: off). Each
+    /// costs one descriptor and one inotify watch.
+    pub open_files: usize,
+    /// How long an open-file cache entry is trusted before its path is opened and checked
+    /// again (changes to the file itself are seen at once through inotify; this bounds how
+    /// long a renamed directory or retargeted symlink above it goes unnoticed).
+    pub open_files_valid: Duration,
 }
 
 impl FilesConfig {
@@ -105,12 +114,17 @@ impl FilesConfig {
             large_bodies: LargeBodies::Sendfile,
             read_write_chunk: 128 * 1024,
             access_log: false,
+            open_files: DEFAULT_OPEN_FILES,
+            open_files_valid: Duration::from_secs(1),
         }
     }
 }
 
 /// Files up to this size are served from memory by default (docs/zero-copy.md).
 pub const DEFAULT_MEMORY_MAX: u64 = 32 * 1024;
+
+/// The default size of each core's open-file cache.
+pub const DEFAULT_OPEN_FILES: usize = 1000;
 
 /// Builds the per-core file service.
 pub struct FilesFactory {
@@ -136,6 +150,18 @@ impl FilesFactory {
     }
 }
 
+impl FilesFactory {
+    /// This core's open-file cache, or one that is off (said once in the log) when the core
+    /// cannot have inotify.
+    fn open_files(&self, core: usize) -> RefCell<OpenFiles> {
+        let cache = OpenFiles::new(self.cfg.open_files, self.cfg.open_files_valid).unwrap_or_else(|e| {
+            tracing::warn!("core {core}: open-file cache off (inotify: {e}); every request opens its file");
+            OpenFiles::off()
+        });
+        RefCell::new(cache)
+    }
+}
+
 impl ServiceFactory for FilesFactory {
     type Service<R: Runtime, S: ConnStream> = Files;
     // The root was opened and checked by `FilesFactory::new`; nothing per core can fail.
@@ -147,6 +173,7 @@ impl ServiceFactory for FilesFactory {
             metrics: Arc::clone(&self.metrics),
             core: worker.info().index,
             cache: RefCell::new(Cache::new(self.cfg.cache_bytes)),
+            open_files: self.open_files(worker.info().index),
         })
     }
 }
@@ -160,6 +187,7 @@ pub struct Files {
     metrics: Arc<FileMetrics>,
     core: usize,
     cache: RefCell<Cache>,
+    open_files: RefCell<OpenFiles>,
 }
 
 impl Files {

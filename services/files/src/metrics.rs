@@ -54,6 +54,10 @@ pub struct CoreFileCounters {
     /// Body bytes read by the engine (off the worker's thread) instead of by sendfile, because
     /// the page cache missed part of their range.
     pub cold_bytes: AtomicU64,
+    /// Open-file cache lookups: hit, miss, expired (see [`crate::open_cache::Lookup`]).
+    pub open_lookups: [AtomicU64; 3],
+    /// Open-file cache entries dropped because their file changed.
+    pub open_invalidated: AtomicU64,
 }
 
 impl CoreFileCounters {
@@ -69,6 +73,20 @@ impl CoreFileCounters {
     /// Counts body bytes read through the engine because the page cache did not hold them.
     pub fn cold(&self, bytes: u64) {
         CoreCounters::add(&self.cold_bytes, bytes);
+    }
+    /// Counts an open-file cache lookup.
+    pub fn open_lookup(&self, how: crate::open_cache::Lookup) {
+        use crate::open_cache::Lookup;
+        let i = match how {
+            Lookup::Hit => 0,
+            Lookup::Miss => 1,
+            Lookup::Expired => 2,
+        };
+        CoreCounters::add(&self.open_lookups[i], 1);
+    }
+    /// Counts open-file cache entries dropped because their file changed.
+    pub fn open_invalidated(&self, n: u64) {
+        CoreCounters::add(&self.open_invalidated, n);
     }
     /// Counts one body sent by `path`.
     pub fn transfer(&self, path: TransferPath, bytes: u64) {
@@ -162,6 +180,22 @@ impl Collector for FilesCollector {
             n,
             |c, _| get(&files.core(c).cold_bytes),
         )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_file_open_cache_lookups",
+            "Open-file cache lookups: hit (no open, fstat or close), miss, expired (the path was checked again)",
+            Some(("result", &["hit", "miss", "expired"])),
+            n,
+            |c, i| get(&files.core(c).open_lookups[i]),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_file_open_cache_invalidations",
+            "Open-file cache entries dropped because inotify reported a change to their file",
+            None,
+            n,
+            |c, _| get(&files.core(c).open_invalidated),
+        )?;
         Ok(())
     }
 }
@@ -180,6 +214,8 @@ mod tests {
         files.core(1).transfer(TransferPath::Sendfile, 1000);
         files.core(1).timeout();
         files.core(0).cold(7);
+        files.core(1).open_lookup(crate::open_cache::Lookup::Hit);
+        files.core(1).open_invalidated(3);
         let mut registry = Registry::default();
         FilesCollector::new(files).register(&mut registry);
         let text = corepin_core::metrics::render(&registry);
@@ -197,6 +233,9 @@ mod tests {
             "corepin_http_timeouts_all_cores_total 1",
             "corepin_file_cold_bytes_total{core=\"0\"} 7",
             "corepin_file_cold_bytes_all_cores_total 7",
+            "corepin_file_open_cache_lookups_all_cores_total{result=\"hit\"} 1",
+            "corepin_file_open_cache_lookups_all_cores_total{result=\"miss\"} 0",
+            "corepin_file_open_cache_invalidations_total{core=\"1\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "no line `{line}` in\n{text}");
         }

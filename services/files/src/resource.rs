@@ -22,7 +22,8 @@
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::rc::Rc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use corepin_core::runtime::Metadata;
@@ -342,10 +343,10 @@ pub enum Body {
         /// What of it is sent.
         extent: Extent,
     },
-    /// An open file.
+    /// An open file (shared with the core's open-file cache, which may hold it too).
     File {
         /// The file.
-        file: File,
+        file: Rc<File>,
         /// What of it is sent.
         extent: Extent,
     },
@@ -353,7 +354,7 @@ pub enum Body {
     /// [`Files::remember`], send it.
     Fill {
         /// The file.
-        file: File,
+        file: Rc<File>,
         /// Its metadata when planned (the cache's validator).
         meta: Metadata,
     },
@@ -507,13 +508,45 @@ impl Files {
         self.cache.borrow_mut().insert(meta, data);
     }
 
+    /// The open file `rel` names beneath the root and its metadata: from this core's open-file
+    /// cache when it holds the path (no system call), else opened, looked at and remembered.
+    fn open_known(&self, rel: &str) -> Result<(Rc<File>, Metadata), OpenError> {
+        let mut cache = self.open_files.borrow_mut();
+        let now = cache.enabled().then(Instant::now);
+        if let Some(now) = now {
+            let before = cache.invalidated();
+            let (hit, how) = cache.lookup(rel, now);
+            let counters = self.counters();
+            counters.open_lookup(how);
+            if cache.invalidated() > before {
+                counters.open_invalidated(cache.invalidated() - before);
+            }
+            // Bodies of files found changed go too: an in-place rewrite can keep size and mtime.
+            if let Some(changed) = cache.take_changed() {
+                let mut bodies = self.cache.borrow_mut();
+                changed.for_each(|(dev, ino)| bodies.forget(dev, ino));
+            }
+            if let Some(known) = hit {
+                return Ok(known);
+            }
+        }
+        let file = Rc::new(self.root.open_file(rel)?);
+        let meta = Metadata::from_fd(file.as_raw_fd()).map_err(OpenError::Other)?;
+        Ok(match now {
+            Some(now) => {
+                let meta = cache.insert(rel, &file, meta, now);
+                (file, meta)
+            }
+            None => (file, meta),
+        })
+    }
+
     fn plan_get(&self, path: &SafePath, cond: &Conditions<'_>) -> Plan {
         let rel = path.relative();
-        let file = match self.root.open_file(&rel) {
-            Ok(f) => f,
+        let (file, meta) = match self.open_known(&rel) {
+            Ok(known) => known,
             Err(e) => return open_error(e),
         };
-        let Ok(meta) = Metadata::from_fd(file.as_raw_fd()) else { return Plan::error(500) };
         if meta.is_dir {
             if !path.trailing_slash && !path.segments.is_empty() {
                 let loc: String =
@@ -524,11 +557,9 @@ impl Files {
                 return plan;
             }
             let index = if rel == "." { "index.html".to_string() } else { format!("{rel}/index.html") };
-            return match self.root.open_file(&index) {
-                Ok(f) => match Metadata::from_fd(f.as_raw_fd()) {
-                    Ok(m) if m.is_file => self.plan_file(cond, f, m, "index.html"),
-                    _ => Plan::error(403),
-                },
+            return match self.open_known(&index) {
+                Ok((f, m)) if m.is_file => self.plan_file(cond, f, m, "index.html"),
+                Ok(_) => Plan::error(403),
                 Err(OpenError::NotFound) if self.cfg.list_dirs => match fsroot::list(&file) {
                     Ok(entries) => {
                         let html = Bytes::from(listing_html(&path.display(), &entries));
@@ -552,7 +583,7 @@ impl Files {
         self.plan_file(cond, file, meta, name)
     }
 
-    fn plan_file(&self, cond: &Conditions<'_>, file: File, meta: Metadata, name: &str) -> Plan {
+    fn plan_file(&self, cond: &Conditions<'_>, file: Rc<File>, meta: Metadata, name: &str) -> Plan {
         let tag = ETag::of(&meta);
         let modified = Date::of(meta.modified);
         // Conditional GET: If-None-Match wins over If-Modified-Since (RFC 9110 §13.2.2).

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -168,7 +169,7 @@ impl<'f, R: Runtime> Transfer<'f, R> {
         &mut self,
         stream: &mut S,
         head: &mut Vec<u8>,
-        file: File,
+        file: Rc<File>,
         extent: Extent,
     ) -> Result<(), End> {
         let by_sendfile = self.files.cfg.large_bodies == LargeBodies::Sendfile && stream.can_send_file();
@@ -255,9 +256,9 @@ impl<'f, R: Runtime> Transfer<'f, R> {
     }
 
     /// Reads a small file whole through the engine's file I/O.
-    async fn read_whole(&mut self, file: File, meta: &Metadata) -> Result<Bytes, End> {
+    async fn read_whole(&mut self, file: Rc<File>, meta: &Metadata) -> Result<Bytes, End> {
         let len = meta.len;
-        let f = R::File::from_std(file).map_err(End::Io)?;
+        let f = R::File::from_std(owned(file)?).map_err(End::Io)?;
         let mut buf = Vec::with_capacity(len as usize);
         while (buf.len() as u64) < len {
             let at = buf.len();
@@ -370,8 +371,14 @@ impl<'f, R: Runtime> Transfer<'f, R> {
 
 /// A file being sent: a std handle (for `sendfile`), adopted by the engine the first time a
 /// chunk must be read through it; sendfile then goes on with the engine file's descriptor.
+/// The file itself when nothing else holds it, else a duplicate of its descriptor: the
+/// engine's file closes what it is given, and the open-file cache may still hold this one.
+fn owned(file: Rc<File>) -> Result<File, End> {
+    Rc::try_unwrap(file).or_else(|shared| shared.try_clone()).map_err(End::Io)
+}
+
 enum FileState<R: Runtime> {
-    Std(File),
+    Std(Rc<File>),
     Engine(R::File),
     /// The engine refused to adopt the file (the error went to the caller).
     Lost,
@@ -391,7 +398,7 @@ impl<R: Runtime> FileState<R> {
 
     fn engine(&mut self) -> Result<&R::File, End> {
         *self = match std::mem::replace(self, FileState::Lost) {
-            FileState::Std(f) => FileState::Engine(R::File::from_std(f).map_err(End::Io)?),
+            FileState::Std(f) => FileState::Engine(R::File::from_std(owned(f)?).map_err(End::Io)?),
             other => other,
         };
         match self {

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -848,6 +849,76 @@ pub fn metrics_are_exposed<R: Runtime>() {
     srv.stop();
 }
 
+/// With the open-file cache on (the default), a known file is served without opening it
+/// again, yet a change is never missed: rewritten in place (same size, mtime put back, so only
+/// the inode's own event can tell), replaced by a rename, or deleted, the next request on the
+/// same keep-alive connection sees it; a directory renamed above a cached file is noticed once
+/// the validity window has passed.
+pub fn changed_files_are_served_changed_through_the_open_file_cache<R: Runtime>() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let put = |p: &str, body: &[u8]| std::fs::write(root.join(p), body).unwrap();
+    std::fs::create_dir(root.join("d")).unwrap();
+    put("small.txt", b"first version");
+    put("big.bin", &vec![b'a'; 200_000]);
+    put("gone.txt", b"here");
+    put("d/f.txt", b"the first d");
+    let valid = Duration::from_millis(300);
+    let r2 = root.clone();
+    let srv = serve::<R>(move |c| {
+        c.root = r2;
+        c.open_files_valid = valid;
+    });
+    let lookups = |i: usize| -> u64 {
+        (0..srv.metrics.len()).map(|c| srv.metrics.core(c).open_lookups[i].load(Ordering::Relaxed)).sum()
+    };
+    let mut s = connect(srv.addr);
+    let mut pending = Vec::new();
+    let mut fetch = |path: &str| -> Resp {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+        read_resp(&mut s, &mut pending, false).expect("a response")
+    };
+    for path in ["/small.txt", "/big.bin", "/gone.txt", "/d/f.txt"] {
+        assert_eq!(fetch(path).status, 200);
+        assert_eq!(fetch(path).status, 200);
+    }
+    assert!(lookups(0) >= 4, "the second request for each file is a hit: {} hits", lookups(0));
+    let rewrite = |p: &str, body: &[u8]| {
+        let path = root.join(p);
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(body).unwrap();
+        f.set_modified(mtime).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    };
+    // In place, same length, same mtime: the memory-cached small file and the sendfile one.
+    rewrite("small.txt", b"other version");
+    assert_eq!(fetch("/small.txt").body, b"other version");
+    rewrite("big.bin", &vec![b'b'; 200_000]);
+    let big = fetch("/big.bin");
+    assert!(big.body.len() == 200_000 && big.body.iter().all(|b| *b == b'b'), "big.bin rewritten in place");
+    // Replaced by a rename over it.
+    put("small.new", b"renamed over");
+    std::fs::rename(root.join("small.new"), root.join("small.txt")).unwrap();
+    assert_eq!(fetch("/small.txt").body, b"renamed over");
+    // Deleted.
+    std::fs::remove_file(root.join("gone.txt")).unwrap();
+    assert_eq!(fetch("/gone.txt").status, 404);
+    // A directory above a cached file renamed, and a new one put in its place: seen once the
+    // entry's validity window has passed (nothing tells the file's inode).
+    std::fs::rename(root.join("d"), root.join("d.old")).unwrap();
+    std::fs::create_dir(root.join("d")).unwrap();
+    put("d/f.txt", b"the second d");
+    std::thread::sleep(valid + Duration::from_millis(100));
+    assert_eq!(fetch("/d/f.txt").body, b"the second d");
+    assert!(lookups(2) >= 1, "the path was checked again after the window");
+    let dropped: u64 =
+        (0..srv.metrics.len()).map(|c| srv.metrics.core(c).open_invalidated.load(Ordering::Relaxed)).sum();
+    assert!(dropped >= 4, "rewrites, the rename over and the delete were reported: {dropped}");
+    drop(s);
+    srv.stop();
+}
+
 /// An independent client agrees: curl fetches bodies (compared by SHA-256), ranges, HEAD and
 /// conditional requests, and reuses one keep-alive connection for several URLs.
 pub fn curl_agrees<R: Runtime>() {
@@ -892,6 +963,7 @@ pub fn curl_agrees<R: Runtime>() {
 }
 
 corepin::per_runtime_tests! {
+    changed_files_are_served_changed_through_the_open_file_cache,
     refusals_close_lingeringly,
     bodies_arrive_byte_for_byte_on_every_path,
     pipelined_requests_are_answered_in_order,

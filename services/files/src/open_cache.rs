@@ -1,0 +1,376 @@
+//! The per-core open-file cache (nginx's `open_file_cache`): a request for a file this core
+//! already knows costs no `openat2`, `fstat` or `close`: the descriptor and its metadata are
+//! kept, keyed by the decoded path beneath the root.
+//!
+//! Owns: the cached descriptors (each shared by the requests that use it: `sendfile` and
+//! positional reads never move a file offset), one inotify instance per core with a watch on
+//! every cached file's inode, and the bound on entries (`max`, each one descriptor and one
+//! watch).
+//!
+//! Staleness, by what changes:
+//! - the file's bytes or attributes (written, truncated, chmod, unlinked or replaced by a
+//!   rename over it, renamed away): inotify reports it on the file's own inode (`IN_MODIFY`,
+//!   `IN_ATTRIB` covers the link count, `IN_MOVE_SELF`, `IN_DELETE_SELF`). The kernel queues
+//!   the event inside the writer's system call, and every lookup first reads what is queued
+//!   (one non-blocking `read`, usually `EAGAIN`), so a change made before a request was sent
+//!   is always seen by that request. (A watcher task woken by the descriptor's readiness would
+//!   save that `read`, but whether it runs before the connection task that reads the next
+//!   request depends on the engine: on Monoio's epoll driver it did not.)
+//! - the names above the file (a directory on its path renamed or replaced, a symlink
+//!   retargeted with `--follow-symlinks`): no watch sees those, so every entry is trusted for
+//!   at most `valid` (1 s by default), after which the path is opened and checked again.
+//!
+//! An entry is only made after the watch is in place and the file was looked at again behind
+//! it, still linked: a change between the open and the watch cannot be missed. When the core
+//! cannot have inotify (limits, no `/proc`), the cache is off on that core and every request
+//! opens its file, as before.
+//!
+//! Must not: open anything itself (confinement is `fsroot`'s), or be shared between cores.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use corepin_core::runtime::Metadata;
+
+/// The inode events that make a cached descriptor stale.
+const MASK: u32 = libc::IN_MODIFY | libc::IN_ATTRIB | libc::IN_MOVE_SELF | libc::IN_DELETE_SELF;
+
+struct Entry {
+    file: Rc<File>,
+    meta: Metadata,
+    wd: i32,
+    checked: Instant,
+    generation: u64,
+}
+
+/// How the cache answered a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Served from the cache.
+    Hit,
+    /// Not there (or the cache is off).
+    Miss,
+    /// There, but older than the validity window: opened again.
+    Expired,
+}
+
+/// One core's cache of open files (see the module docs).
+pub struct OpenFiles {
+    inotify: Option<OwnedFd>,
+    /// Where queued inotify events are read into (allocated with the first watch).
+    events: Vec<u8>,
+    map: HashMap<String, Entry>,
+    by_wd: HashMap<i32, Vec<String>>,
+    order: VecDeque<(String, u64)>,
+    generation: u64,
+    max: usize,
+    valid: Duration,
+    invalidated: u64,
+    /// Inodes (device, inode) whose entries inotify dropped, for the memory cache to forget
+    /// too (it validates by size and mtime, which an in-place rewrite can keep).
+    changed: Vec<(u64, u64)>,
+}
+
+impl OpenFiles {
+    /// A cache that holds nothing.
+    pub fn off() -> Self {
+        Self::with(None, 0, Duration::ZERO)
+    }
+
+    /// A cache of at most `max` files, each trusted for `valid` without a check of its path;
+    /// `max == 0` is [`off`](Self::off).
+    pub fn new(max: usize, valid: Duration) -> io::Result<Self> {
+        if max == 0 {
+            return Ok(Self::off());
+        }
+        // SAFETY: inotify_init1 takes flags only; it returns a new descriptor or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by inotify_init1 and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self::with(Some(fd), max, valid))
+    }
+
+    fn with(inotify: Option<OwnedFd>, max: usize, valid: Duration) -> Self {
+        Self {
+            inotify,
+            events: Vec::new(),
+            map: HashMap::new(),
+            by_wd: HashMap::new(),
+            order: VecDeque::new(),
+            generation: 0,
+            max,
+            valid,
+            invalidated: 0,
+            changed: Vec::new(),
+        }
+    }
+
+    /// Whether this core caches open files.
+    pub fn enabled(&self) -> bool {
+        self.inotify.is_some()
+    }
+
+    /// The cached descriptor and metadata for `rel`, if known, unchanged and checked within
+    /// the window. Applies the queued inotify events first; if they cannot be read, the cache
+    /// turns itself off (and says so) rather than answer from entries it cannot check.
+    pub fn lookup(&mut self, rel: &str, now: Instant) -> (Option<(Rc<File>, Metadata)>, Lookup) {
+        if let Some(fd) = self.inotify.as_ref().map(AsRawFd::as_raw_fd) {
+            if !self.by_wd.is_empty() {
+                if let Err(e) = self.drain(fd) {
+                    tracing::warn!("open-file cache off on this core (reading inotify: {e})");
+                    self.turn_off();
+                }
+            }
+        }
+        match self.map.get(rel) {
+            Some(e) if now.duration_since(e.checked) < self.valid => (Some((Rc::clone(&e.file), e.meta)), Lookup::Hit),
+            Some(_) => (None, Lookup::Expired),
+            None => (None, Lookup::Miss),
+        }
+    }
+
+    /// Keeps `file`, just opened for `rel` and described by `first` (its `fstat`), when it is
+    /// a regular file that can be watched. Returns the metadata the request must use: read
+    /// again behind the new watch when the file is kept, else `first`. Directories and files
+    /// being deleted are not kept.
+    pub fn insert(&mut self, rel: &str, file: &Rc<File>, first: Metadata, now: Instant) -> Metadata {
+        match &self.inotify {
+            Some(inotify) if first.is_file => {
+                let inotify = inotify.as_raw_fd();
+                self.keep(inotify, rel, file, now).unwrap_or(first)
+            }
+            _ => first,
+        }
+    }
+
+    fn keep(&mut self, inotify: RawFd, rel: &str, file: &Rc<File>, now: Instant) -> Option<Metadata> {
+        self.remove(rel);
+        let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        // SAFETY: `inotify` is this cache's open inotify descriptor and `proc_path` a valid C
+        // string; the magic link resolves to the open file's own inode, whatever its name now.
+        let wd = unsafe { libc::inotify_add_watch(inotify, proc_path.as_ptr(), MASK) };
+        if wd < 0 {
+            return None;
+        }
+        // Looked at again behind the watch: a change from here on is an event.
+        let meta = match stat(file.as_raw_fd()) {
+            Ok((meta, linked)) if meta.is_file && linked => meta,
+            other => {
+                self.release_wd(wd);
+                return other.ok().map(|(meta, _)| meta);
+            }
+        };
+        // Claimed before evicting, so evicting another name of this inode keeps the watch.
+        self.by_wd.entry(wd).or_default().push(rel.to_string());
+        while self.map.len() >= self.max {
+            match self.order.pop_front() {
+                Some((k, g)) if self.map.get(&k).is_some_and(|e| e.generation == g) => self.remove(&k),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.map.insert(rel.to_string(), Entry { file: Rc::clone(file), meta, wd, checked: now, generation });
+        self.order.push_back((rel.to_string(), generation));
+        if self.order.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.order.retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
+        }
+        Some(meta)
+    }
+
+    fn remove(&mut self, rel: &str) {
+        let Some(old) = self.map.remove(rel) else { return };
+        let now_unused = match self.by_wd.get_mut(&old.wd) {
+            Some(keys) => {
+                keys.retain(|k| k != rel);
+                keys.is_empty()
+            }
+            None => false,
+        };
+        if now_unused {
+            self.by_wd.remove(&old.wd);
+            self.release_wd(old.wd);
+        }
+    }
+
+    fn release_wd(&self, wd: i32) {
+        if self.by_wd.contains_key(&wd) {
+            return; // another path names the same inode
+        }
+        if let Some(fd) = &self.inotify {
+            // SAFETY: an inotify descriptor this cache owns; a watch already gone (EINVAL) is
+            // harmless.
+            unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+        }
+    }
+
+    /// Applies a batch of inotify events read from the descriptor: drops every entry whose
+    /// inode changed, or everything when the kernel's queue overflowed.
+    fn on_events(&mut self, mut bytes: &[u8]) {
+        const HEAD: usize = std::mem::size_of::<libc::inotify_event>();
+        while bytes.len() >= HEAD {
+            // SAFETY: at least HEAD bytes remain; read_unaligned copes with any alignment of
+            // the caller's buffer.
+            let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let step = HEAD + ev.len as usize;
+            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                self.clear();
+            } else if let Some(keys) = self.by_wd.remove(&ev.wd) {
+                for k in keys {
+                    if let Some(e) = self.map.remove(&k) {
+                        self.invalidated += 1;
+                        self.changed.push((e.meta.dev, e.meta.ino));
+                    }
+                }
+                if ev.mask & libc::IN_IGNORED == 0 {
+                    self.release_wd(ev.wd);
+                }
+            }
+            bytes = bytes.get(step..).unwrap_or_default();
+        }
+    }
+
+    /// Drops every entry (their descriptors close as the last request using each ends).
+    pub fn clear(&mut self) {
+        let keys: Vec<String> = self.map.keys().cloned().collect();
+        self.invalidated += keys.len() as u64;
+        self.changed.extend(self.map.values().map(|e| (e.meta.dev, e.meta.ino)));
+        for k in keys {
+            self.remove(&k);
+        }
+        self.order.clear();
+    }
+
+    /// Reads the queued events (non-blocking) and applies them, until none are left.
+    fn drain(&mut self, inotify: RawFd) -> io::Result<()> {
+        if self.events.is_empty() {
+            // Room for many events at once (each is 16 bytes: watches on files carry no name).
+            self.events = vec![0; 4096];
+        }
+        loop {
+            // SAFETY: `events` is valid for `len()` bytes of writes; `inotify` is open.
+            let n = unsafe { libc::read(inotify, self.events.as_mut_ptr().cast(), self.events.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(()),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+            let batch = std::mem::take(&mut self.events);
+            self.on_events(&batch[..n as usize]);
+            self.events = batch;
+        }
+    }
+
+    /// Drops every entry and caches nothing from now on (inotify failed).
+    pub fn turn_off(&mut self) {
+        self.clear();
+        self.inotify = None;
+    }
+
+    /// The inodes found changed since the last call (see the field).
+    pub fn take_changed(&mut self) -> Option<std::vec::Drain<'_, (u64, u64)>> {
+        (!self.changed.is_empty()).then(|| self.changed.drain(..))
+    }
+
+    /// Files held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Entries dropped because their file changed (or the event queue overflowed).
+    pub fn invalidated(&self) -> u64 {
+        self.invalidated
+    }
+}
+
+/// `fstat`: the metadata and whether the inode still has a name.
+fn stat(fd: RawFd) -> io::Result<(Metadata, bool)> {
+    // SAFETY: a zeroed `stat` is a valid out-parameter; fstat fills it or fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open descriptor the caller holds; `st` is a valid pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((Metadata::from_stat(&st), st.st_nlink > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn meta(f: &File) -> Metadata {
+        Metadata::from_fd(f.as_raw_fd()).unwrap()
+    }
+
+    #[test]
+    fn a_changed_file_is_dropped_and_an_unchanged_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b"] {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        let mut c = OpenFiles::new(8, Duration::from_secs(60)).unwrap();
+        let now = Instant::now();
+        for name in ["a", "b"] {
+            let f = Rc::new(File::open(dir.path().join(name)).unwrap());
+            assert_eq!(c.insert(name, &f, meta(&f), now).len, 1);
+        }
+        assert_eq!((c.lookup("a", now).1, c.lookup("b", now).1), (Lookup::Hit, Lookup::Hit));
+        std::fs::OpenOptions::new().append(true).open(dir.path().join("a")).unwrap().write_all(b"!").unwrap();
+        assert_eq!(c.lookup("a", now).1, Lookup::Miss, "written: dropped");
+        assert_eq!(c.lookup("b", now).1, Lookup::Hit);
+        // Replaced by a rename over it: the old inode's link count changes.
+        std::fs::write(dir.path().join("b.new"), "B").unwrap();
+        std::fs::rename(dir.path().join("b.new"), dir.path().join("b")).unwrap();
+        assert_eq!(c.lookup("b", now).1, Lookup::Miss, "replaced: dropped");
+        assert_eq!(c.invalidated(), 2);
+        assert!(c.by_wd.is_empty() && c.is_empty());
+    }
+
+    #[test]
+    fn entries_expire_are_bounded_and_share_a_watch_per_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x"), "x").unwrap();
+        let mut c = OpenFiles::new(2, Duration::from_millis(100)).unwrap();
+        let t0 = Instant::now();
+        let f = Rc::new(File::open(dir.path().join("x")).unwrap());
+        c.insert("x", &f, meta(&f), t0);
+        c.insert("./x", &f, meta(&f), t0);
+        assert_eq!(c.by_wd.len(), 1, "one inode, one watch");
+        assert_eq!(c.lookup("x", t0 + Duration::from_millis(150)).1, Lookup::Expired);
+        // Opened again after the window: the same inode keeps its one watch.
+        let later = t0 + Duration::from_millis(150);
+        c.insert("x", &f, meta(&f), later);
+        assert_eq!(c.lookup("x", later + Duration::from_millis(50)).1, Lookup::Hit);
+        assert_eq!(c.by_wd.len(), 1);
+        c.insert("x2", &f, meta(&f), t0);
+        assert_eq!(c.len(), 2, "at most `max` entries");
+        assert_eq!(c.by_wd.values().map(Vec::len).sum::<usize>(), 2, "the evicted name left the watch's list");
+        std::fs::write(dir.path().join("x"), "y").unwrap();
+        assert_eq!(c.lookup("x", t0).1, Lookup::Miss);
+        assert!(c.is_empty(), "every path naming the inode is dropped");
+        assert_eq!(c.take_changed().map(Iterator::count), Some(2), "twice the one inode, for the memory cache");
+        let dir_fd = Rc::new(File::open(dir.path()).unwrap());
+        assert!(c.insert(".", &dir_fd, meta(&dir_fd), t0).is_dir, "a directory's metadata, not cached");
+        assert!(c.is_empty() && c.by_wd.is_empty());
+        assert!(!OpenFiles::off().enabled());
+    }
+}
