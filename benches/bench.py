@@ -320,10 +320,11 @@ def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} did not listen on {port} within 20 s")
 
 
-def redis_benchmark(port: int, requests: int, cpus: str) -> dict[str, float]:
-    """SET then GET, 50 connections, random keys over 100,000; requests/s per command."""
+def redis_benchmark(port: int, requests: int, cpus: str, pipeline: int = 1) -> dict[str, float]:
+    """SET then GET, 50 connections, random keys over 100,000, `pipeline` requests in flight per
+    connection; requests/s per command."""
     cmd = ["taskset", "-c", cpus, "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set,get",
-           "-n", str(requests), "-c", "50", "-r", "100000", "--csv"]
+           "-n", str(requests), "-c", "50", "-r", "100000", "-P", str(pipeline), "--csv"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         raise RuntimeError(f"redis-benchmark failed ({' '.join(cmd)}): {run.stderr.strip()}")
@@ -337,6 +338,9 @@ def redis_benchmark(port: int, requests: int, cpus: str) -> dict[str, float]:
     return rps
 
 
+PIPELINE = 16
+
+
 def run_kv(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
     """The sharded key-value example (examples/kv.rs) against redis-server under
     redis-benchmark (SET and GET, 50 connections, random keys). One core: each server pinned
@@ -344,21 +348,27 @@ def run_kv(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
     with every key served where its connection landed (`--local-keys`, 0% forwarded) and once
     sharded (a key's owner is fixed, so about half the requests go to the other core). The
     figure that matters is server CPU per request; forwarding's extra cost per forwarded
-    request is (sharded - local) / 0.5."""
+    request is (sharded - local) / 0.5. The two-worker runs are made with one request in flight
+    per connection and with PIPELINE (redis-benchmark -P), where the example batches a
+    pipeline's commands for the other worker into one cross-core call."""
     if shutil.which("redis-benchmark") is None:
         raise RuntimeError("redis-benchmark not found: run scripts/setup.sh --bench (redis-tools)")
     out = Outcome()
     requests = 20_000 if args.quick else 200_000
     kv = str(TARGET / "examples" / "kv")
-    setups: list[tuple[str, str, list[str], str]] = []
+    setups: list[tuple[str, str, list[str], str, int]] = []
     if shutil.which("redis-server"):
-        setups.append(("redis-server", "1 core", ["redis-server", "--save", "", "--appendonly", "no"], "redis"))
+        setups.append(("redis-server", "1 core", ["redis-server", "--save", "", "--appendonly", "no"], "redis", 1))
     for backend in args.backends:
-        setups.append((f"corepin-{backend}", "1 core", [kv, "--runtime", backend, "--cores", "0-0"], "kv"))
+        setups.append((f"corepin-{backend}", "1 core", [kv, "--runtime", backend, "--cores", "0-0"], "kv", 1))
     for backend in args.backends:
-        for mode, extra in (("2 workers, 0% forwarded", ["--local-keys"]), ("2 workers, ~50% forwarded", [])):
-            setups.append((f"corepin-{backend}", mode, [kv, "--runtime", backend, "--cores", "0-1"] + extra, "kv"))
-    for name, mode, cmd, kind in setups:
+        for pipeline in (1, PIPELINE):
+            for mode, extra in (("2 workers, 0% forwarded", ["--local-keys"]), ("2 workers, ~50% forwarded", [])):
+                setups.append((f"corepin-{backend}", mode, [kv, "--runtime", backend, "--cores", "0-1"] + extra,
+                               "kv", pipeline))
+    for name, mode, cmd, kind, pipeline in setups:
+        # Pipelined runs send 16 times as many requests, so that they last about as long.
+        n = requests * pipeline // 2 if pipeline > 1 else requests
         port = free_port()
         if kind == "redis":
             full = ["taskset", "-c", str(SERVER_CPU)] + cmd + ["--port", str(port)]
@@ -372,29 +382,36 @@ def run_kv(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
             local.callback(server.stop)
             wait_port(port, proc, name)
             gen_cpus = str(CLIENT_CPU) if mode == "1 core" else f"{SERVER_CPU},{CLIENT_CPU}"
-            redis_benchmark(port, requests // 4, gen_cpus)  # warm-up
+            redis_benchmark(port, n // 4, gen_cpus, pipeline)  # warm-up
             before = cpu_ticks(proc.pid)
-            rps = redis_benchmark(port, requests, gen_cpus)
+            rps = redis_benchmark(port, n, gen_cpus, pipeline)
             used_us = (cpu_ticks(proc.pid) - before) * 1e6 / CLK_TCK
-            r = {"server": name, "mode": mode, "requests": 2 * requests, "set_per_sec": rps["SET"],
-                 "get_per_sec": rps["GET"], "server_cpu_us_per_req": used_us / (2 * requests)}
+            r = {"server": name, "mode": mode, "pipeline": pipeline, "requests": 2 * n, "set_per_sec": rps["SET"],
+                 "get_per_sec": rps["GET"], "server_cpu_us_per_req": used_us / (2 * n)}
             out.results.append(r)
-            print(f"  kv {name:<20} {mode:<26} SET {rps['SET']:>9,.0f}/s  GET {rps['GET']:>9,.0f}/s  "
-                  f"{fmt_us(r['server_cpu_us_per_req'])} CPU/req", flush=True)
-    rows = ["| server | setup | SET/s | GET/s | server CPU per request |", "|---|---|---:|---:|---:|"]
+            print(f"  kv {name:<20} {mode:<26} -P {pipeline:<3} SET {rps['SET']:>9,.0f}/s  "
+                  f"GET {rps['GET']:>9,.0f}/s  {fmt_us(r['server_cpu_us_per_req'])} CPU/req", flush=True)
+    rows = ["| server | setup | in flight per connection | SET/s | GET/s | server CPU per request |",
+            "|---|---|---:|---:|---:|---:|"]
     for r in out.results:
-        rows.append(f"| {r['server']} | {r['mode']} | {r['set_per_sec']:,.0f} | {r['get_per_sec']:,.0f} | "
-                    f"{fmt_us(r['server_cpu_us_per_req'])} |")
-    extra = ["", "| backend | extra CPU per forwarded request |", "|---|---:|"]
+        rows.append(f"| {r['server']} | {r['mode']} | {r['pipeline']} | {r['set_per_sec']:,.0f} | "
+                    f"{r['get_per_sec']:,.0f} | {fmt_us(r['server_cpu_us_per_req'])} |")
+    extra = ["", f"| backend | extra CPU per forwarded request, 1 in flight | the same, {PIPELINE} in flight |",
+             "|---|---:|---:|"]
     for backend in args.backends:
-        both = {r["mode"]: r["server_cpu_us_per_req"] for r in out.results if r["server"] == f"corepin-{backend}"}
-        local_cpu, fwd_cpu = both.get("2 workers, 0% forwarded"), both.get("2 workers, ~50% forwarded")
-        if local_cpu is not None and fwd_cpu is not None:
-            extra.append(f"| {backend} | {fmt_us((fwd_cpu - local_cpu) / 0.5)} |")
+        cells = []
+        for pipeline in (1, PIPELINE):
+            both = {r["mode"]: r["server_cpu_us_per_req"] for r in out.results
+                    if r["server"] == f"corepin-{backend}" and r["pipeline"] == pipeline}
+            local_cpu, fwd_cpu = both.get("2 workers, 0% forwarded"), both.get("2 workers, ~50% forwarded")
+            cells.append(fmt_us((fwd_cpu - local_cpu) / 0.5) if local_cpu is not None and fwd_cpu is not None
+                         else "n/a")
+        extra.append(f"| {backend} | {cells[0]} | {cells[1]} |")
     out.markdown = ("Sharded key-value example vs redis-server 7 (redis-benchmark: SET and GET, 50 connections, "
-                    "random keys); server CPU per request is the process's user + system time divided by the "
-                    "requests. With two workers the generator shares both CPUs.\n\n"
-                    + "\n".join(rows + extra) + "\n")
+                    f"random keys, 1 or {PIPELINE} requests in flight per connection); server CPU per request is "
+                    "the process's user + system time divided by the requests. With two workers the generator "
+                    "shares both CPUs. A pipeline's GETs and SETs for the other worker travel in one cross-core "
+                    "call.\n\n" + "\n".join(rows + extra) + "\n")
     return out
 
 

@@ -2,8 +2,9 @@
 //! against corepin: PING, ECHO, GET, SET key value, DEL, EXISTS, DBSIZE. Every worker owns one
 //! map (`Sharded`); a key belongs to worker `fnv1a(key) % workers`. A command on a key this
 //! connection's worker owns is served in place; any other is sent to the owner as a closure
-//! (`invoke_on`) and its answer comes back. Malformed input gets an `-ERR` and the connection
-//! is closed.
+//! (`invoke_on`) and its answer comes back. The GETs and SETs of one pipeline that belong to
+//! another worker travel together, one call per worker. Malformed input gets an `-ERR` and the
+//! connection is closed.
 //!
 //! ```sh
 //! cargo run --release --example kv -- --runtime monoio --listen 127.0.0.1:6380
@@ -103,6 +104,7 @@ impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Kv {
         let mut parser = RespParser::default();
         let mut out = Vec::with_capacity(4096);
         let mut buf = Vec::with_capacity(64 << 10);
+        let mut batch = Batch::default();
         loop {
             let BufResult(res, b) = conn.stream.read(buf).await;
             let n = res?;
@@ -112,24 +114,36 @@ impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Kv {
             parser.feed(&b[..n]);
             buf = b;
             // Every complete command in what has arrived, in order; a partial one stays
-            // buffered for the next read.
+            // buffered for the next read. GETs and SETs for other workers wait in `batch` and
+            // leave as one message per worker; anything else first sends what waits.
             let fatal = loop {
                 match parser.next_command() {
-                    Ok(Some(args)) => {
-                        self.execute(args, &mut out).await;
-                        if out.len() >= FLUSH_AT {
-                            out = flush(&mut conn.stream, out).await?;
+                    Ok(Some(args)) => match self.batchable(args) {
+                        Ok((w, op)) => {
+                            batch.push(w, op);
+                            if batch.len() >= BATCH_MAX {
+                                self.run_batch(&mut batch, &mut out).await;
+                            }
                         }
-                    }
+                        Err(args) => {
+                            self.run_batch(&mut batch, &mut out).await;
+                            self.execute(args, &mut out).await;
+                        }
+                    },
                     Ok(None) => break false,
                     Err(e) => {
+                        self.run_batch(&mut batch, &mut out).await;
                         out.extend_from_slice(b"-ERR Protocol error: ");
                         out.extend_from_slice(e.as_bytes());
                         out.extend_from_slice(b"\r\n");
                         break true;
                     }
                 }
+                if out.len() >= FLUSH_AT {
+                    out = flush(&mut conn.stream, out).await?;
+                }
             };
+            self.run_batch(&mut batch, &mut out).await;
             parser.compact();
             if !out.is_empty() {
                 out = flush(&mut conn.stream, out).await?;
@@ -140,6 +154,59 @@ impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Kv {
         }
     }
 }
+
+/// Commands of one pipeline that are waiting to run: each has its place in the reply order.
+/// A GET or SET on a key this worker owns runs at once; one on another worker's key waits for
+/// the others to that worker, and they all travel in one cross-core call.
+#[derive(Default)]
+struct Batch {
+    /// Per worker, the operations to run there with their reply slots.
+    to: Vec<Vec<(usize, Op)>>,
+    /// Replies in pipeline order (`None` until known).
+    replies: Vec<Option<Reply>>,
+    pending: usize,
+}
+
+impl Batch {
+    fn push(&mut self, w: usize, op: Op) {
+        if self.to.len() <= w {
+            self.to.resize_with(w + 1, Vec::new);
+        }
+        self.to[w].push((self.replies.len(), op));
+        self.replies.push(None);
+        self.pending += 1;
+    }
+    fn len(&self) -> usize {
+        self.pending
+    }
+}
+
+/// A single-key command that can join a batch.
+enum Op {
+    Get(Vec<u8>),
+    Set(Vec<u8>, Vec<u8>),
+}
+
+enum Reply {
+    Bulk(Option<Vec<u8>>),
+    Ok,
+}
+
+impl Op {
+    fn apply(self, m: &Map) -> Reply {
+        match self {
+            Op::Get(k) => Reply::Bulk(m.borrow().get(&k).cloned()),
+            Op::Set(k, v) => {
+                m.borrow_mut().insert(k, v);
+                Reply::Ok
+            }
+        }
+    }
+}
+
+/// Commands of one pipeline batched before a cross-core call (replies are written in order
+/// once all are in).
+const BATCH_MAX: usize = 64;
 
 /// Writes `out` and hands it back empty.
 async fn flush<S: ConnStream>(stream: &mut S, out: Vec<u8>) -> io::Result<Vec<u8>> {
@@ -229,6 +296,57 @@ impl Kv {
             },
             _ => unreachable!("every name was checked above"),
         }
+    }
+
+    /// A well-formed GET or SET, with its owning worker; anything else is handed back.
+    fn batchable(&self, mut args: Vec<Vec<u8>>) -> Result<(usize, Op), Vec<Vec<u8>>> {
+        let op = match args.first().map(|n| n.to_ascii_lowercase()).as_deref() {
+            Some(b"get") if args.len() == 2 => Op::Get(args.swap_remove(1)),
+            Some(b"set") if args.len() == 3 => {
+                let value = args.pop().unwrap_or_default();
+                Op::Set(args.pop().unwrap_or_default(), value)
+            }
+            _ => return Err(args),
+        };
+        let key = match &op {
+            Op::Get(k) | Op::Set(k, _) => k,
+        };
+        let w = if self.local_keys { self.index } else { owner(key, self.workers) };
+        Ok((w, op))
+    }
+
+    /// Runs what `batch` holds (this worker's part in place, each other worker's in one call
+    /// to it) and appends the replies to `out` in pipeline order.
+    async fn run_batch(&self, batch: &mut Batch, out: &mut Vec<u8>) {
+        if batch.replies.is_empty() {
+            return;
+        }
+        let mut failed: Option<corepin::mesh::MeshError> = None;
+        for w in 0..batch.to.len() {
+            if batch.to[w].is_empty() {
+                continue;
+            }
+            let ops = std::mem::take(&mut batch.to[w]);
+            let (slots, ops): (Vec<usize>, Vec<Op>) = ops.into_iter().unzip();
+            let run = move |m: &Map| ops.into_iter().map(|op| op.apply(m)).collect::<Vec<Reply>>();
+            match self.on_worker(w, run).await {
+                Ok(replies) => {
+                    for (slot, reply) in slots.into_iter().zip(replies) {
+                        batch.replies[slot] = Some(reply);
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        for reply in batch.replies.drain(..) {
+            match (reply, &failed) {
+                (Some(Reply::Bulk(v)), _) => push_bulk(out, v.as_deref()),
+                (Some(Reply::Ok), _) => out.extend_from_slice(b"+OK\r\n"),
+                (None, Some(e)) => push_error(out, e),
+                (None, None) => push_error(out, &"internal error: a batched command got no reply"),
+            }
+        }
+        batch.pending = 0;
     }
 
     /// Runs `f` on worker `w`'s map: in place when `w` is this connection's worker (no borrow

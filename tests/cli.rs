@@ -2,7 +2,7 @@
 //! concurrent clients with random payloads up to 1 MiB, workers pinned one per core, SIGTERM
 //! under load drains and exits 0, and bad arguments give one clear line and a failing exit.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -687,6 +687,51 @@ fn the_kv_example_serves_redis_cli_on_every_backend() {
         assert_eq!(redis_cli(port, &["DBSIZE"], Vec::new()), "197\n", "on {kind}");
         let unknown = redis_cli(port, &["FLUSHALL"], Vec::new());
         assert_eq!(unknown.trim_end(), "ERR unknown command 'FLUSHALL'", "on {kind}");
+
+        // One pipeline mixing batched commands (GET, SET on keys of both workers) with others
+        // (DEL, EXISTS, an error) on the same keys: the replies come back in request order
+        // and each command sees the ones before it.
+        let (a, b) = (
+            &keys[10],
+            (11..200)
+                .map(|i| &keys[i])
+                .find(|k| kv::owner(k.as_bytes(), workers) != kv::owner(keys[10].as_bytes(), workers))
+                .unwrap(),
+        );
+        let cmd = |parts: &[&str]| -> String {
+            let mut c = format!("*{}\r\n", parts.len());
+            for p in parts {
+                c += &format!("${}\r\n{p}\r\n", p.len());
+            }
+            c
+        };
+        let pipeline: String = [
+            cmd(&["SET", a, "1"]),
+            cmd(&["GET", a]),
+            cmd(&["SET", b, "2"]),
+            cmd(&["DEL", a]),
+            cmd(&["GET", a]),
+            cmd(&["GET", b]),
+            cmd(&["SET", a, "3"]),
+            cmd(&["EXISTS", a, b]),
+            cmd(&["SET", b, "4", "EX"]),
+            cmd(&["GET", a]),
+            cmd(&["GET", b]),
+        ]
+        .concat();
+        let expected =
+            "+OK\r\n$1\r\n1\r\n+OK\r\n:1\r\n$-1\r\n$1\r\n2\r\n+OK\r\n:2\r\n-ERR syntax error\r\n$1\r\n3\r\n$1\r\n2\r\n";
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(pipeline.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "on {kind}: closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), expected, "on {kind}");
 
         server.shutdown_handle().drain();
         server.wait().unwrap();
