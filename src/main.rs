@@ -55,6 +55,11 @@ struct CommonArgs {
     /// Seconds open connections may take to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     drain_timeout: f64,
+    /// Zero-downtime upgrade: share the port with a corepin (of the same user) already
+    /// listening there, instead of refusing with "address already in use"; then send the old
+    /// one SIGTERM so it drains and exits (TCP services).
+    #[arg(long)]
+    takeover: bool,
     /// Microseconds an idle worker keeps looking for cross-core messages before it sleeps
     /// (0: sleep at once; some µs pay off on cores the server owns, see docs/cross-core.md).
     #[arg(long, default_value_t = 0)]
@@ -245,13 +250,42 @@ fn run_echo(args: EchoArgs) -> Result<()> {
     if args.buffer_size == 0 {
         anyhow::bail!("--buffer-size must be at least 1");
     }
-    let app = TcpServer::bind(listen, p.cpus.len(), corepin_echo::EchoFactory { buffer_size: args.buffer_size })?;
+    let factory = corepin_echo::EchoFactory { buffer_size: args.buffer_size };
+    let (app, joined) = bind_tcp(listen, p.cpus.len(), factory, args.common.takeover)?;
     let tls = Tls::prepare(&args.tls, Vec::new(), p.cpus.len())?;
-    let launch = Launch { what: "echo", p: &p, metrics_addr, extra: Vec::new(), add: Box::new(|_| {}) };
+    let launch =
+        Launch { what: "echo", p: &p, metrics_addr, extra: joined.into_iter().collect(), add: Box::new(|_| {}) };
     match tls {
         None => launch.run(app, signals),
         Some(tls) => tls.run(app, signals, launch),
     }
+}
+
+/// Binds a TCP service's listeners, joining a running server's with `--takeover`; returns
+/// the banner line that says what the takeover found.
+fn bind_tcp<F: corepin::ServiceFactory>(
+    listen: SocketAddr,
+    workers: usize,
+    factory: F,
+    takeover: bool,
+) -> Result<(TcpServer<F>, Option<String>)> {
+    let sharing = if takeover { corepin::PortSharing::Takeover } else { corepin::PortSharing::Exclusive };
+    let (app, joined) = TcpServer::bind_with(listen, workers, factory, sharing)?;
+    let line = match (takeover, joined) {
+        (false, _) => None,
+        (true, corepin::Joined::Alone) => Some(format!("takeover: nothing else listens on {listen}; serving alone")),
+        (true, corepin::Joined::Group) => Some(format!(
+            "takeover: sharing {listen} with the server already there; send it SIGTERM to finish the upgrade ({})",
+            match corepin::tcp::migrate_req_enabled() {
+                Some(true) => "net.ipv4.tcp_migrate_req=1: connections still queued there move here",
+                Some(false) => {
+                    "net.ipv4.tcp_migrate_req=0: connections still in its accept queue when it closes are reset"
+                }
+                None => "tcp_migrate_req unknown",
+            }
+        )),
+    };
+    Ok((app, line))
 }
 
 /// What `run_echo` and `run_files` share once their app is built: start it, serve metrics,
@@ -479,12 +513,14 @@ fn run_files(args: FilesArgs) -> Result<()> {
     let per_core = args
         .max_connections_per_core
         .unwrap_or_else(|| (nofile_limit().saturating_sub(256 + cached) / 2 / p.cpus.len() as u64).max(1) as usize);
-    let app = TcpServer::bind(listen, p.cpus.len(), factory)?.max_connections_per_core(per_core);
+    let (app, joined) = bind_tcp(listen, p.cpus.len(), factory, args.common.takeover)?;
+    let app = app.max_connections_per_core(per_core);
     let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
     let mut extra = vec![
         format!("root: {} (confined with {:?})", served.display(), confinement),
         format!("max connections per core: {per_core}"),
     ];
+    extra.extend(joined);
     if tls.is_some() {
         extra.push(
             "file transfer under TLS: read + write through the engine; sendfile(2) is not used \

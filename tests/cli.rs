@@ -32,8 +32,13 @@ fn start_echo(runtime: &str, extra: &[&str]) -> Running {
 
 /// Starts `corepin <service>` and reads its banner up to the line containing `last`.
 fn start(service: &str, runtime: &str, extra: &[&str], last: &str) -> Running {
+    start_at(service, runtime, "127.0.0.1:0", extra, last)
+}
+
+/// [`start`] on the address `listen`.
+fn start_at(service: &str, runtime: &str, listen: &str, extra: &[&str], last: &str) -> Running {
     let mut child = Command::new(BIN)
-        .args([service, "--runtime", runtime, "--cores", "all", "--listen", "127.0.0.1:0", "--drain-timeout", "20"])
+        .args([service, "--runtime", runtime, "--cores", "all", "--listen", listen, "--drain-timeout", "20"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -531,6 +536,54 @@ fn a_port_already_served_is_refused_not_shared() {
         fails_with_one_line(&["echo", "--runtime", rt, "--listen", &addr], "address already in use");
         fails_with_one_line(&["files", "--runtime", rt, "--listen", &addr], "address already in use");
         drop(first);
+    }
+}
+
+/// One echo round trip on `s`.
+fn echo_once(s: &mut std::net::TcpStream, what: &[u8]) {
+    s.write_all(what).unwrap();
+    let mut back = vec![0u8; what.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, what);
+}
+
+/// `--takeover`, the deliberate exception to the rule above: a second server joins the port
+/// of the first. Sent SIGTERM, the first drains (a connection open across the upgrade is still
+/// served) and exits 0; new connections then all reach the second. On a free port the flag
+/// just serves alone, and says so.
+#[test]
+fn takeover_shares_the_port_until_the_old_server_drains() {
+    for rt in runtimes() {
+        let mut old = start_echo(rt, &[]);
+        let addr = old.addr;
+        let mut held = std::net::TcpStream::connect(addr).unwrap();
+        held.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        echo_once(&mut held, b"before the upgrade");
+        let new = start_at("echo", rt, &addr.to_string(), &["--takeover"], "takeover: ");
+        assert_eq!(new.addr, addr, "{rt}");
+        assert!(
+            new.banner.contains(&format!("takeover: sharing {addr} with the server already there")),
+            "{}",
+            new.banner
+        );
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
+        echo_once(&mut held, b"during the old server's drain");
+        drop(held);
+        let status = wait_exit(&mut old.child, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "{rt}: the old server drained and exited 0");
+        for i in 0..50 {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            echo_once(&mut s, format!("after the upgrade {i}").as_bytes());
+        }
+        drop(new);
+        let alone = start("echo", rt, &["--takeover"], "takeover: ");
+        assert!(
+            alone.banner.contains("takeover: nothing else listens on 127.0.0.1:0; serving alone"),
+            "{}",
+            alone.banner
+        );
     }
 }
 

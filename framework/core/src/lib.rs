@@ -38,5 +38,5 @@ pub use pool::PooledBuf;
 pub use runtime::{EngineSettings, FdWatch, File, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
 pub use service::{Acceptor, ConnStream, Connection, Plain, ReadHalf, Service, ServiceFactory, Stream, WriteHalf};
 pub use sharded::Sharded;
-pub use tcp::TcpServer;
+pub use tcp::{Joined, PortSharing, TcpServer};
 pub use worker::{Worker, WorkerInfo};

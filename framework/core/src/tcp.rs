@@ -44,17 +44,63 @@ pub enum ListenError {
 /// network namespace are checked: any on the same port and an overlapping address that is not
 /// one of ours makes this fail with [`ListenError::InUse`], as a plain bind would.
 pub fn reuseport_listeners(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ListenError> {
+    reuseport_listeners_with(addr, n, PortSharing::Exclusive).map(|(listeners, _)| listeners)
+}
+
+/// Whether a server may share its port with listeners it did not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PortSharing {
+    /// Refused with [`ListenError::InUse`] if another socket listens there (the default).
+    #[default]
+    Exclusive,
+    /// A deliberate takeover for a zero-downtime upgrade: join the `SO_REUSEPORT` group of
+    /// the running server (the kernel allows it for the same user only), so both accept until
+    /// the old one is told to drain (SIGTERM). Connections still in the old listeners' accept
+    /// queues when they close are reset unless `net.ipv4.tcp_migrate_req` is 1
+    /// ([`migrate_req_enabled`]).
+    Takeover,
+}
+
+/// What [`reuseport_listeners_with`] found on the port besides its own listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// Nobody else listened there.
+    Alone,
+    /// Another listener was there and the group was joined (takeover).
+    Group,
+}
+
+/// [`reuseport_listeners`] with the sharing rule spelled out; also says whether another
+/// listener was found (and joined, under [`PortSharing::Takeover`]).
+pub fn reuseport_listeners_with(
+    addr: SocketAddr,
+    n: usize,
+    sharing: PortSharing,
+) -> Result<(Vec<std::net::TcpListener>, Joined), ListenError> {
     let listeners = bind_group(addr, n)?;
     let Some(first) = listeners.first() else {
-        return Ok(listeners);
+        return Ok((listeners, Joined::Alone));
     };
     let bound = first.local_addr().map_err(|source| ListenError::Io { addr, source })?;
     let ours: Vec<u64> = listeners.iter().filter_map(|l| socket_inode(l.as_raw_fd())).collect();
-    if let Some(other) = foreign_listener(bound, &ours) {
-        tracing::debug!(%bound, inode = other, "another socket already listens on this port");
-        return Err(ListenError::InUse { addr });
+    match (foreign_listener(bound, &ours), sharing) {
+        (None, _) => Ok((listeners, Joined::Alone)),
+        (Some(other), PortSharing::Exclusive) => {
+            tracing::debug!(%bound, inode = other, "another socket already listens on this port");
+            Err(ListenError::InUse { addr })
+        }
+        (Some(other), PortSharing::Takeover) => {
+            tracing::debug!(%bound, inode = other, "joined another listener's SO_REUSEPORT group (takeover)");
+            Ok((listeners, Joined::Group))
+        }
     }
-    Ok(listeners)
+}
+
+/// Whether this network namespace hands the accept queue of a closing `SO_REUSEPORT`
+/// listener to the others in its group (`net.ipv4.tcp_migrate_req`, Linux 5.14+) instead of
+/// resetting those connections. `None` when the setting cannot be read.
+pub fn migrate_req_enabled() -> Option<bool> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").ok().map(|v| v.trim() == "1")
 }
 
 /// The inode of a socket descriptor, as `/proc/net/tcp` lists it.
@@ -146,17 +192,31 @@ pub struct TcpServer<F, A = Plain> {
 }
 
 impl<F: ServiceFactory> TcpServer<F> {
-    /// Binds `workers` listeners on `addr` for `factory`'s services.
+    /// Binds `workers` listeners on `addr` for `factory`'s services; refused with
+    /// [`ListenError::InUse`] if another socket already listens there.
     pub fn bind(addr: SocketAddr, workers: usize, factory: F) -> Result<Self, ListenError> {
-        let listeners = reuseport_listeners(addr, workers)?;
+        Self::bind_with(addr, workers, factory, PortSharing::Exclusive).map(|(server, _)| server)
+    }
+
+    /// [`bind`](Self::bind) with the sharing rule spelled out ([`PortSharing::Takeover`] joins
+    /// a running server's listeners, for a zero-downtime upgrade); also says whether another
+    /// listener was there.
+    pub fn bind_with(
+        addr: SocketAddr,
+        workers: usize,
+        factory: F,
+        sharing: PortSharing,
+    ) -> Result<(Self, Joined), ListenError> {
+        let (listeners, joined) = reuseport_listeners_with(addr, workers, sharing)?;
         let local_addr = listeners[0].local_addr().map_err(|source| ListenError::Io { addr, source })?;
-        Ok(Self {
+        let server = Self {
             listeners: Mutex::new(listeners.into_iter().map(Some).collect()),
             local_addr,
             factory,
             acceptor: Arc::new(Plain),
             max_connections_per_core: usize::MAX,
-        })
+        };
+        Ok((server, joined))
     }
 }
 
