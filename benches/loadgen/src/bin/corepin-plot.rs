@@ -1,10 +1,13 @@
 //! corepin-plot: draws SVG plots from the benchmark harness's results JSON.
 //!
 //! Input: {"meta": {...}, "echo": [{"server", "conns", "size", "msgs_per_sec",
-//! "server_cpu_us_per_msg", "cdf": [[us, q], ...], ...}, ...], ...}.
+//! "server_cpu_us_per_msg", "cdf": [[us, q], ...], ...}, ...],
+//! "files"/"https": [{"server", "config", "file", "size", "server_cpu_us_per_req", ...}], ...}.
 //! Writes into --out-dir:
 //!   echo_throughput_<size>.svg, echo_cpu_<size>.svg,
-//!   echo_latency_cdf_<size>_<conns>.svg (conns = 128 if present, else the largest).
+//!   echo_latency_cdf_<size>_<conns>.svg (conns = 128 if present, else the largest),
+//!   files_cpu_vs_nginx.svg, https_cpu_vs_nginx.svg (server CPU per request of each server
+//!   relative to nginx's, by request kind).
 //! Prints the path of every file written. Plots that cannot be drawn are
 //! skipped with a note on stderr. Bad input: one error line, exit 1.
 
@@ -167,7 +170,134 @@ fn load(path: &Path) -> Result<Vec<EchoPoint>> {
     Ok(out)
 }
 
+/// One request kind of the files/https workloads: its label and each server's CPU per request.
+type VsNginx = Vec<(String, Vec<(String, f64)>)>;
+
+/// The `files` or `https` results of `root`, grouped by request kind (file and connection
+/// reuse), in the order first seen; servers in the order first seen.
+fn load_vs_nginx(root: &Value, key: &str) -> VsNginx {
+    let mut out: VsNginx = Vec::new();
+    let Some(rows) = root.get(key).and_then(Value::as_array) else { return out };
+    for (i, r) in rows.iter().enumerate() {
+        let (Some(server), Some(cpu)) = (r.get("server").and_then(Value::as_str), num(r, "server_cpu_us_per_req"))
+        else {
+            note(format!("{key}[{i}]: missing \"server\" or \"server_cpu_us_per_req\"; skipped"));
+            continue;
+        };
+        let size = uint(r, "size").map(size_label).unwrap_or_else(|| "?".into());
+        let kind = match r.get("config").and_then(Value::as_str) {
+            Some("handshake") => format!("{size}, new connection each"),
+            Some("default") | None => format!("{size}, keep-alive"),
+            Some(other) => format!("{size}, {other}"),
+        };
+        let at = match out.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                out.push((kind, Vec::new()));
+                out.len() - 1
+            }
+        };
+        out[at].1.push((server.to_string(), cpu));
+    }
+    out
+}
+
+/// Grouped bars: per request kind, each server's CPU per request divided by nginx's.
+fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathBuf>> {
+    let ratios: Vec<(String, Vec<(String, f64)>)> = groups
+        .iter()
+        .filter_map(|(kind, servers)| {
+            let nginx = servers.iter().find(|(s, _)| s == "nginx").map(|(_, v)| *v).filter(|v| *v > 0.0)?;
+            Some((kind.clone(), servers.iter().map(|(s, v)| (s.clone(), v / nginx)).collect()))
+        })
+        .collect();
+    if ratios.is_empty() {
+        note(format!("{key}: no request kind has an nginx result; {key}_cpu_vs_nginx.svg skipped"));
+        return Ok(None);
+    }
+    let mut servers: Vec<String> = Vec::new();
+    for (_, rs) in &ratios {
+        for (s, _) in rs {
+            if !servers.contains(s) {
+                servers.push(s.clone());
+            }
+        }
+    }
+    let g = ratios.len() as f64;
+    let ymax = ratios.iter().flat_map(|(_, rs)| rs.iter().map(|(_, v)| *v)).fold(1.0f64, f64::max) * 1.2;
+    let path = dir.join(format!("{key}_cpu_vs_nginx.svg"));
+    {
+        let root = SVGBackend::new(&path, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let title = if key == "https" {
+            "HTTPS: server CPU per request relative to nginx (lower is better)"
+        } else {
+            "Files: server CPU per request relative to nginx (lower is better)"
+        };
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..g, 0f64..ymax)
+            .map_err(plot_err)?;
+        let labels: Vec<String> = ratios.iter().map(|(k, _)| k.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(2 * ratios.len() + 1)
+            .x_label_formatter(&|x: &f64| {
+                let centre = x - 0.5;
+                if (centre - centre.round()).abs() < 1e-6 && centre >= 0.0 {
+                    labels.get(centre.round() as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("server CPU per request / nginx's")
+            .y_label_formatter(&|v: &f64| format!("{v:.1}"))
+            .axis_desc_style(("sans-serif", 18))
+            .label_style(("sans-serif", 15))
+            .draw()
+            .map_err(plot_err)?;
+        let width = 0.8 / servers.len() as f64;
+        for (si, server) in servers.iter().enumerate() {
+            let color = series_color(si);
+            let bars: Vec<Rectangle<(f64, f64)>> = ratios
+                .iter()
+                .enumerate()
+                .filter_map(|(gi, (_, rs))| {
+                    let v = rs.iter().find(|(s, _)| s == server)?.1;
+                    let x0 = gi as f64 + 0.1 + si as f64 * width;
+                    Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], color.filled()))
+                })
+                .collect();
+            chart
+                .draw_series(bars)
+                .map_err(plot_err)?
+                .label(server.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+        }
+        chart
+            .draw_series(LineSeries::new(vec![(0.0, 1.0), (g, 1.0)], BLACK.stroke_width(1)))
+            .map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(Some(path))
+}
+
 fn run(cli: &Cli) -> Result<usize> {
+    let text = std::fs::read_to_string(&cli.input).with_context(|| format!("reading {}", cli.input.display()))?;
+    let root: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cli.input.display()))?;
     let points = load(&cli.input)?;
     std::fs::create_dir_all(&cli.out_dir)
         .with_context(|| format!("creating output directory {}", cli.out_dir.display()))?;
@@ -186,6 +316,12 @@ fn run(cli: &Cli) -> Result<usize> {
         emit(plot_by_conns(&cli.out_dir, size, &pts, Metric::Throughput), format!("throughput, size {size}"));
         emit(plot_by_conns(&cli.out_dir, size, &pts, Metric::Cpu), format!("cpu, size {size}"));
         emit(plot_cdf(&cli.out_dir, size, &pts), format!("latency CDF, size {size}"));
+    }
+    for key in ["files", "https"] {
+        let groups = load_vs_nginx(&root, key);
+        if !groups.is_empty() {
+            emit(plot_vs_nginx(&cli.out_dir, key, &groups), format!("{key} against nginx"));
+        }
     }
     Ok(written)
 }
@@ -241,7 +377,9 @@ fn human(v: f64) -> String {
 }
 
 fn size_label(size: u64) -> String {
-    if size >= 1024 && size % 1024 == 0 {
+    if size >= 1 << 20 && size % (1 << 20) == 0 {
+        format!("{} MiB", size >> 20)
+    } else if size >= 1024 && size % 1024 == 0 {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")
