@@ -553,7 +553,7 @@ def main() -> int:
     (out_dir / "latest.json").write_text(json.dumps(report, indent=1))
     (out_dir / "latest.md").write_text("\n".join(md))
     plots = out_dir / "plots"
-    if "echo" in only:
+    if {"echo", "files", "https"} & set(only):
         subprocess.run([str(TARGET / "corepin-plot"), "--input", str(out_dir / "latest.json"), "--out-dir", str(plots)],
                        check=True)
     print("\n".join(md))
