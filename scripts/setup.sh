@@ -2,12 +2,13 @@
 # Installs what building and testing corepin need from the system (Debian/Ubuntu, as root or
 # via sudo): the hwloc library for topology, a C toolchain, curl, the independent HTTP client
 # the file server's tests compare against, openssl (s_client, the TLS tests' independent
-# client), and redis-cli (redis-tools), the independent client
-# the kv example's test drives. `scripts/setup.sh --bench` also installs the peers the
+# client), redis-cli (redis-tools), the independent client the kv example's test drives,
+# clang (the build compiles the XDP program in services/xdp for the BPF target) and iproute2
+# (the XDP tests make their own network namespaces and veth pairs). `scripts/setup.sh --bench` also installs the peers the
 # benchmarks measure against (nginx, wrk, redis-server). Idempotent: does nothing when everything is already
 # there.
 set -euo pipefail
-pkgs=(libhwloc-dev pkg-config build-essential curl openssl redis-tools)
+pkgs=(libhwloc-dev pkg-config build-essential curl openssl redis-tools clang linux-libc-dev iproute2)
 if [ "${1:-}" = "--bench" ]; then
   pkgs+=(nginx wrk redis-server)
 fi

@@ -278,9 +278,7 @@ fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathB
                 .label(server.as_str())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
-        chart
-            .draw_series(LineSeries::new(vec![(0.0, 1.0), (g, 1.0)], BLACK.stroke_width(1)))
-            .map_err(plot_err)?;
+        chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (g, 1.0)], BLACK.stroke_width(1))).map_err(plot_err)?;
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)

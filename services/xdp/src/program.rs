@@ -1,0 +1,256 @@
+//! Loading, attaching and reading the ingest program (see `bpf/ingest.c`).
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+
+use aya::maps::{MapData, PerCpuArray, XskMap};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+
+/// The compiled program. aya reads it as ELF, which wants 8-byte alignment.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ingest.o"));
+
+/// The queues the program's maps have room for (`MAX_QUEUES` in `bpf/ingest.c`).
+pub const MAX_QUEUES: u32 = 64;
+
+/// What the program did with a packet (`enum verdict` in `bpf/ingest.c`, same order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Redirected into the queue's AF_XDP socket.
+    Redirected,
+    /// Passed to the kernel: not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp,
+    /// Passed: IP but not UDP.
+    NotUdp,
+    /// Passed: UDP to another port.
+    OtherPort,
+    /// Passed: an IP fragment (only the kernel can reassemble it).
+    Fragment,
+    /// Passed: headers cut short, or an IPv4 header length below 5 words.
+    Malformed,
+    /// Passed: for the port, but no socket is bound on this queue.
+    NoSocket,
+}
+
+impl Verdict {
+    /// Every verdict, in the program's order.
+    pub const ALL: [Verdict; 7] = [
+        Verdict::Redirected,
+        Verdict::NotIp,
+        Verdict::NotUdp,
+        Verdict::OtherPort,
+        Verdict::Fragment,
+        Verdict::Malformed,
+        Verdict::NoSocket,
+    ];
+
+    /// The metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Redirected => "redirected",
+            Verdict::NotIp => "not_ip",
+            Verdict::NotUdp => "not_udp",
+            Verdict::OtherPort => "other_port",
+            Verdict::Fragment => "fragment",
+            Verdict::Malformed => "malformed",
+            Verdict::NoSocket => "no_socket",
+        }
+    }
+}
+
+/// One RX queue's counters, summed over CPUs, in [`Verdict::ALL`] order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters(pub [u64; 7]);
+
+impl QueueCounters {
+    /// Packets with `verdict`.
+    pub fn get(&self, verdict: Verdict) -> u64 {
+        self.0[verdict as usize]
+    }
+    /// Every packet the program saw on the queue.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+    /// Packets passed to the kernel, whatever the reason.
+    pub fn passed(&self) -> u64 {
+        self.total() - self.get(Verdict::Redirected)
+    }
+}
+
+/// How to attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native if the driver has it, generic otherwise.
+    Auto,
+    /// In the driver only.
+    Native,
+    /// In the kernel's generic path (any interface, slower).
+    Generic,
+}
+
+/// How the program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// Native (driver) mode.
+    Native,
+    /// Generic (SKB) mode.
+    Generic,
+}
+
+impl fmt::Display for Attached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+        })
+    }
+}
+
+/// Loading or attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    /// The kernel refused the program or a map (no BPF support, no permission, verifier).
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Attaching, detaching or preparing the program failed.
+    #[error("XDP program on {interface}: {source}")]
+    Program {
+        /// The interface.
+        interface: String,
+        /// The cause.
+        source: ProgramError,
+    },
+    /// Reading or writing one of the program's maps failed.
+    #[error("XDP map {map}: {source}")]
+    Map {
+        /// The map's name.
+        map: &'static str,
+        /// The cause.
+        source: aya::maps::MapError,
+    },
+    /// A queue beyond the maps' room.
+    #[error("RX queue {0} is beyond the {MAX_QUEUES} queues the program has room for")]
+    Queue(u32),
+}
+
+/// The ingest program, loaded and attached to one interface. Dropping it detaches it.
+pub struct IngestProgram {
+    ebpf: Ebpf,
+    interface: String,
+    link: Option<XdpLinkId>,
+    attached: Attached,
+}
+
+impl fmt::Debug for IngestProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngestProgram")
+            .field("interface", &self.interface)
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+const PROGRAM_NAME: &str = "corepin_ingest";
+
+impl IngestProgram {
+    /// Loads the program to take UDP `port` and attaches it to `interface` in `mode`.
+    /// [`AttachMode::Auto`] tries native first and falls back to generic when the driver has no
+    /// native XDP.
+    pub fn attach(interface: &str, port: u16, mode: AttachMode) -> Result<Self, XdpError> {
+        let mut ebpf = EbpfLoader::new().override_global("port", &port, true).load(PROGRAM)?;
+        let err = |source| XdpError::Program { interface: interface.to_string(), source };
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| err(ProgramError::UnexpectedProgramType))?
+            .try_into()
+            .map_err(err)?;
+        program.load().map_err(err)?;
+        let (link, attached) = match mode {
+            AttachMode::Native => (program.attach(interface, XdpMode::Driver).map_err(err)?, Attached::Native),
+            AttachMode::Generic => (program.attach(interface, XdpMode::Skb).map_err(err)?, Attached::Generic),
+            AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
+                Ok(link) => (link, Attached::Native),
+                Err(native) => {
+                    tracing::debug!("native XDP on {interface} refused ({native}); trying generic");
+                    (program.attach(interface, XdpMode::Skb).map_err(err)?, Attached::Generic)
+                }
+            },
+        };
+        Ok(Self { ebpf, interface: interface.to_string(), link: Some(link), attached })
+    }
+
+    /// The mode the program runs in.
+    pub fn attached(&self) -> Attached {
+        self.attached
+    }
+
+    /// The interface it is attached to.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// Directs the port's packets arriving on RX queue `queue` into the AF_XDP socket `socket`
+    /// (bound to that queue).
+    pub fn set_socket(&mut self, queue: u32, socket: &impl AsRawFd) -> Result<(), XdpError> {
+        if queue >= MAX_QUEUES {
+            return Err(XdpError::Queue(queue));
+        }
+        let mut map = self.xsks()?;
+        map.set(queue, socket.as_raw_fd(), 0).map_err(|source| XdpError::Map { map: "xsks", source })
+    }
+
+    fn xsks(&mut self) -> Result<XskMap<&mut MapData>, XdpError> {
+        let map = self
+            .ebpf
+            .map_mut("xsks")
+            .ok_or(XdpError::Map { map: "xsks", source: aya::maps::MapError::InvalidName { name: "xsks".into() } })?;
+        XskMap::try_from(map).map_err(|source| XdpError::Map { map: "xsks", source })
+    }
+
+    /// The counters of queues `0..queues`, each summed over CPUs.
+    pub fn counters(&self, queues: u32) -> Result<Vec<QueueCounters>, XdpError> {
+        let map = self.ebpf.map("counters").ok_or(XdpError::Map {
+            map: "counters",
+            source: aya::maps::MapError::InvalidName { name: "counters".into() },
+        })?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| XdpError::Map { map: "counters", source })?;
+        let mut out = Vec::with_capacity(queues.min(MAX_QUEUES) as usize);
+        for q in 0..queues.min(MAX_QUEUES) {
+            let mut c = QueueCounters::default();
+            for (i, slot) in c.0.iter_mut().enumerate() {
+                let key = q * Verdict::ALL.len() as u32 + i as u32;
+                let per_cpu = array.get(&key, 0).map_err(|source| XdpError::Map { map: "counters", source })?;
+                *slot = per_cpu.iter().sum();
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Detaches the program now (dropping does the same, logging a failure instead).
+    pub fn detach(mut self) -> Result<(), XdpError> {
+        self.detach_link()
+    }
+
+    fn detach_link(&mut self) -> Result<(), XdpError> {
+        let Some(link) = self.link.take() else { return Ok(()) };
+        let interface = self.interface.clone();
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(XdpError::Program { interface: interface.clone(), source: ProgramError::UnexpectedProgramType })?
+            .try_into()
+            .map_err(|source| XdpError::Program { interface: interface.clone(), source })?;
+        program.detach(link).map_err(|source| XdpError::Program { interface, source })
+    }
+}
+
+impl Drop for IngestProgram {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach_link() {
+            tracing::warn!("{e}");
+        }
+    }
+}
