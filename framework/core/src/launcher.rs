@@ -23,6 +23,15 @@ pub trait App: Send + Sync + 'static {
     fn run<R: Runtime>(&self, worker: Worker) -> impl Future<Output = Result<(), AppError>>;
 }
 
+/// Two apps on every worker, side by side (HTTPS on TCP and HTTP/3 on UDP on the same port,
+/// say): both run until both are done, and the first error is the pair's.
+impl<A: App, B: App> App for (A, B) {
+    async fn run<R: Runtime>(&self, worker: Worker) -> Result<(), AppError> {
+        let (a, b) = crate::task::join(self.0.run::<R>(worker.clone()), self.1.run::<R>(worker)).await;
+        a.and(b)
+    }
+}
+
 /// An app failed on a worker.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

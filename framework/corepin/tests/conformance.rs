@@ -621,6 +621,31 @@ fn echo_once(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
     got
 }
 
+/// A pair of apps runs both on every worker: two echo servers on two ports in one server,
+/// each answering exactly, and both stopping when the server drains.
+pub fn a_pair_of_apps_runs_both_on_every_worker<R: Runtime>() {
+    let cfg = LaunchConfig { drain_timeout: Duration::from_secs(5), ..launch_cfg(CoreSelection::Count(2)) };
+    let cpus = cfg.plan().unwrap();
+    let bind =
+        || TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), corepin_echo::EchoFactory::default()).unwrap();
+    let (a, b) = (bind(), bind());
+    let (addr_a, addr_b) = (a.local_addr(), b.local_addr());
+    assert_ne!(addr_a.port(), addr_b.port());
+    let server = Server::start::<R, _>(&cfg, &cpus, Arc::new((a, b))).unwrap();
+    for i in 0..16 {
+        for addr in [addr_a, addr_b] {
+            let p = pattern(500 + i * 13, i as u8);
+            assert_eq!(echo_once(addr, &p), p, "{addr}");
+        }
+    }
+    let accepted: u64 = (0..server.counters().len())
+        .map(|i| corepin::worker::CoreCounters::get(&server.counters().core(i).connections_accepted))
+        .sum();
+    assert_eq!(accepted, 32, "both servers' connections are counted");
+    server.shutdown_handle().drain();
+    server.wait().expect("both apps stop cleanly");
+}
+
 /// SO_REUSEPORT spreads connections over the cores' listeners, and every echo is exact.
 pub fn reuseport_spreads_connections_across_cores<R: Runtime>() {
     let (server, addr) = echo_server::<R>(CoreSelection::Count(2), Duration::from_secs(5));
@@ -1577,6 +1602,7 @@ pub fn split_halves_count_their_bytes<R: Runtime>() {
 }
 
 corepin::per_runtime_tests! {
+    a_pair_of_apps_runs_both_on_every_worker,
     yield_now_lets_the_other_ready_tasks_run,
     send_file_moves_file_ranges_through_a_full_socket,
     a_write_deadline_frees_a_stalled_write,
