@@ -364,52 +364,78 @@ pub fn sessions_resume_across_cores<R: Runtime>() {
     srv.stop();
 }
 
+/// A running `openssl s_client`, its stdout and stderr collected as they come.
+struct SClient {
+    child: std::process::Child,
+    text: Arc<std::sync::Mutex<String>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl SClient {
+    /// Starts `openssl s_client` against `addr` with `args` (and `-ign_eof` if asked: it keeps
+    /// the client up when stdin ends, but also turns its command letters off).
+    fn spawn(addr: SocketAddr, args: &[&str], ign_eof: bool) -> SClient {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string(), "-servername", "localhost"])
+            .args(ign_eof.then_some("-ign_eof"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl is needed for this test: scripts/setup.sh installs it");
+        let text = Arc::new(std::sync::Mutex::new(String::new()));
+        let readers =
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+                .into_iter()
+                .map(|mut r| {
+                    let text = Arc::clone(&text);
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = r.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                        }
+                    })
+                })
+                .collect();
+        SClient { child, text, readers }
+    }
+
+    fn said(&self, what: &str) -> bool {
+        self.text.lock().unwrap().contains(what)
+    }
+
+    /// Stops the client (if still running) and returns everything it printed.
+    fn finish(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        drop(self.child.stdin.take());
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let out = self.text.lock().unwrap().clone();
+        out
+    }
+}
+
 /// Runs `openssl s_client` against `addr` with `args` until it has said how the handshake
 /// went ("Cipher is") and `-sess_out`, if given, has been written (5 s at most); returns its
 /// stdout and stderr.
 fn s_client(addr: SocketAddr, args: &[&str]) -> String {
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", "localhost", "-ign_eof"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl is needed for this test: scripts/setup.sh installs it");
-    let text = Arc::new(std::sync::Mutex::new(String::new()));
-    let readers: Vec<_> =
-        [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
-            .into_iter()
-            .map(|mut r| {
-                let text = Arc::clone(&text);
-                thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = r.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                })
-            })
-            .collect();
+    let mut client = SClient::spawn(addr, args, true);
     let sess_out = args.iter().position(|a| *a == "-sess_out").map(|i| args[i + 1].to_string());
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        let said = text.lock().unwrap().contains("Cipher is");
+    while Instant::now() < deadline && client.child.try_wait().unwrap().is_none() {
         let saved = sess_out.as_ref().is_none_or(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
-        if said && saved {
+        if client.said("Cipher is") && saved {
             break;
         }
         thread::sleep(Duration::from_millis(20));
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    for r in readers {
-        let _ = r.join();
-    }
-    let out = text.lock().unwrap().clone();
-    out
+    client.finish()
 }
 
 /// TLS 1.0 and 1.1 are refused (the server's failure counters move, so the client did send
@@ -585,43 +611,20 @@ pub fn reload_changes_the_certificate_for_new_handshakes_only<R: Runtime>() {
 /// certificate's expiry is exported.
 pub fn renegotiation_is_refused_closed_and_counted<R: Runtime>() {
     let (srv, roots) = echo::<R>(1, TlsOptions::default());
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &srv.addr.to_string(), "-servername", "localhost", "-tls1_2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl is needed for this test: scripts/setup.sh installs it");
-    let text = Arc::new(std::sync::Mutex::new(String::new()));
-    let readers: Vec<_> =
-        [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
-            .into_iter()
-            .map(|mut r| {
-                let text = Arc::clone(&text);
-                thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = r.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                })
-            })
-            .collect();
-    let mut stdin = child.stdin.take().unwrap();
-    let said = |what: &str| settle(|| text.lock().unwrap().contains(what), |b| *b);
-    assert!(said("New, TLSv1.2, Cipher is"), "TLS 1.2 connects:\n{}", text.lock().unwrap());
+    // Without `-ign_eof`, which would turn the client's command letters off.
+    let mut client = SClient::spawn(srv.addr, &["-tls1_2"], false);
+    let mut stdin = client.child.stdin.take().unwrap();
+    let said = |c: &SClient, what: &str| settle(|| c.said(what), |b| *b);
+    assert!(said(&client, "New, TLSv1.2, Cipher is"), "TLS 1.2 connects:\n{}", client.text.lock().unwrap());
     stdin.write_all(b"before\n").unwrap();
-    assert!(said("before\n"), "echoed before the renegotiation:\n{}", text.lock().unwrap());
+    assert!(said(&client, "before\n"), "echoed before the renegotiation:\n{}", client.text.lock().unwrap());
     stdin.write_all(b"R\n").unwrap();
     let refused = settle(|| srv.sum(|c| c.breakages(FailReason::Renegotiation)), |n| *n == 1);
-    assert_eq!(refused, 1, "the renegotiation attempt is counted:\n{}", text.lock().unwrap());
-    // The server closed the connection: s_client exits on its own (stdin is still open;
-    // without `-ign_eof`, which would turn its command letters off).
+    assert_eq!(refused, 1, "the renegotiation attempt is counted:\n{}", client.text.lock().unwrap());
+    // The server closed the connection: s_client exits on its own (stdin is still open).
     let t = Instant::now();
     let exited = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = client.child.try_wait().unwrap() {
             break Some(status);
         }
         if t.elapsed() > Duration::from_secs(10) {
@@ -629,13 +632,8 @@ pub fn renegotiation_is_refused_closed_and_counted<R: Runtime>() {
         }
         thread::sleep(Duration::from_millis(20));
     };
-    let _ = child.kill();
-    let _ = child.wait();
     drop(stdin);
-    for r in readers {
-        let _ = r.join();
-    }
-    let out = text.lock().unwrap().clone();
+    let out = client.finish();
     assert!(exited.is_some(), "the server must close a connection that asked to renegotiate:\n{out}");
     assert!(out.contains("RENEGOTIATING"), "{out}");
     // Another client, meanwhile and after, is served.

@@ -3,6 +3,7 @@
 //! stale. One cache per core, so no lock and no cross-core cache line; each core warms its own.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -15,11 +16,59 @@ struct Entry {
     data: Bytes,
 }
 
+/// The keys of a map in the order they were inserted, for evicting the oldest first. Each
+/// insertion is stamped with a generation that the map's entry keeps, so the old place of a key
+/// inserted again since is recognised and skipped.
+pub(crate) struct InsertionOrder<K> {
+    order: VecDeque<(K, u64)>,
+    generation: u64,
+}
+
+impl<K: Eq + Hash + Clone> InsertionOrder<K> {
+    pub(crate) fn new() -> Self {
+        Self { order: VecDeque::new(), generation: 0 }
+    }
+
+    /// Records an insertion of `key`; returns the generation its entry must keep.
+    pub(crate) fn push(&mut self, key: K) -> u64 {
+        self.generation += 1;
+        self.order.push_back((key, self.generation));
+        self.generation
+    }
+
+    /// The oldest key whose entry is still the one inserted then (`current` gives an entry's
+    /// generation), taken off the order; `None` when none is left.
+    pub(crate) fn pop_oldest(&mut self, current: impl Fn(&K) -> Option<u64>) -> Option<K> {
+        while let Some((k, g)) = self.order.pop_front() {
+            if current(&k) == Some(g) {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    /// Drops the places of replaced or removed entries once they outnumber the live ones, so
+    /// the order cannot grow without bound.
+    pub(crate) fn compact(&mut self, live: usize, current: impl Fn(&K) -> Option<u64>) {
+        if self.order.len() > 2 * live + 64 {
+            self.order.retain(|(k, g)| current(k) == Some(*g));
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.order.clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
 /// Small-file bodies of one core, evicted oldest-inserted first beyond a byte budget.
 pub struct Cache {
     map: HashMap<(u64, u64), Entry>,
-    order: VecDeque<((u64, u64), u64)>,
-    generation: u64,
+    order: InsertionOrder<(u64, u64)>,
     bytes: u64,
     budget: u64,
 }
@@ -27,7 +76,7 @@ pub struct Cache {
 impl Cache {
     /// An empty cache holding at most `budget` bytes of bodies.
     pub fn new(budget: u64) -> Self {
-        Self { map: HashMap::new(), order: VecDeque::new(), generation: 0, bytes: 0, budget }
+        Self { map: HashMap::new(), order: InsertionOrder::new(), bytes: 0, budget }
     }
 
     /// The body of the file `meta` describes, if cached and unchanged.
@@ -51,23 +100,17 @@ impl Cache {
             return;
         }
         while self.bytes + len > self.budget {
-            match self.order.pop_front() {
-                // Only the entry inserted with this generation; a later re-insert stays.
-                Some((k, g)) if self.map.get(&k).is_some_and(|e| e.generation == g) => self.remove(&k),
-                Some(_) => {}
+            let map = &self.map;
+            match self.order.pop_oldest(|k| map.get(k).map(|e| e.generation)) {
+                Some(k) => self.remove(&k),
                 None => break,
             }
         }
-        self.generation += 1;
-        let generation = self.generation;
+        let generation = self.order.push(key);
         self.map.insert(key, Entry { generation, modified: meta.modified, len: meta.len, data });
-        self.order.push_back((key, generation));
         self.bytes += len;
-        // Replaced entries leave stale keys in `order`; keep it from growing without bound.
-        if self.order.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            self.order.retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
-        }
+        let map = &self.map;
+        self.order.compact(map.len(), |k| map.get(k).map(|e| e.generation));
     }
 
     /// Forgets the body of the inode `(dev, ino)` (its file changed).

@@ -27,7 +27,7 @@
 //!
 //! Must not: open anything itself (confinement is `fsroot`'s), or be shared between cores.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -36,6 +36,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use corepin_core::runtime::Metadata;
+
+use crate::cache::InsertionOrder;
 
 /// The inode events that make a cached descriptor stale.
 const MASK: u32 = libc::IN_MODIFY | libc::IN_ATTRIB | libc::IN_MOVE_SELF | libc::IN_DELETE_SELF;
@@ -66,8 +68,7 @@ pub struct OpenFiles {
     events: Vec<u8>,
     map: HashMap<String, Entry>,
     by_wd: HashMap<i32, Vec<String>>,
-    order: VecDeque<(String, u64)>,
-    generation: u64,
+    order: InsertionOrder<String>,
     max: usize,
     valid: Duration,
     invalidated: u64,
@@ -104,8 +105,7 @@ impl OpenFiles {
             events: Vec::new(),
             map: HashMap::new(),
             by_wd: HashMap::new(),
-            order: VecDeque::new(),
-            generation: 0,
+            order: InsertionOrder::new(),
             max,
             valid,
             invalidated: 0,
@@ -171,20 +171,16 @@ impl OpenFiles {
         // Claimed before evicting, so evicting another name of this inode keeps the watch.
         self.by_wd.entry(wd).or_default().push(rel.to_string());
         while self.map.len() >= self.max {
-            match self.order.pop_front() {
-                Some((k, g)) if self.map.get(&k).is_some_and(|e| e.generation == g) => self.remove(&k),
-                Some(_) => {}
+            let map = &self.map;
+            match self.order.pop_oldest(|k| map.get(k).map(|e| e.generation)) {
+                Some(k) => self.remove(&k),
                 None => break,
             }
         }
-        self.generation += 1;
-        let generation = self.generation;
+        let generation = self.order.push(rel.to_string());
         self.map.insert(rel.to_string(), Entry { file: Rc::clone(file), meta, wd, checked: now, generation });
-        self.order.push_back((rel.to_string(), generation));
-        if self.order.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            self.order.retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
-        }
+        let map = &self.map;
+        self.order.compact(map.len(), |k| map.get(k).map(|e| e.generation));
         Some(meta)
     }
 

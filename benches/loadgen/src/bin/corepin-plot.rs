@@ -279,14 +279,7 @@ fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathB
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
         chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (g, 1.0)], BLACK.stroke_width(1))).map_err(plot_err)?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(plot_err)?;
     }
     Ok(Some(path))
@@ -388,6 +381,21 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotters: {e:?}")
 }
 
+/// The series legend, in the same style on every plot.
+fn draw_legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(plot_err)
+}
+
 /// Throughput or CPU per message against connections (categorical x axis).
 fn plot_by_conns(dir: &Path, size: u64, pts: &[&EchoPoint], metric: Metric) -> Result<Option<PathBuf>> {
     let value = |p: &EchoPoint| match metric {
@@ -480,14 +488,7 @@ fn plot_by_conns(dir: &Path, size: u64, pts: &[&EchoPoint], metric: Metric) -> R
                 .draw_series(line.iter().map(|(x, y)| Circle::new((x.clone(), *y), 4, color.filled())))
                 .map_err(plot_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(legend_pos)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart, legend_pos)?;
         root.present().map_err(plot_err)?;
     }
     Ok(Some(path))
@@ -587,14 +588,7 @@ fn plot_cdf(dir: &Path, size: u64, pts: &[&EchoPoint]) -> Result<Option<PathBuf>
                 .label(p.server.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(plot_err)?;
     }
     Ok(Some(path))
