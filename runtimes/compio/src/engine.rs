@@ -25,9 +25,9 @@ pub(crate) const NAME: &str = "compio";
 /// What this backend wires to compio's native operations among the optional mechanisms.
 pub(crate) const NATIVE: Native = Native {
     splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
-    send_zc: Support::Absent("not wired to compio's SEND_ZC yet"),
+    send_zc: Support::Native,
     registered_buffers: Support::Absent("compio 0.19 has no READ_FIXED/WRITE_FIXED for caller-owned buffers"),
-    multishot_accept: Support::Absent("not wired to compio's multishot accept yet"),
+    multishot_accept: Support::Native,
     multishot_recv: Support::Absent(
         "compio's multishot receive lends its own BufferRef, which corepin's PooledBuf cannot carry without a copy",
     ),

@@ -35,39 +35,102 @@
 //! halves are full duplex with no `unsafe` and no `RefCell`. The descriptor closes when the
 //! last handle and the last operation holding it are gone.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 
-use compio_driver::ToSharedFd;
-use compio_io::{AsyncRead as _, AsyncWrite as _};
+use compio_driver::op::AcceptMulti;
+use compio_driver::{SharedFd, ToSharedFd};
+use compio_io::{AsyncRead as _, AsyncWrite as _, AsyncWriteZerocopy as _};
 use compio_runtime::fd::PollFd;
+use compio_runtime::SubmitMulti;
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
+use corepin_core::caps::KernelSupport;
 use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
 use corepin_core::runtime as contract;
+use futures_util::stream::FusedStream as _;
+use futures_util::StreamExt as _;
 
 use crate::buf::{back, unwrap_vec, Owned};
 
 // ---- TcpListener ------------------------------------------------------------------------
 
-/// A listening TCP socket driven by compio (`IORING_OP_ACCEPT`, one per connection).
+/// compio's multishot accept on a shared listening descriptor.
+type AcceptOp = SubmitMulti<AcceptMulti<SharedFd<socket2::Socket>>>;
+
+/// A listening TCP socket driven by compio: one armed multishot `IORING_OP_ACCEPT` whose
+/// completions [`accept`](contract::TcpListener::accept) hands out one by one (one accept
+/// operation per call where the kernel has no multishot accept).
+///
+/// The armed operation lives in the listener, not in the `accept` future, so dropping that
+/// future loses no connection: completions that arrive meanwhile queue in compio's operation
+/// (as owned sockets) until the next call, and are closed if the listener goes away first.
+/// Shutting the listener down (`SHUT_RD`, the drain) ends the multishot operation with an
+/// error, which `accept` returns.
 pub struct TcpListener {
     inner: compio_net::TcpListener,
+    /// Whether this kernel has multishot accept (else one accept per call).
+    multishot: bool,
+    armed: RefCell<Option<AcceptOp>>,
+}
+
+impl TcpListener {
+    /// The next accepted socket from the armed multishot operation, arming one if needed.
+    fn poll_accept_socket(&self, cx: &mut Context<'_>) -> Poll<io::Result<socket2::Socket>> {
+        let mut armed = self.armed.borrow_mut();
+        loop {
+            let op = match armed.as_mut() {
+                Some(op) => op,
+                None => armed.insert(compio_runtime::submit_multi(AcceptMulti::new(self.inner.to_shared_fd()))),
+            };
+            let Some(compio_buf::BufResult(res, _)) = ready!(op.poll_next_unpin(cx)) else {
+                // The operation ended on an earlier completion: arm a new one.
+                *armed = None;
+                continue;
+            };
+            if !op.is_terminated() {
+                // SAFETY: a multishot accept completion that succeeded carries a new socket
+                // descriptor, handed over to us (compio gave up its own ownership of it).
+                return Poll::Ready(res.map(|fd| unsafe { socket2::Socket::from_raw_fd(fd as RawFd) }));
+            }
+            // The last completion: its socket, if any, stays inside the operation.
+            let ended = armed.take();
+            return Poll::Ready(res.and_then(|_| match ended.map(SubmitMulti::try_take) {
+                Some(Ok(op)) => Ok(compio_buf::IntoInner::into_inner(op)),
+                _ => Err(io::Error::other("compio's accept ended without its socket")),
+            }));
+        }
+    }
 }
 
 impl contract::TcpListener for TcpListener {
     type Stream = TcpStream;
 
     fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
-        Ok(Self { inner: compio_net::TcpListener::from_std(listener)? })
+        Ok(Self {
+            inner: compio_net::TcpListener::from_std(listener)?,
+            multishot: KernelSupport::get().multishot_accept,
+            armed: RefCell::new(None),
+        })
     }
 
     async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (stream, addr) = self.inner.accept().await?;
-        Ok((TcpStream { inner: stream }, addr))
+        if !self.multishot {
+            let (stream, addr) = self.inner.accept().await?;
+            return Ok((TcpStream { inner: stream }, addr));
+        }
+        loop {
+            let socket = poll_fn(|cx| self.poll_accept_socket(cx)).await?;
+            // Multishot accept does not report the peer's address: ask the socket. A peer
+            // that already reset has none; its connection is closed and the next is taken.
+            let std: std::net::TcpStream = socket.into();
+            let Ok(peer) = std.peer_addr() else { continue };
+            return Ok((TcpStream { inner: compio_net::TcpStream::from_std(std)? }, peer));
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -277,6 +340,19 @@ impl contract::TcpStream for TcpStream {
 
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    async fn write_zc<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
+        if !KernelSupport::get().send_zc {
+            return write(&self.inner, buf).await;
+        }
+        // IORING_OP_SEND_ZC: the first completion says how many bytes were sent; the buffer
+        // comes back only with the notification that the kernel no longer reads it, which is
+        // what awaiting `released` waits for. Dropping this future leaves the operation and
+        // the buffer with compio's driver until both completions have arrived.
+        let mut writer = &self.inner;
+        let compio_buf::BufResult(res, released) = writer.write_zerocopy(Owned(buf)).await;
+        BufResult(res, released.await.into_inner())
     }
 
     async fn writable(&mut self) -> io::Result<()> {

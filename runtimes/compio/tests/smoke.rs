@@ -13,7 +13,7 @@ use std::time::Duration;
 use corepin_compio::CompioRuntime as Rt;
 use corepin_core::buf::{BufResult, IoBuf};
 use corepin_core::caps::Driver;
-use corepin_core::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRentExt};
+use corepin_core::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt};
 use corepin_core::runtime::{EngineError, EngineSettings, File, Metadata, OpenOptions, RingFlags, Runtime, TcpStream};
 
 type Stream = <Rt as Runtime>::TcpStream;
@@ -219,5 +219,82 @@ fn a_fired_token_ends_an_idle_read_and_loses_nothing() {
         let BufResult(res, buf) = s.read(buf).await;
         assert_eq!(res.expect("read"), 5);
         assert_eq!(&buf[..], b"after");
+    });
+}
+
+/// `write_zc` (SEND_ZC where the kernel has it) moves every byte and gives the caller's buffer
+/// back, the same memory, after the kernel released it.
+#[test]
+fn zero_copy_writes_move_every_byte_and_return_the_buffer() {
+    let data: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let expect = data.clone();
+    let caps = run(move || async move {
+        let (mut s, mut peer) = connected_pair().await;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).expect("peer read");
+            got
+        });
+        let mut buf = data;
+        let ptr = buf.as_ptr();
+        let mut sent = 0;
+        while sent < buf.len() {
+            let BufResult(r, b) = s.write_zc(buf.slice(sent..)).await;
+            buf = b.into_inner();
+            assert_eq!(buf.as_ptr(), ptr, "the same buffer comes back");
+            sent += r.expect("write_zc");
+        }
+        s.shutdown().await.expect("shutdown");
+        let got = reader.join().expect("reader");
+        assert!(got == expect, "write_zc delivered different bytes");
+        Rt::capabilities().expect("caps")
+    });
+    assert_eq!(caps.send_zc.used, caps.send_zc.kernel, "{caps}");
+}
+
+/// Multishot accept: every connection is handed out with its peer address, also when an
+/// `accept` future was dropped while the operation was armed.
+#[test]
+fn multishot_accept_hands_out_every_connection_with_its_peer() {
+    use corepin_core::runtime::TcpListener;
+    type Listener = <Rt as Runtime>::TcpListener;
+    const N: usize = 20;
+    run(|| async {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let listener = Listener::from_std(std_listener).expect("adopt");
+        let addr = listener.local_addr().expect("addr");
+        // Arm the accept, then give up on it before anyone connects.
+        let gave_up = corepin_core::task::timeout::<Rt, _>(Duration::from_millis(20), listener.accept()).await;
+        assert!(gave_up.is_err(), "nobody connected yet");
+        let clients = std::thread::spawn(move || {
+            (0..N)
+                .map(|_| {
+                    let c = std::net::TcpStream::connect(addr).expect("connect");
+                    let local = c.local_addr().expect("client addr");
+                    (c, local)
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut peers = Vec::new();
+        for _ in 0..N {
+            let (mut s, peer) = listener.accept().await.expect("accept");
+            assert_eq!(s.peer_addr().expect("peer addr"), peer);
+            let BufResult(r, _) = s.write_all(&b"hi"[..]).await;
+            r.expect("write");
+            peers.push(peer);
+        }
+        let clients = clients.join().expect("clients");
+        let mut want: Vec<_> = clients.iter().map(|(_, a)| *a).collect();
+        want.sort();
+        peers.sort();
+        assert_eq!(peers, want, "each connection once, with its peer address");
+        for (mut c, _) in clients {
+            let mut hi = [0u8; 2];
+            c.read_exact(&mut hi).expect("greeting");
+            assert_eq!(&hi, b"hi");
+        }
+        let caps = Rt::capabilities().expect("caps");
+        assert_eq!(caps.multishot_accept.used, caps.multishot_accept.kernel, "{caps}");
     });
 }
