@@ -41,7 +41,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::pin;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use compio_driver::op::AcceptMulti;
 use compio_driver::{SharedFd, ToSharedFd};
@@ -71,16 +71,40 @@ type AcceptOp = SubmitMulti<AcceptMulti<SharedFd<socket2::Socket>>>;
 /// (as owned sockets) until the next call, and are closed if the listener goes away first.
 /// Shutting the listener down (`SHUT_RD`, the drain) ends the multishot operation with an
 /// error, which `accept` returns.
+///
+/// compio wakes only the task that polled the operation last, so when several tasks accept
+/// at once the others wait in `waiters`, and each completion handed out wakes them to poll
+/// again (one of them then becomes the operation's waker).
 pub struct TcpListener {
     inner: compio_net::TcpListener,
     /// Whether this kernel has multishot accept (else one accept per call).
     multishot: bool,
     armed: RefCell<Option<AcceptOp>>,
+    waiters: RefCell<Vec<Waker>>,
 }
 
 impl TcpListener {
-    /// The next accepted socket from the armed multishot operation, arming one if needed.
+    /// The next accepted socket from the armed multishot operation, arming one if needed;
+    /// other tasks waiting to accept are woken when it is handed out.
     fn poll_accept_socket(&self, cx: &mut Context<'_>) -> Poll<io::Result<socket2::Socket>> {
+        let polled = self.poll_armed(cx);
+        let mut waiters = self.waiters.borrow_mut();
+        match polled {
+            Poll::Pending => {
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+            }
+            Poll::Ready(_) => {
+                for w in waiters.drain(..).filter(|w| !w.will_wake(cx.waker())) {
+                    w.wake();
+                }
+            }
+        }
+        polled
+    }
+
+    fn poll_armed(&self, cx: &mut Context<'_>) -> Poll<io::Result<socket2::Socket>> {
         let mut armed = self.armed.borrow_mut();
         loop {
             let op = match armed.as_mut() {
@@ -107,6 +131,29 @@ impl TcpListener {
     }
 }
 
+/// Wakes the other accepting tasks if an `accept` future is dropped before it got a
+/// connection: it may have been the one compio would wake, so another must poll instead.
+struct Handoff<'a> {
+    listener: &'a TcpListener,
+    done: bool,
+}
+
+impl Handoff<'_> {
+    fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Handoff<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            for w in self.listener.waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
 impl contract::TcpListener for TcpListener {
     type Stream = TcpStream;
 
@@ -115,6 +162,7 @@ impl contract::TcpListener for TcpListener {
             inner: compio_net::TcpListener::from_std(listener)?,
             multishot: KernelSupport::get().multishot_accept,
             armed: RefCell::new(None),
+            waiters: RefCell::new(Vec::new()),
         })
     }
 
@@ -124,7 +172,10 @@ impl contract::TcpListener for TcpListener {
             return Ok((TcpStream { inner: stream }, addr));
         }
         loop {
-            let socket = poll_fn(|cx| self.poll_accept_socket(cx)).await?;
+            let handoff = Handoff { listener: self, done: false };
+            let socket = poll_fn(|cx| self.poll_accept_socket(cx)).await;
+            handoff.finish();
+            let socket = socket?;
             // Multishot accept does not report the peer's address: ask the socket. A peer
             // that already reset has none; its connection is closed and the next is taken.
             let std: std::net::TcpStream = socket.into();

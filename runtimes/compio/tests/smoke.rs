@@ -298,3 +298,45 @@ fn multishot_accept_hands_out_every_connection_with_its_peer() {
         assert_eq!(caps.multishot_accept.used, caps.multishot_accept.kernel, "{caps}");
     });
 }
+
+/// Several tasks accepting on one listener at once all get connections (compio wakes only
+/// the last poller of its multishot operation; the backend passes the wake on), also after
+/// one of them gave up waiting.
+#[test]
+fn concurrent_accepts_share_the_multishot_operation() {
+    use corepin_core::runtime::TcpListener;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    type Listener = <Rt as Runtime>::TcpListener;
+    const N: usize = 12;
+    run(|| async {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let listener = Rc::new(Listener::from_std(std_listener).expect("adopt"));
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Rc::new(Cell::new(0usize));
+        // N tasks waiting at once, each for one connection, with no timeout of their own:
+        // a task compio does not wake would wait forever.
+        for _ in 0..N {
+            let (l, n) = (listener.clone(), accepted.clone());
+            Rt::spawn_detached(async move {
+                l.accept().await.expect("accept");
+                n.set(n.get() + 1);
+            });
+        }
+        // One more acceptor that gives up while the others wait.
+        let gave_up = corepin_core::task::timeout::<Rt, _>(Duration::from_millis(20), listener.accept()).await;
+        assert!(gave_up.is_err());
+        let clients = std::thread::spawn(move || {
+            (0..N).map(|_| std::net::TcpStream::connect(addr).expect("connect")).collect::<Vec<_>>()
+        });
+        for _ in 0..400 {
+            if accepted.get() == N {
+                break;
+            }
+            Rt::sleep(Duration::from_millis(10)).await;
+        }
+        let _clients = clients.join().expect("clients");
+        assert_eq!(accepted.get(), N, "every connection accepted by one of the tasks");
+    });
+}
