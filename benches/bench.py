@@ -53,7 +53,7 @@ RESULTS = REPO / "benches" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = 0, 1
 
-BACKENDS = ("monoio", "glommio", "tokio-uring")
+BACKENDS = ("monoio", "glommio", "tokio-uring", "compio")
 PEERS = ("monoio", "glommio", "tokio-uring", "tokio-mt", "uring")
 
 

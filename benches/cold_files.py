@@ -15,7 +15,7 @@ Method
 * The table also gives the block-I/O wait that delay accounting charged to the worker thread
   (``delayacct_blkio_ticks`` in ``/proc/PID/task/TID/stat``, 10 ms ticks; this script turns on
   ``kernel.task_delayacct`` when it can). Engines that park in ``io_uring_enter`` with
-  operations in flight (Monoio, Glommio) are charged their idle waits there too, so that
+  operations in flight (Monoio, Glommio, compio) are charged their idle waits there too, so that
   column separates blocking from not blocking only on tokio-uring, which parks in epoll.
 * ``--baseline BINARY`` measures another build the same way in the same run (for example one
   from before a change), so that the two can be compared side by side.
@@ -108,7 +108,7 @@ def measure(port: int, pid: int, big: str, rate: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--runtimes", default="monoio,glommio,tokio-uring")
+    p.add_argument("--runtimes", default="monoio,glommio,tokio-uring,compio")
     p.add_argument("--size", type=int, default=1024, help="big file in MiB (default: 1024)")
     p.add_argument("--rate", default="200M", help="curl --limit-rate for the big file (default: 200M)")
     p.add_argument("--binary", type=Path, default=REPO / "target/release/corepin")

@@ -67,7 +67,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SERVER_CPU, CLIENT_CPU = 0, 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-BACKENDS = ("monoio", "glommio", "tokio-uring")
+BACKENDS = ("monoio", "glommio", "tokio-uring", "compio")
 COMPARE_FILES = {"4k.bin": 4096, "1m.bin": 1 << 20}
 PATH_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20)
 PATH_CONFIGS = {  # --paths mode: name -> extra corepin arguments

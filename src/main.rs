@@ -16,7 +16,7 @@ use corepin::{RingFlags, RuntimeKind, Server, TcpServer};
 #[command(
     name = "corepin",
     version,
-    about = "Thread-per-core network services on io_uring engines (Monoio, Glommio, tokio-uring)"
+    about = "Thread-per-core network services on io_uring engines (Monoio, Glommio, tokio-uring, compio)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,7 +36,7 @@ enum Command {
 #[derive(Args, Clone)]
 struct CommonArgs {
     /// Backend, among those compiled in (`corepin caps` lists them; the names come from the
-    /// facade's backend table: monoio, glommio, tokio-uring).
+    /// facade's backend table: monoio, glommio, tokio-uring, compio).
     #[arg(long, default_value = "monoio")]
     runtime: String,
     /// Cores: `all`, a count (`2`), or a list (`0,2-3`; one CPU: `1-1`).

@@ -41,6 +41,7 @@ macro_rules! __corepin_backends {
             Monoio     "monoio"      "monoio"      __corepin_if_monoio      corepin_monoio      [monoio: MonoioRuntime, monoio_epoll: MonoioEpollRuntime]
             Glommio    "glommio"     "glommio"     __corepin_if_glommio     corepin_glommio     [glommio: GlommioRuntime]
             TokioUring "tokio-uring" "tokio-uring" __corepin_if_tokio_uring corepin_tokio_uring [tokio_uring: TokioUringRuntime]
+            Compio     "compio"      "compio"      __corepin_if_compio      corepin_compio      [compio: CompioRuntime]
         }
     };
 }

@@ -1,0 +1,165 @@
+//! Building and running one compio engine: the io_uring ring its proactor drives, with the
+//! setup flags corepin asks for (walking [`RingFlags::fallbacks`] when the kernel refuses
+//! one), and what it declares for the capability report.
+//!
+//! compio's `ProactorBuilder` takes the ring size and every setup flag corepin knows
+//! (`single_issuer`, `defer_taskrun`, `coop_taskrun`, `sqpoll_idle`) but builds the ring itself
+//! on io-uring 0.7, so corepin's shared `corepin-uring` builder (io-uring 0.6) is not used.
+//! compio waits for completions with `io_uring_enter(GETEVENTS)` (with `EXT_ARG` timeouts), so
+//! DEFER_TASKRUN works with it, unlike with tokio-uring.
+//!
+//! compio is built here with its io_uring driver only (no `polling` feature), so it has no
+//! readiness fallback: a forced fallback or a kernel without io_uring is a build error, as
+//! for glommio and tokio-uring.
+
+use std::future::Future;
+use std::time::Duration;
+
+use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
+use corepin_core::engine::EngineGuard;
+use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
+
+/// The backend's name in reports.
+pub(crate) const NAME: &str = "compio";
+
+/// What this backend wires to compio's native operations among the optional mechanisms.
+pub(crate) const NATIVE: Native = Native {
+    splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
+    send_zc: Support::Native,
+    registered_buffers: Support::Absent("compio 0.19 has no READ_FIXED/WRITE_FIXED for caller-owned buffers"),
+    multishot_accept: Support::Native,
+    multishot_recv: Support::Absent(
+        "compio's multishot receive lends its own BufferRef, which corepin's PooledBuf cannot carry without a copy",
+    ),
+    buffer_rings: Support::Absent(
+        "compio's BufferPool lends its own BufferRef, which corepin's PooledBuf cannot carry without a copy",
+    ),
+};
+
+/// The capability report of a compio engine with `accepted` flags and `entries` SQ entries.
+pub(crate) fn capabilities(
+    requested: RingFlags,
+    accepted: RingFlags,
+    entries: u32,
+    notes: Vec<String>,
+) -> Capabilities {
+    Capabilities::derive(
+        EngineReport {
+            runtime: NAME,
+            driver: Driver::IoUring,
+            ring_flags_requested: requested,
+            ring_flags: Some(accepted),
+            ring_entries: entries,
+            native: NATIVE,
+            fd_readiness: "compio PollFd: one-shot io_uring POLL_ADD (level-triggered)",
+            file_transfer: "sendfile(2), waiting for room with io_uring POLL_ADD",
+            file_reads: "io_uring READ: a page-cache miss waits in the kernel, not on the worker",
+            rent_copies: false,
+            notes,
+        },
+        KernelSupport::get(),
+    )
+}
+
+fn build_error(settings: &EngineSettings, reason: impl Into<String>) -> EngineError {
+    EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: reason.into() }
+}
+
+/// compio's proactor builder with `entries` and the setup flags of `flags`.
+fn proactor(entries: u32, flags: &RingFlags) -> compio_driver::ProactorBuilder {
+    let mut b = compio_driver::ProactorBuilder::new();
+    b.capacity(entries)
+        .single_issuer(flags.single_issuer)
+        .defer_taskrun(flags.defer_taskrun)
+        .coop_taskrun(flags.coop_taskrun);
+    if let Some(ms) = flags.sqpoll_idle_ms {
+        b.sqpoll_idle(Duration::from_millis(u64::from(ms)));
+    }
+    b
+}
+
+/// Builds the runtime, walking the flag fallback chain. Returns the runtime, the flags the
+/// kernel accepted, and notes.
+fn build(settings: &EngineSettings) -> Result<(compio_runtime::Runtime, RingFlags, Vec<String>), EngineError> {
+    let mut refused = Vec::new();
+    for flags in settings.ring_flags.fallbacks() {
+        let built = compio_runtime::Runtime::builder().with_proactor(proactor(settings.ring_entries, &flags)).build();
+        match built {
+            Ok(rt) => {
+                let notes = if refused.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![format!("ring flags refused: {}", refused.join("; "))]
+                };
+                return Ok((rt, flags, notes));
+            }
+            Err(e) => {
+                tracing::debug!(?flags, "io_uring refused these setup flags: {e}");
+                let names = flags.names();
+                let label = if names.is_empty() { "no flags".to_string() } else { names.join("|") };
+                refused.push(format!("{label}: {e}"));
+            }
+        }
+    }
+    Err(build_error(
+        settings,
+        format!(
+            "no io_uring ring could be built with {} entries ({}); use 1..=32768 entries, fewer if memory is short, \
+             or raise RLIMIT_MEMLOCK on old kernels",
+            settings.ring_entries,
+            refused.join("; ")
+        ),
+    ))
+}
+
+/// The submission queue size the kernel gives for `entries`: io_uring_setup(2) rounds up to a
+/// power of two.
+pub(crate) fn sq_entries(entries: u32) -> u32 {
+    entries.checked_next_power_of_two().unwrap_or(entries)
+}
+
+/// Builds the engine on this thread and runs `main` on it (see `Runtime::block_on`).
+pub(crate) fn block_on<F, Fut>(settings: &EngineSettings, main: F) -> Result<Fut::Output, EngineError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    // Claimed first, so a nested engine is refused before anything is built, and freed by the
+    // guard's drop also when `main` panics.
+    let guard = EngineGuard::claim(NAME, settings.cpu)?;
+    if settings.force_fallback {
+        return Err(build_error(
+            settings,
+            "compio is built with its io_uring driver only, so a forced fallback cannot be honoured; \
+             use the monoio backend, whose epoll driver is the readiness-based fallback",
+        ));
+    }
+    if let Some(why) = io_uring_unavailable() {
+        return Err(build_error(
+            settings,
+            format!("{why}; compio is built without a readiness fallback, use the monoio backend (its epoll driver is the fallback)"),
+        ));
+    }
+    let (rt, accepted, notes) = build(settings)?;
+    guard.set_capabilities(capabilities(settings.ring_flags, accepted, sq_entries(settings.ring_entries), notes));
+    let out = rt.block_on(async move { main().await });
+    // Tear the engine down before returning: dropping the last runtime handle drops every task
+    // still queued (their in-flight operations submit ASYNC_CANCEL), then the driver closes the
+    // ring, which waits out or cancels what the kernel still holds, and only then frees the
+    // operations and their buffers. The guard (dropped after, also on unwind) frees the thread.
+    drop(rt);
+    drop(guard);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reported_ring_size_is_the_kernels_rounding() {
+        assert_eq!(sq_entries(1024), 1024);
+        assert_eq!(sq_entries(1000), 1024);
+        assert_eq!(sq_entries(1), 1);
+    }
+}
