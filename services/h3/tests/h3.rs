@@ -2,7 +2,8 @@
 //! UDP sockets on 127.0.0.1: a quinn + h3 client (on a tokio runtime of the test's own, never
 //! inside a worker) fetches files of 0 B to 1 MiB over concurrent streams and compares
 //! SHA-256; ranges, conditional requests and HEAD; traversal attempts get 4xx and never the
-//! content; garbage datagrams cause no crash and a fresh connection still works; draining
+//! content; garbage datagrams cause no crash and a fresh connection still works, truncated
+//! and replayed copies of a live connection's datagrams do no harm; draining
 //! sends GOAWAY and closes idle connections at once. An independent client, Python's aioquic,
 //! fetches the same files when it is installed (scripts/setup.sh installs it).
 
@@ -329,6 +330,98 @@ pub fn garbage_datagrams_leave_the_server_serving<R: Runtime>() {
     srv.stop();
 }
 
+/// A relay between the client and the server that sends, besides each client datagram,
+/// a truncated copy of every third one first and a replay of every fourth one after it.
+struct MeddlingRelay {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl MeddlingRelay {
+    fn start(server: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(server).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let (front, back) = (Arc::new(front), Arc::new(back));
+        let up = {
+            let (front, back, stop, client) = (front.clone(), back.clone(), stop.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = front.recv_from(&mut buf) else { continue };
+                    *client.lock().unwrap() = Some(from);
+                    i += 1;
+                    if i.is_multiple_of(3) {
+                        let _ = back.send(&buf[..n / 2]);
+                    }
+                    let _ = back.send(&buf[..n]);
+                    if i.is_multiple_of(4) {
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+            })
+        };
+        let down = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = back.recv(&mut buf) else { continue };
+                    if let Some(to) = *client.lock().unwrap() {
+                        let _ = front.send_to(&buf[..n], to);
+                    }
+                }
+            })
+        };
+        Self { addr, stop, threads: vec![up, down] }
+    }
+}
+
+impl Drop for MeddlingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Truncated copies and replays of a live connection's own datagrams (handshake included)
+/// are dropped: the connection completes and every body arrives intact.
+pub fn truncated_and_replayed_datagrams_do_no_harm<R: Runtime>() {
+    let site = site();
+    let srv = serve::<R>(&site, Duration::from_secs(10));
+    let relay = MeddlingRelay::start(srv.addr);
+    client_rt().block_on(async {
+        let ep = client_endpoint(&srv.cert_pem);
+        let c = connect(&ep, relay.addr).await;
+        let mut jobs = Vec::new();
+        for (name, data) in site.files.iter().filter(|f| f.1.len() > 1000) {
+            let (send, name, want) = (c.send.clone(), *name, sha(data));
+            jobs.push(tokio::spawn(async move {
+                let ans = get(&send, &format!("/{name}")).await;
+                assert_eq!((ans.status, sha(&ans.body)), (200, want), "{name}");
+            }));
+        }
+        for j in jobs {
+            j.await.unwrap();
+        }
+        drop(c);
+        ep.wait_idle().await;
+    });
+    drop(relay);
+    srv.stop();
+}
+
 /// Draining sends GOAWAY and closes a connection with no request in flight at once with
 /// H3_NO_ERROR, long before the drain deadline; the server then stops cleanly.
 pub fn draining_closes_idle_connections_with_goaway<R: Runtime>() {
@@ -397,6 +490,7 @@ corepin::per_runtime_tests! {
     ranges_and_conditional_requests,
     traversal_attempts_get_4xx,
     garbage_datagrams_leave_the_server_serving,
+    truncated_and_replayed_datagrams_do_no_harm,
     draining_closes_idle_connections_with_goaway,
     aioquic_fetches_every_size,
 }
