@@ -615,6 +615,7 @@ fn run_h3(args: H3Args) -> Result<()> {
         "h3: one QUIC endpoint per core on udp {addr} (quinn over corepin's runtime: quinn-udp GSO/GRO/ECN, \
          engine timers and readiness), TLS 1.3 with ALPN h3, one reset key and token key for all cores"
     ));
+    extra.push(format!("h3: UDP offloads: {}", app.offloads()));
     extra.push(
         "h3: connection steering: the kernel's reuseport hash only (no connection-ID steering, no \
          cross-core forwarding yet: a client whose address changes may land on another core)"

@@ -1,4 +1,5 @@
-//! `corepin h3` end to end on every compiled backend: the banner names the UDP endpoint and
+//! `corepin h3` end to end on every compiled backend: the banner names the UDP endpoint, the
+//! UDP offloads found, and
 //! the SPKI fingerprint of the self-signed certificate it wrote (checked against openssl's),
 //! an independent client (Python's aioquic, when installed) fetches the demo site over
 //! HTTP/3 trusting that certificate, and SIGTERM exits 0; a bad certificate path is one
@@ -94,6 +95,7 @@ fn h3_banner_names_the_endpoint_and_fingerprint_and_serves_the_demo_site() {
         let server = start(kind.name());
         let b = &server.banner;
         assert!(b.contains(&format!("h3: one QUIC endpoint per core on udp {}", server.addr)), "{b}");
+        assert!(b.lines().any(|l| l.starts_with("h3: UDP offloads: GSO ")), "{b}");
         let pem = b
             .lines()
             .find_map(|l| l.strip_prefix("tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to "))

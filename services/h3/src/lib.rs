@@ -101,10 +101,27 @@ pub enum SetupError {
     Limit(String),
 }
 
+/// The UDP offloads quinn-udp found on this kernel for the server's sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpOffloads {
+    /// Datagrams one `sendmsg` may carry (`UDP_SEGMENT`, GSO); 1 without GSO.
+    pub gso_segments: usize,
+    /// Datagrams one receive may return coalesced (`UDP_GRO`); 1 without GRO.
+    pub gro_segments: usize,
+}
+
+impl std::fmt::Display for UdpOffloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = |n: usize| if n > 1 { format!("up to {n} datagrams per call") } else { "off".to_string() };
+        write!(f, "GSO {}, GRO {}", on(self.gso_segments), on(self.gro_segments))
+    }
+}
+
 /// The HTTP/3 file server: an [`App`] running one QUIC endpoint per core.
 pub struct H3Server {
     sockets: Mutex<Vec<Option<std::net::UdpSocket>>>,
     local_addr: SocketAddr,
+    offloads: UdpOffloads,
     files: FilesFactory,
     endpoint_config: quinn::EndpointConfig,
     server_config: quinn::ServerConfig,
@@ -125,9 +142,15 @@ impl H3Server {
         let server_config = server_config(certs, &cfg)?;
         let sockets = corepin_core::udp::reuseport_group(addr, workers, cfg.socket_buffer)?;
         let local_addr = sockets[0].local_addr().map_err(|source| ListenError::Io { addr, source })?;
+        // quinn-udp probes the kernel when it takes a socket; ask it once here for the banner
+        // (every core's socket is the same kind, and adopting it again later is harmless).
+        let probe =
+            quinn::udp::UdpSocketState::new((&sockets[0]).into()).map_err(|source| ListenError::Io { addr, source })?;
+        let offloads = UdpOffloads { gso_segments: probe.max_gso_segments(), gro_segments: probe.gro_segments() };
         Ok(Self {
             sockets: Mutex::new(sockets.into_iter().map(Some).collect()),
             local_addr,
+            offloads,
             files,
             endpoint_config,
             server_config,
@@ -153,6 +176,11 @@ impl H3Server {
     /// The address the sockets are bound to (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// What the kernel offers the sockets for batching datagrams.
+    pub fn offloads(&self) -> UdpOffloads {
+        self.offloads
     }
 
     /// The file service's counters, for the metrics endpoint.
