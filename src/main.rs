@@ -29,6 +29,9 @@ enum Command {
     Echo(EchoArgs),
     /// Static file server: HTTP/1.1 GET/HEAD with keep-alive, ranges and zero-copy bodies.
     Files(FilesArgs),
+    /// Static file server over HTTP/3 (QUIC): one endpoint per core, GET/HEAD, ranges,
+    /// validators; without --cert/--key a self-signed certificate for localhost.
+    H3(H3Args),
     /// Prints the topology, the chosen cores and each compiled backend's capability report.
     Caps(CommonArgs),
 }
@@ -161,6 +164,51 @@ struct FilesArgs {
     /// how long a renamed directory or retargeted symlink above a cached file goes unseen).
     #[arg(long, default_value_t = 1.0)]
     open_file_cache_valid: f64,
+}
+
+#[derive(Args)]
+struct H3Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Directory to serve (default: the demo site shipped in the repository).
+    root: Option<PathBuf>,
+    /// UDP address to listen on (one SO_REUSEPORT socket and QUIC endpoint per core).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: String,
+    /// PEM certificate chain (end entity first); needs --key. Without both, a self-signed
+    /// certificate for localhost, 127.0.0.1 and ::1 is made and its SPKI fingerprint printed.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, RSA or EC) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// List directories that have no index.html (otherwise 403).
+    #[arg(long)]
+    list_dirs: bool,
+    /// Follow symlinks that lead outside ROOT (refused by default).
+    #[arg(long)]
+    follow_symlinks: bool,
+    /// Serve Prometheus metrics on this address (its own listener and thread).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Log every request (tracing target corepin::access, to stderr).
+    #[arg(long)]
+    access_log: bool,
+    /// Seconds a connection may stay silent before it is closed (QUIC idle timeout).
+    #[arg(long, default_value_t = 30.0)]
+    idle_timeout: f64,
+    /// Concurrent request streams per connection.
+    #[arg(long, default_value_t = 100)]
+    max_streams: u32,
+    /// Open connections per core beyond which new handshakes are refused.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections_per_core: usize,
+    /// Files up to this many bytes are served from each core's memory cache (0: never).
+    #[arg(long, default_value_t = corepin_files::DEFAULT_MEMORY_MAX)]
+    memory_max: u64,
+    /// Bytes of small files each core may cache.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    cache_size: u64,
 }
 
 struct Prepared {
@@ -538,6 +586,99 @@ fn run_files(args: FilesArgs) -> Result<()> {
     }
 }
 
+#[cfg(feature = "h3")]
+fn run_h3(args: H3Args) -> Result<()> {
+    use corepin::tls::CertStore;
+    let signals = corepin::Signals::install()?;
+    let p = prepare(&args.common)?;
+    let listen = parse_addr("listen", &args.listen)?;
+    let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
+    let root = args.root.clone().unwrap_or_else(demo_root);
+    let mut cfg = corepin_files::FilesConfig::new(&root);
+    cfg.list_dirs = args.list_dirs;
+    cfg.follow_symlinks = args.follow_symlinks;
+    cfg.memory_max = args.memory_max;
+    cfg.cache_bytes = args.cache_size;
+    cfg.access_log = args.access_log;
+    let factory = corepin_files::FilesFactory::new(cfg, p.cpus.len())?;
+    let files_metrics = factory.metrics().clone();
+    let confinement = factory.root().confinement();
+    let served = factory.root().path().to_path_buf();
+
+    let mut extra = Vec::new();
+    let mut written = None;
+    let certs = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let store = CertStore::from_pem_files(cert, key)?;
+            extra.push(format!("tls: certificate {} with key {} (SIGHUP reloads them)", cert.display(), key.display()));
+            store
+        }
+        _ => {
+            let (store, made) = CertStore::self_signed(&["localhost", "127.0.0.1", "::1"])?;
+            let path = std::env::temp_dir().join(format!("corepin-{}-localhost.pem", std::process::id()));
+            std::fs::write(&path, &made.cert_pem)
+                .with_context(|| format!("cannot write the self-signed certificate to {}", path.display()))?;
+            extra.push(format!(
+                "tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to {}",
+                path.display()
+            ));
+            written = Some(path);
+            store
+        }
+    };
+    let certs = Arc::new(certs);
+    if let Some(fp) = &certs.current().fingerprint {
+        extra.push(format!(
+            "tls: SPKI sha256 {fp} (chromium --origin-to-force-quic-on=localhost:{port} \
+             --ignore-certificate-errors-spki-list={fp})",
+            port = listen.port()
+        ));
+    }
+    if let Some(expiry) = &certs.current().expiry {
+        extra.push(format!("tls: certificate chain valid until {expiry}"));
+    }
+    let h3 = corepin_h3::H3Config {
+        max_concurrent_streams: args.max_streams.max(1),
+        max_connections_per_core: args.max_connections_per_core.max(1),
+        idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        drain_timeout: p.cfg.drain_timeout,
+        ..corepin_h3::H3Config::default()
+    };
+    let app = corepin_h3::H3Server::bind(listen, p.cpus.len(), factory, Arc::clone(&certs), h3)?;
+    let addr = app.local_addr();
+    extra.insert(0, format!("root: {} (confined with {:?})", served.display(), confinement));
+    extra.push(format!(
+        "h3: one QUIC endpoint per core on udp {addr} (quinn over corepin's runtime: quinn-udp GSO/GRO/ECN, \
+         engine timers and readiness), TLS 1.3 with ALPN h3, one reset key and token key for all cores"
+    ));
+    extra.push(format!("h3: UDP offloads: {}", app.offloads()));
+    extra.push(
+        "h3: connection steering: the kernel's reuseport hash only (no connection-ID steering, no \
+         cross-core forwarding yet: a client whose address changes may land on another core)"
+            .into(),
+    );
+    let signals = signals.on_hangup(move || reload_certificate(&certs))?;
+    let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
+    let mut registry = corepin::metrics::registry_for(&server);
+    corepin_files::metrics::FilesCollector::new(files_metrics).register(&mut registry);
+    let metrics = serve_metrics(metrics_addr, registry, &mut extra)?;
+    print_banner("h3", addr, &p, &server, &extra);
+    let result = server.wait_with(signals);
+    drop(metrics);
+    if let Some(path) = written {
+        let _ = std::fs::remove_file(path);
+    }
+    result?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// A build without the `h3` feature: the subcommand says how to get it.
+#[cfg(not(feature = "h3"))]
+fn run_h3(_args: H3Args) -> Result<()> {
+    anyhow::bail!("this build has no HTTP/3; rebuild with `--features h3`")
+}
+
 fn run_caps(c: CommonArgs) -> Result<()> {
     let p = prepare(&c)?;
     write_out(&format!("topology: {}\ncores: {}\n", p.topology, describe_cores(&p.cpus)));
@@ -598,6 +739,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(a) => run_echo(a),
         Command::Files(a) => run_files(a),
+        Command::H3(a) => run_h3(a),
         Command::Caps(c) => run_caps(c),
     };
     match result {

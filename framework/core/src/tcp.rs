@@ -83,7 +83,7 @@ pub fn reuseport_listeners_with(
     };
     let bound = first.local_addr().map_err(|source| ListenError::Io { addr, source })?;
     let ours: Vec<u64> = listeners.iter().filter_map(|l| socket_inode(l.as_raw_fd())).collect();
-    match (foreign_listener(bound, &ours), sharing) {
+    match (foreign_socket(SocketTable::TcpListening, bound, &ours), sharing) {
         (None, _) => Ok((listeners, Joined::Alone)),
         (Some(other), PortSharing::Exclusive) => {
             tracing::debug!(%bound, inode = other, "another socket already listens on this port");
@@ -104,24 +104,37 @@ pub fn migrate_req_enabled() -> Option<bool> {
 }
 
 /// The inode of a socket descriptor, as `/proc/net/tcp` lists it.
-fn socket_inode(fd: RawFd) -> Option<u64> {
+pub(crate) fn socket_inode(fd: RawFd) -> Option<u64> {
     // SAFETY: a zeroed `stat` is a valid out-parameter; fstat fills it or fails.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is a listener the caller owns; `st` is a valid pointer.
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
 }
 
-/// A listening TCP socket in this network namespace on `bound`'s port, with an address that
+/// Which sockets of `/proc/net` a port check looks at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SocketTable {
+    /// Listening TCP sockets (`/proc/net/tcp{,6}`, state `0A`).
+    TcpListening,
+    /// Bound, unconnected UDP sockets (`/proc/net/udp{,6}`, state `07`).
+    UdpBound,
+}
+
+/// A socket of `table` in this network namespace on `bound`'s port, with an address that
 /// overlaps `bound`'s (equal, or either one the wildcard), whose inode is not in `ours`.
-fn foreign_listener(bound: SocketAddr, ours: &[u64]) -> Option<u64> {
-    let table = if bound.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
-    let text = std::fs::read_to_string(table).ok()?;
+pub(crate) fn foreign_socket(table: SocketTable, bound: SocketAddr, ours: &[u64]) -> Option<u64> {
+    let (path, wanted_state) = match (table, bound.is_ipv4()) {
+        (SocketTable::TcpListening, true) => ("/proc/net/tcp", "0A"),
+        (SocketTable::TcpListening, false) => ("/proc/net/tcp6", "0A"),
+        (SocketTable::UdpBound, true) => ("/proc/net/udp", "07"),
+        (SocketTable::UdpBound, false) => ("/proc/net/udp6", "07"),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
         let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?.parse::<u64>().ok()?);
-        const TCP_LISTEN: &str = "0A";
-        if *state != TCP_LISTEN || ours.contains(&inode) {
+        if *state != wanted_state || ours.contains(&inode) {
             return None;
         }
         let (ip_hex, port_hex) = local.split_once(':')?;

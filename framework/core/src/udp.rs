@@ -1378,3 +1378,76 @@ mod tests {
         assert_eq!(Ecn::Ect1.to_bits(), 1);
     }
 }
+
+/// Opens `n` non-blocking UDP sockets on `addr` in one `SO_REUSEPORT` group, in order (the
+/// group's index of each is its position here, which a reuseport BPF program would steer by),
+/// for one socket per core. Port 0 picks one free port shared by all of them. As with
+/// [`reuseport_listeners`](crate::tcp::reuseport_listeners), a socket of this namespace on the
+/// same port that is not one of ours makes this fail with
+/// [`ListenError::InUse`](crate::tcp::ListenError::InUse) instead of silently sharing the
+/// datagrams with it. `buffer` sets `SO_RCVBUF` and `SO_SNDBUF` where the kernel allows
+/// (best effort; `None` keeps its defaults).
+pub fn reuseport_group(
+    addr: SocketAddr,
+    n: usize,
+    buffer: Option<usize>,
+) -> Result<Vec<std::net::UdpSocket>, crate::tcp::ListenError> {
+    use crate::tcp::{foreign_socket, socket_inode, ListenError, SocketTable};
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::AsRawFd;
+
+    let wrap = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            ListenError::InUse { addr }
+        } else {
+            ListenError::Io { addr, source }
+        }
+    };
+    let mut out: Vec<std::net::UdpSocket> = Vec::with_capacity(n);
+    let mut bind_addr = addr;
+    for _ in 0..n {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), Some(Protocol::UDP))
+            .map_err(wrap)?;
+        s.set_reuse_port(true).map_err(wrap)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true).map_err(wrap)?;
+        }
+        if let Some(bytes) = buffer {
+            let _ = s.set_recv_buffer_size(bytes);
+            let _ = s.set_send_buffer_size(bytes);
+        }
+        s.bind(&bind_addr.into()).map_err(wrap)?;
+        let socket: std::net::UdpSocket = s.into();
+        if bind_addr.port() == 0 {
+            bind_addr = socket.local_addr().map_err(wrap)?;
+        }
+        out.push(socket);
+    }
+    let ours: Vec<u64> = out.iter().filter_map(|s| socket_inode(s.as_raw_fd())).collect();
+    if let Some(other) = foreign_socket(SocketTable::UdpBound, bind_addr, &ours) {
+        tracing::debug!(bound = %bind_addr, inode = other, "another UDP socket is already bound to this port");
+        return Err(ListenError::InUse { addr });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod reuseport_tests {
+    use super::reuseport_group;
+    use crate::tcp::ListenError;
+
+    #[test]
+    fn a_udp_port_another_socket_holds_is_refused_even_with_reuseport() {
+        let group = reuseport_group("127.0.0.1:0".parse().unwrap(), 3, Some(1 << 20)).unwrap();
+        assert_eq!(group.len(), 3);
+        let addr = group[0].local_addr().unwrap();
+        assert!(group.iter().all(|s| s.local_addr().unwrap() == addr), "one port for the group");
+        // A second group on the same port (as a second corepin would make) is refused.
+        assert!(matches!(reuseport_group(addr, 1, None), Err(ListenError::InUse { .. })));
+        drop(group);
+        // A plain socket without SO_REUSEPORT is refused by bind itself.
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = plain.local_addr().unwrap();
+        assert!(matches!(reuseport_group(taken, 2, None), Err(ListenError::InUse { .. })));
+    }
+}

@@ -60,38 +60,9 @@ fn conditions<'a>(head: &Head<'a>) -> Conditions<'a> {
 fn write_head(out: &mut Vec<u8>, plan: &Plan, keep_alive: bool, minor: u8) {
     let h = &plan.headers;
     let mut w = HeadWriter::new(out, plan.status);
-    if let Some(t) = &h.content_type {
-        w.header("Content-Type", t);
-    }
-    if let Some(r) = &h.content_range {
-        w.header("Content-Range", r);
-    }
-    if let Some(l) = &h.location {
-        w.header("Location", l);
-    }
-    if let Some(a) = h.allow {
-        w.header("Allow", a);
-    }
-    let last_modified = h.last_modified.map(httpdate::HttpDate::from);
-    // A 304 sends ETag before Last-Modified (the order this server has always used).
-    if plan.status == 304 {
-        if let Some(t) = &h.etag {
-            w.header("ETag", t);
-        }
-        if let Some(d) = &last_modified {
-            w.header("Last-Modified", d);
-        }
-    } else {
-        if let Some(d) = &last_modified {
-            w.header("Last-Modified", d);
-        }
-        if let Some(t) = &h.etag {
-            w.header("ETag", t);
-        }
-    }
-    if h.accept_ranges {
-        w.header("Accept-Ranges", "bytes");
-    }
+    h.for_each_field(plan.status, |name, value| {
+        w.header(name, value);
+    });
     w.finish(h.content_length, keep_alive, minor);
 }
 

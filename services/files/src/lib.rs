@@ -162,19 +162,27 @@ impl FilesFactory {
     }
 }
 
-impl ServiceFactory for FilesFactory {
-    type Service<R: Runtime, S: ConnStream> = Files;
-    // The root was opened and checked by `FilesFactory::new`; nothing per core can fail.
-    type Error = Infallible;
-    fn new_service<R: Runtime, S: ConnStream>(&self, worker: &Worker) -> Result<Files, Infallible> {
-        Ok(Files {
+impl FilesFactory {
+    /// The file service of `worker`'s core, for any front end (the HTTP/1.1 one gets it
+    /// through [`ServiceFactory::new_service`]; HTTP/3 asks directly).
+    pub fn files_for(&self, worker: &Worker) -> Files {
+        Files {
             cfg: Arc::clone(&self.cfg),
             root: Arc::clone(&self.root),
             metrics: Arc::clone(&self.metrics),
             core: worker.info().index,
             cache: RefCell::new(Cache::new(self.cfg.cache_bytes)),
             open_files: self.open_files(worker.info().index),
-        })
+        }
+    }
+}
+
+impl ServiceFactory for FilesFactory {
+    type Service<R: Runtime, S: ConnStream> = Files;
+    // The root was opened and checked by `FilesFactory::new`; nothing per core can fail.
+    type Error = Infallible;
+    fn new_service<R: Runtime, S: ConnStream>(&self, worker: &Worker) -> Result<Files, Infallible> {
+        Ok(self.files_for(worker))
     }
 }
 
@@ -191,6 +199,10 @@ pub struct Files {
 }
 
 impl Files {
+    /// The settings this service runs with.
+    pub fn config(&self) -> &FilesConfig {
+        &self.cfg
+    }
     /// This core's counters.
     pub fn counters(&self) -> &CoreFileCounters {
         self.metrics.core(self.core.min(self.metrics.len() - 1))

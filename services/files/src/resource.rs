@@ -287,6 +287,46 @@ pub struct Headers {
     pub content_length: Option<u64>,
 }
 
+impl Headers {
+    /// Calls `field` with the name and value of every field that is set, in the order this
+    /// server sends them (a 304 names its ETag before Last-Modified). Content-Length is left
+    /// out: how a body's length is framed is the front end's business (HTTP/1.1 writes it with
+    /// the connection fields, HTTP/3 as a field of its own).
+    pub fn for_each_field(&self, status: u16, mut field: impl FnMut(&'static str, &dyn fmt::Display)) {
+        if let Some(t) = &self.content_type {
+            field("Content-Type", t);
+        }
+        if let Some(r) = &self.content_range {
+            field("Content-Range", r);
+        }
+        if let Some(l) = &self.location {
+            field("Location", l);
+        }
+        if let Some(a) = self.allow {
+            field("Allow", &a);
+        }
+        let last_modified = self.last_modified.map(httpdate::HttpDate::from);
+        if status == 304 {
+            if let Some(t) = &self.etag {
+                field("ETag", t);
+            }
+            if let Some(d) = &last_modified {
+                field("Last-Modified", d);
+            }
+        } else {
+            if let Some(d) = &last_modified {
+                field("Last-Modified", d);
+            }
+            if let Some(t) = &self.etag {
+                field("ETag", t);
+            }
+        }
+        if self.accept_ranges {
+            field("Accept-Ranges", &"bytes");
+        }
+    }
+}
+
 /// One part of a multipart body: its framing, then `len` bytes at `first`.
 #[derive(Debug)]
 pub struct Part {

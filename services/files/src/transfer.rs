@@ -126,7 +126,7 @@ impl<'f, R: Runtime> Transfer<'f, R> {
                 Ok(())
             }
             Body::Fill { file, meta } => {
-                let data = self.read_whole(file, &meta).await?;
+                let data = read_whole::<R>(file, &meta).await?;
                 let short = (data.len() as u64) < meta.len;
                 if !short {
                     self.files.remember(&meta, data.clone());
@@ -255,25 +255,6 @@ impl<'f, R: Runtime> Transfer<'f, R> {
         Ok(chunks)
     }
 
-    /// Reads a small file whole through the engine's file I/O.
-    async fn read_whole(&mut self, file: Rc<File>, meta: &Metadata) -> Result<Bytes, End> {
-        let len = meta.len;
-        let f = R::File::from_std(owned(file)?).map_err(End::Io)?;
-        let mut buf = Vec::with_capacity(len as usize);
-        while (buf.len() as u64) < len {
-            let at = buf.len();
-            let BufResult(res, slice) = f.read_at(buf.slice(at..len as usize), at as u64).await;
-            buf = slice.into_inner();
-            match res {
-                Ok(0) => break, // the file shrank
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(End::Io(e)),
-            }
-        }
-        Ok(Bytes::from(buf))
-    }
-
     /// Sends `len` bytes at `first` of the file; returns (bytes by sendfile, bytes by read+write).
     ///
     /// Sendfile reads the file on the worker's thread, so it only gets windows that the page
@@ -369,11 +350,33 @@ impl<'f, R: Runtime> Transfer<'f, R> {
     }
 }
 
+/// Reads a small file (a [`Body::Fill`]) whole through the engine's file I/O. Shorter than
+/// `meta.len` when the file shrank since it was planned (the caller then does not remember it).
+/// Every front end fills the memory cache this way.
+pub async fn read_whole<R: Runtime>(file: Rc<File>, meta: &Metadata) -> Result<Bytes, End> {
+    let len = meta.len;
+    let f = R::File::from_std(owned(file)?).map_err(End::Io)?;
+    let mut buf = Vec::with_capacity(len as usize);
+    while (buf.len() as u64) < len {
+        let at = buf.len();
+        let BufResult(res, slice) = f.read_at(buf.slice(at..len as usize), at as u64).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) => break, // the file shrank
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// A file being sent: a std handle (for `sendfile`), adopted by the engine the first time a
 /// chunk must be read through it; sendfile then goes on with the engine file's descriptor.
 /// The file itself when nothing else holds it, else a duplicate of its descriptor: the
 /// engine's file closes what it is given, and the open-file cache may still hold this one.
-fn owned(file: Rc<File>) -> Result<File, End> {
+/// Front ends that read a [`Body::File`] through the engine adopt it with this.
+pub fn owned(file: Rc<File>) -> Result<File, End> {
     Rc::try_unwrap(file).or_else(|shared| shared.try_clone()).map_err(End::Io)
 }
 

@@ -1,0 +1,349 @@
+//! corepin's static file server over HTTP/3 (RFC 9114) on QUIC (RFC 9000), written once
+//! against corepin's traits and run on every backend.
+//!
+//! Per core: one UDP socket of a `SO_REUSEPORT` group (bound on the launching thread, in core
+//! order), one `quinn::Endpoint` driven by that core's engine through [`quic_rt`] (no tokio
+//! runtime runs in a worker; tokio's `sync` types inside quinn and h3 are runtime-free), HTTP/3
+//! framing by the `h3` crate over `h3-quinn`, TLS 1.3 by rustls with ALPN `h3`. Requests are
+//! answered by the file server's protocol-independent part ([`corepin_files::resource`]):
+//! this crate only maps HTTP/3 fields to its typed inputs and its [`Plan`] to a response,
+//! and pumps the body ([`front`]).
+//!
+//! All cores share one stateless-reset key and one address-validation token key, so a
+//! reset or token made on one core verifies on any other. Connection IDs are quinn's random
+//! ones for now: a packet reaches the core the kernel's reuseport hash picks, which is the
+//! connection's core until the client's address changes (docs/http3.md has what is left:
+//! a core-naming `ConnectionIdGenerator` goes in [`H3Server::endpoint_config`], steering by
+//! `SO_ATTACH_REUSEPORT_CBPF`, and cross-core forwarding).
+//!
+//! [`Plan`]: corepin_files::resource::Plan
+
+#![warn(missing_docs)]
+
+pub mod front;
+pub mod quic_rt;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corepin_core::launcher::{App, AppError};
+use corepin_core::task::{catch_panic, race, spawn, timeout, Either, LocalEvent};
+use corepin_core::tcp::ListenError;
+use corepin_core::worker::CoreCounters;
+use corepin_core::{Runtime, Worker};
+use corepin_files::{Files, FilesFactory};
+use corepin_tls::CertStore;
+use quinn::crypto::rustls::QuicServerConfig;
+
+use crate::quic_rt::{CoreRuntime, CoreUdpSocket};
+
+/// The ALPN protocol id of HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
+
+/// The HTTP/3 error code for a clean close (`H3_NO_ERROR`).
+const H3_NO_ERROR: u32 = 0x100;
+
+/// Settings of the HTTP/3 front end (the file server's own settings are in
+/// [`corepin_files::FilesConfig`]).
+#[derive(Debug, Clone)]
+pub struct H3Config {
+    /// Concurrent request streams a client may open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Connections one core keeps open; further handshakes are refused.
+    pub max_connections_per_core: usize,
+    /// A connection with no packet from its peer for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time from a request stream's opening to its complete header section.
+    pub header_timeout: Duration,
+    /// Time any single body write may wait for the client's flow control.
+    pub send_timeout: Duration,
+    /// Largest request header section accepted (HTTP/3 `SETTINGS_MAX_FIELD_SECTION_SIZE`).
+    pub max_field_section_size: u64,
+    /// How long connections may finish their requests once draining starts; then they are
+    /// closed.
+    pub drain_timeout: Duration,
+    /// `SO_RCVBUF`/`SO_SNDBUF` of each core's socket (best effort).
+    pub socket_buffer: Option<usize>,
+}
+
+impl Default for H3Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 100,
+            max_connections_per_core: 10_000,
+            idle_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            max_field_section_size: 16 * 1024,
+            drain_timeout: Duration::from_secs(10),
+            socket_buffer: Some(4 << 20),
+        }
+    }
+}
+
+/// Setting the server up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The UDP sockets could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The TLS configuration was refused (by rustls or by quinn's QUIC TLS layer).
+    #[error("TLS configuration for QUIC: {0}")]
+    Tls(String),
+    /// The system's random source failed while making the shared keys.
+    #[error("cannot draw random key material: {0}")]
+    Random(String),
+    /// A limit is out of range for QUIC.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// The UDP offloads quinn-udp found on this kernel for the server's sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpOffloads {
+    /// Datagrams one `sendmsg` may carry (`UDP_SEGMENT`, GSO); 1 without GSO.
+    pub gso_segments: usize,
+    /// Datagrams one receive may return coalesced (`UDP_GRO`); 1 without GRO.
+    pub gro_segments: usize,
+}
+
+impl std::fmt::Display for UdpOffloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = |n: usize| if n > 1 { format!("up to {n} datagrams per call") } else { "off".to_string() };
+        write!(f, "GSO {}, GRO {}", on(self.gso_segments), on(self.gro_segments))
+    }
+}
+
+/// The HTTP/3 file server: an [`App`] running one QUIC endpoint per core.
+pub struct H3Server {
+    sockets: Mutex<Vec<Option<std::net::UdpSocket>>>,
+    local_addr: SocketAddr,
+    offloads: UdpOffloads,
+    files: FilesFactory,
+    endpoint_config: quinn::EndpointConfig,
+    server_config: quinn::ServerConfig,
+    cfg: H3Config,
+}
+
+impl H3Server {
+    /// Binds `workers` UDP sockets on `addr` (one `SO_REUSEPORT` group) and prepares the
+    /// QUIC and TLS configuration every core shares, presenting the certificates of `certs`.
+    pub fn bind(
+        addr: SocketAddr,
+        workers: usize,
+        files: FilesFactory,
+        certs: Arc<CertStore>,
+        cfg: H3Config,
+    ) -> Result<Self, SetupError> {
+        let endpoint_config = Self::endpoint_config()?;
+        let server_config = server_config(certs, &cfg)?;
+        let sockets = corepin_core::udp::reuseport_group(addr, workers, cfg.socket_buffer)?;
+        let local_addr = sockets[0].local_addr().map_err(|source| ListenError::Io { addr, source })?;
+        // quinn-udp probes the kernel when it takes a socket; ask it once here for the banner
+        // (every core's socket is the same kind, and adopting it again later is harmless).
+        let probe =
+            quinn::udp::UdpSocketState::new((&sockets[0]).into()).map_err(|source| ListenError::Io { addr, source })?;
+        let offloads = UdpOffloads { gso_segments: probe.max_gso_segments(), gro_segments: probe.gro_segments() };
+        Ok(Self {
+            sockets: Mutex::new(sockets.into_iter().map(Some).collect()),
+            local_addr,
+            offloads,
+            files,
+            endpoint_config,
+            server_config,
+            cfg,
+        })
+    }
+
+    /// The endpoint configuration every core shares: one stateless-reset key, so a reset
+    /// made on any core for a connection is recognised whichever core the client's next
+    /// packet reaches. This is where a `ConnectionIdGenerator` that writes the owning core
+    /// into each server connection ID goes (`EndpointConfig::cid_generator`, made per core
+    /// with the core's index) when connection IDs start to steer packets (docs/http3.md).
+    fn endpoint_config() -> Result<quinn::EndpointConfig, SetupError> {
+        let mut seed = [0u8; 64];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|e| SetupError::Random(e.to_string()))?;
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed);
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        config.supported_versions(vec![1]);
+        Ok(config)
+    }
+
+    /// The address the sockets are bound to (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// What the kernel offers the sockets for batching datagrams.
+    pub fn offloads(&self) -> UdpOffloads {
+        self.offloads
+    }
+
+    /// The file service's counters, for the metrics endpoint.
+    pub fn files(&self) -> &FilesFactory {
+        &self.files
+    }
+}
+
+/// The QUIC server configuration every core shares: TLS 1.3 with ALPN `h3` presenting the
+/// certificate store's current certificate, one address-validation token key, the limits.
+fn server_config(certs: Arc<CertStore>, cfg: &H3Config) -> Result<quinn::ServerConfig, SetupError> {
+    let provider = Arc::new(corepin_tls::provider());
+    let mut tls = corepin_tls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&corepin_tls::rustls::version::TLS13])
+        .map_err(|e| SetupError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    // 0-RTT is off (issue 9 keeps it behind a flag that is not built yet).
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| SetupError::Tls(e.to_string()))?;
+
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|e| SetupError::Random(e.to_string()))?;
+    let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&seed);
+
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_concurrent_streams));
+    // HTTP/3 needs three unidirectional streams of each side (control, QPACK encoder and
+    // decoder); a few more leave room for extensions and GREASE.
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(8));
+    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout)
+        .map_err(|_| SetupError::Limit(format!("idle timeout {:?} is too long for QUIC", cfg.idle_timeout)))?;
+    transport.max_idle_timeout(Some(idle));
+
+    let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Counts open things on one core and says when none are left.
+#[derive(Default)]
+struct Tracker {
+    open: Cell<usize>,
+    idle: RefCell<Option<LocalEvent>>,
+}
+
+impl Tracker {
+    fn enter(self: &Rc<Self>) -> TrackGuard {
+        self.open.set(self.open.get() + 1);
+        TrackGuard(Rc::clone(self))
+    }
+    fn open(&self) -> usize {
+        self.open.get()
+    }
+    async fn idle(&self) {
+        while self.open.get() > 0 {
+            let ev = self.idle.borrow_mut().get_or_insert_with(LocalEvent::new).clone();
+            ev.wait().await;
+        }
+    }
+}
+
+struct TrackGuard(Rc<Tracker>);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        let n = self.0.open.get() - 1;
+        self.0.open.set(n);
+        if n == 0 {
+            if let Some(ev) = self.0.idle.borrow_mut().take() {
+                ev.fire();
+            }
+        }
+    }
+}
+
+/// What every connection task of a core shares.
+struct CoreShared {
+    files: Files,
+    cfg: H3Config,
+    worker: Worker,
+}
+
+impl App for H3Server {
+    async fn run<R: Runtime>(&self, worker: Worker) -> Result<(), AppError> {
+        let index = worker.info().index;
+        let socket = self
+            .sockets
+            .lock()
+            .map_err(|_| AppError::msg("socket table poisoned"))?
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| AppError::msg(format!("no UDP socket prepared for worker {index}")))?;
+        let socket = CoreUdpSocket::<R>::adopt(socket)
+            .map_err(|e| AppError::msg(format!("adopting the UDP socket on core {}: {e}", worker.info().cpu)))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            self.endpoint_config.clone(),
+            Some(self.server_config.clone()),
+            Arc::new(socket),
+            Arc::new(CoreRuntime::<R>::here()),
+        )
+        .map_err(|e| AppError::msg(format!("starting the QUIC endpoint on core {}: {e}", worker.info().cpu)))?;
+        let shared =
+            Rc::new(CoreShared { files: self.files.files_for(&worker), cfg: self.cfg.clone(), worker: worker.clone() });
+        let connections = Rc::new(Tracker::default());
+
+        accept_loop::<R>(&endpoint, &shared, &connections).await;
+
+        // Draining: no new connections; each open one has sent GOAWAY and closes once its
+        // requests are done. Wait for them up to the drain deadline (or an order to close).
+        endpoint.set_server_config(None);
+        let deadline = R::sleep(self.cfg.drain_timeout);
+        if let Either::Right(_) = race(connections.idle(), race(deadline, worker.closing())).await {
+            tracing::info!(
+                core = worker.info().cpu,
+                open = connections.open(),
+                "drain deadline passed; closing open HTTP/3 connections"
+            );
+        }
+        endpoint.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"server shutting down");
+        // Let the CONNECTION_CLOSE frames leave (bounded: a peer that vanished is not waited for).
+        let _ = timeout::<R, _>(Duration::from_secs(1), endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+/// Accepts connections until the worker drains.
+async fn accept_loop<R: Runtime>(endpoint: &quinn::Endpoint, shared: &Rc<CoreShared>, connections: &Rc<Tracker>) {
+    let worker = &shared.worker;
+    loop {
+        let incoming = match race(endpoint.accept(), worker.draining()).await {
+            Either::Left(Some(incoming)) => incoming,
+            Either::Left(None) | Either::Right(()) => return,
+        };
+        if connections.open() >= shared.cfg.max_connections_per_core {
+            tracing::debug!(peer = %incoming.remote_address(), "refusing connection: per-core limit reached");
+            incoming.refuse();
+            continue;
+        }
+        let guard = connections.enter();
+        let shared = Rc::clone(shared);
+        drop(spawn::<R, _>(async move {
+            let peer = incoming.remote_address();
+            let counters = shared.worker.clone();
+            // The panic policy, as for TCP connections: a panic while serving one connection
+            // is caught here, logged with its core and peer, counted, and ends that
+            // connection only (its handles are dropped while unwinding, which closes it).
+            let served = catch_panic(front::serve_connection::<R>(incoming, Rc::clone(&shared))).await;
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, "HTTP/3 connection ended: {e}"),
+                Err(message) => {
+                    CoreCounters::add(&counters.counters().connection_panics, 1);
+                    tracing::error!(
+                        core = counters.info().cpu,
+                        %peer,
+                        "an HTTP/3 connection's task panicked ({message}); that connection is closed, the others go on"
+                    );
+                }
+            }
+            drop(guard);
+        }));
+    }
+}

@@ -1,0 +1,325 @@
+//! quinn's pluggable runtime (`quinn::Runtime`) written once over corepin's runtime contract,
+//! so one `quinn::Endpoint` runs on each core of every backend: timers are `R::sleep`, tasks
+//! are `corepin_core::task::spawn` on the core's executor, and the UDP socket is the core's
+//! `R::UdpSocket` with quinn-udp doing the syscalls on its descriptor (sendmsg with GSO,
+//! recvmmsg with GRO, ECN, the destination address) and `UdpSocket::readable`/`writable`
+//! saying when to try again.
+//!
+//! Owns: the adapter types only. Must not touch: quinn's state, or anything of another core.
+//!
+//! # Why the `Send` wrappers are sound here
+//! quinn's traits ask for `Send + Sync` objects (it was written for work-stealing executors),
+//! while a core's engine futures, sockets and timers are `!Send` (they hold `Rc`s of the
+//! engine). Each of those values is kept inside a [`SendWrapper`], which records the thread
+//! that made it and *panics* (never touches the value) if it is dereferenced or dropped on
+//! another thread, so a mistake is a panic, not a data race. No mistake happens in this crate:
+//! every endpoint is built on its worker thread, and everything quinn derives from it (the
+//! endpoint driver, connection drivers, timers, pollers, `Connection` and stream handles) is
+//! created, polled and dropped by tasks of that core's executor; nothing of a core's endpoint
+//! is handed to another thread. [`CoreRuntime::spawn`] asserts the thread as well, so a quinn
+//! object moved elsewhere that tried to start a task there would panic instead of starting it
+//! on a foreign executor. quinn's own locks (`Arc<Mutex<_>>` inside the endpoint and each
+//! connection) are then only ever taken by one thread, uncontended.
+
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSliceMut};
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::ThreadId;
+use std::time::Instant;
+
+use corepin_core::runtime::UdpSocket as _;
+use corepin_core::Runtime;
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncTimer, AsyncUdpSocket, UdpPoller};
+use send_wrapper::SendWrapper;
+
+type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// quinn's runtime for one core running engine `R`. Made on the worker thread; every call
+/// that starts something on the executor checks it is still on that thread.
+pub struct CoreRuntime<R: Runtime> {
+    owner: ThreadId,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> CoreRuntime<R> {
+    /// The runtime of the core whose worker thread calls this.
+    pub fn here() -> Self {
+        Self { owner: std::thread::current().id(), _runtime: PhantomData }
+    }
+
+    fn on_owner(&self) -> bool {
+        std::thread::current().id() == self.owner
+    }
+}
+
+impl<R: Runtime> fmt::Debug for CoreRuntime<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreRuntime").field("engine", &R::NAME).field("owner", &self.owner).finish()
+    }
+}
+
+impl<R: Runtime> quinn::Runtime for CoreRuntime<R> {
+    fn new_timer(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        Box::pin(CoreTimer::<R>::new(deadline))
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        // quinn spawns its endpoint and connection drivers from code running on this core; a
+        // call from elsewhere means a quinn object left its core, which this design forbids.
+        assert!(self.on_owner(), "a quinn task was spawned off its core ({}); see quic_rt.rs", R::NAME);
+        // corepin's spawn: a panic in a quinn driver is reported to the worker, which stops
+        // (quinn's state behind that driver would be poisoned for every connection).
+        drop(corepin_core::task::spawn::<R, _>(future));
+    }
+
+    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        if !self.on_owner() {
+            return Err(io::Error::other("a core's UDP socket can only be adopted on its own worker thread"));
+        }
+        Ok(Arc::new(CoreUdpSocket::<R>::adopt(socket)?))
+    }
+}
+
+// ---- timers ----------------------------------------------------------------------------
+
+struct TimerState {
+    deadline: Instant,
+    /// The engine's sleep toward `deadline` (or toward an earlier one: it is re-armed when it
+    /// fires early). Made on the first poll after a change.
+    sleep: Option<LocalFuture<()>>,
+}
+
+/// A quinn timer over `R::sleep`.
+struct CoreTimer<R: Runtime> {
+    state: SendWrapper<TimerState>,
+    // `fn() -> R` keeps the timer `Send` whatever `R` is; `R` names only the engine.
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> fmt::Debug for CoreTimer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreTimer").field("engine", &R::NAME).finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime> AsyncTimer for CoreTimer<R> {
+    fn reset(self: Pin<&mut Self>, deadline: Instant) {
+        let st = &mut *self.get_mut().state;
+        // quinn pushes its timers out on almost every packet. A later deadline keeps the sleep
+        // already armed (it fires early and is re-armed for the rest), so the common reset
+        // costs no allocation and no timer operation in the engine.
+        if deadline < st.deadline {
+            st.sleep = None;
+        }
+        st.deadline = deadline;
+    }
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let st = &mut *self.get_mut().state;
+        loop {
+            let now = Instant::now();
+            if now >= st.deadline {
+                st.sleep = None;
+                return Poll::Ready(());
+            }
+            let left = st.deadline - now;
+            let sleep = st.sleep.get_or_insert_with(|| Box::pin(R::sleep(left)));
+            match sleep.as_mut().poll(cx) {
+                // Fired for an earlier deadline (or rounded short): arm for what is left.
+                Poll::Ready(()) => st.sleep = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<R: Runtime> CoreTimer<R> {
+    fn new(deadline: Instant) -> Self {
+        Self { state: SendWrapper::new(TimerState { deadline, sleep: None }), _runtime: PhantomData }
+    }
+}
+
+// ---- UDP -------------------------------------------------------------------------------
+
+/// Wakes every task that waits for the socket to become writable: one engine wait serves
+/// all of them (several of the core's connections may be blocked on a full send buffer at
+/// once, and some engines keep only one waiter per direction of a descriptor).
+#[derive(Default)]
+struct WakeAll {
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl WakeAll {
+    fn register(&self, waker: &Waker) {
+        let mut list = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
+    }
+    fn wake_all(&self) {
+        let list = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        list.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Wake for WakeAll {
+    fn wake(self: Arc<Self>) {
+        self.wake_all();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_all();
+    }
+}
+
+/// The core-local half of the socket: the engine's socket and the waits on it.
+struct UdpIo<R: Runtime> {
+    socket: Rc<R::UdpSocket>,
+    /// The wait for readability the endpoint driver is parked on, kept across polls.
+    readable: std::cell::RefCell<Option<LocalFuture<io::Result<()>>>>,
+    /// The one wait for writability, shared by every poller.
+    writable: std::cell::RefCell<Option<LocalFuture<io::Result<()>>>>,
+    write_waiters: Arc<WakeAll>,
+}
+
+/// quinn's UDP socket on a core: the engine's `R::UdpSocket` for readiness, quinn-udp's
+/// `UdpSocketState` for the syscalls on its descriptor.
+pub struct CoreUdpSocket<R: Runtime> {
+    io: SendWrapper<Rc<UdpIo<R>>>,
+    state: UdpSocketState,
+    /// The descriptor, owned by `io.socket`, which lives as long as this value.
+    fd: RawFd,
+    local: SocketAddr,
+}
+
+impl<R: Runtime> CoreUdpSocket<R> {
+    /// Adopts a bound socket into this core's engine. quinn-udp sets the socket options it
+    /// needs (ECN and destination-address reporting, GRO, don't-fragment) and probes GSO.
+    pub fn adopt(socket: std::net::UdpSocket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        let local = socket.local_addr()?;
+        let socket = R::UdpSocket::from_std(socket)?;
+        let fd = socket.as_raw_fd();
+        let io = UdpIo {
+            socket: Rc::new(socket),
+            readable: Default::default(),
+            writable: Default::default(),
+            write_waiters: Arc::default(),
+        };
+        Ok(Self { io: SendWrapper::new(Rc::new(io)), state, fd, local })
+    }
+
+    fn borrowed(&self) -> BorrowedFd<'_> {
+        // SAFETY: `fd` belongs to the engine socket held by `self.io`, which is dropped only
+        // with `self`, so the descriptor is open for the lifetime of this borrow.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+}
+
+impl<R: Runtime> fmt::Debug for CoreUdpSocket<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreUdpSocket").field("engine", &R::NAME).field("local", &self.local).finish()
+    }
+}
+
+impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(CoreUdpPoller::<R> { io: SendWrapper::new(Rc::clone(&self.io)) })
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        // A plain non-blocking syscall on the descriptor; `WouldBlock` sends quinn to the
+        // poller.
+        self.state.send((&self.borrowed()).into(), transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let io = &**self.io;
+        loop {
+            match self.state.recv((&self.borrowed()).into(), bufs, meta) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            let mut slot = io.readable.borrow_mut();
+            let wait = slot.get_or_insert_with(|| {
+                let socket = Rc::clone(&io.socket);
+                Box::pin(async move { socket.readable().await })
+            });
+            match wait.as_mut().poll(cx) {
+                Poll::Ready(res) => {
+                    *slot = None;
+                    res?;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+}
+
+/// One task's wait for writability (quinn makes one per connection driver).
+struct CoreUdpPoller<R: Runtime> {
+    io: SendWrapper<Rc<UdpIo<R>>>,
+}
+
+impl<R: Runtime> fmt::Debug for CoreUdpPoller<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreUdpPoller").field("engine", &R::NAME).finish()
+    }
+}
+
+impl<R: Runtime> UdpPoller for CoreUdpPoller<R> {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let io = &**self.get_mut().io;
+        io.write_waiters.register(cx.waker());
+        // The shared wait is polled with a waker that wakes every registered task, so it does
+        // not matter which of them polled it last.
+        let waker = Waker::from(Arc::clone(&io.write_waiters));
+        let mut shared_cx = Context::from_waker(&waker);
+        let mut slot = io.writable.borrow_mut();
+        let wait = slot.get_or_insert_with(|| {
+            let socket = Rc::clone(&io.socket);
+            Box::pin(async move { socket.writable().await })
+        });
+        match wait.as_mut().poll(&mut shared_cx) {
+            Poll::Ready(res) => {
+                *slot = None;
+                drop(slot);
+                // The others retry their sends too (a spurious wake at worst).
+                io.write_waiters.wake_all();
+                Poll::Ready(res)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
