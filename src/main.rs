@@ -36,11 +36,17 @@ enum Command {
     Caps(CommonArgs),
 }
 
+/// The first backend compiled into this build, in the facade's table order.
+fn default_runtime() -> String {
+    RuntimeKind::compiled().first().map_or("monoio", |k| k.name()).to_string()
+}
+
 #[derive(Args, Clone)]
 struct CommonArgs {
     /// Backend, among those compiled in (`corepin caps` lists them; the names come from the
-    /// facade's backend table: monoio, glommio, tokio-uring, compio).
-    #[arg(long, default_value = "monoio")]
+    /// facade's backend table: monoio, glommio, tokio-uring, compio). The default is the first
+    /// compiled one in that order (monoio in a default build).
+    #[arg(long, default_value_t = default_runtime())]
     runtime: String,
     /// Cores: `all`, a count (`2`), or a list (`0,2-3`; one CPU: `1-1`).
     #[arg(long, default_value = "all")]

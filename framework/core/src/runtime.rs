@@ -17,7 +17,7 @@ use crate::udp::{RecvMeta, SendMeta};
 /// One engine, run as one executor per pinned core.
 pub trait Runtime: Sized + 'static {
     /// The backend's name in reports, logs and test names (`monoio`, `monoio-epoll`, `glommio`,
-    /// `tokio-uring`). The CLI's `--runtime` names come from the facade's backend table, which
+    /// `tokio-uring`, `compio`). The CLI's `--runtime` names come from the facade's backend table, which
     /// lists engines, not driver variants such as `monoio-epoll`.
     const NAME: &'static str;
 
