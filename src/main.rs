@@ -386,7 +386,7 @@ struct Tls {
 impl Tls {
     /// Builds the acceptor when --tls or --tls-cert asked for TLS.
     fn prepare(args: &TlsArgs, alpn: Vec<Vec<u8>>, cores: usize) -> Result<Option<Tls>> {
-        use corepin::tls::{CertStore, TlsAcceptor, TlsOptions};
+        use corepin::tls::{TlsAcceptor, TlsOptions};
         if !args.tls && args.tls_cert.is_none() {
             return Ok(None);
         }
@@ -396,38 +396,11 @@ impl Tls {
             alpn,
             cipher_suites: args.tls_ciphers.clone(),
         };
-        let mut lines = Vec::new();
-        let mut written = None;
-        let certs = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => {
-                let store = CertStore::from_pem_files(cert, key)?;
-                lines.push(format!(
-                    "tls: certificate {} with key {} (SIGHUP reloads them)",
-                    cert.display(),
-                    key.display()
-                ));
-                store
-            }
-            _ => {
-                let (store, made) = CertStore::self_signed(&["localhost", "127.0.0.1", "::1"])?;
-                let path = std::env::temp_dir().join(format!("corepin-{}-localhost.pem", std::process::id()));
-                std::fs::write(&path, &made.cert_pem)
-                    .with_context(|| format!("cannot write the self-signed certificate to {}", path.display()))?;
-                lines.push(format!(
-                    "tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to {} (curl --cacert {})",
-                    path.display(),
-                    path.display()
-                ));
-                written = Some(path);
-                store
-            }
-        };
-        let certs = Arc::new(certs);
-        if let Some(fp) = &certs.current().fingerprint {
-            lines.push(format!("tls: SPKI sha256 {fp} (chromium --ignore-certificate-errors-spki-list={fp})"));
-        }
-        if let Some(expiry) = &certs.current().expiry {
-            lines.push(format!("tls: certificate chain valid until {expiry}"));
+        let (certs, mut lines, written) = load_certificates(args.tls_cert.as_deref(), args.tls_key.as_deref(), |fp| {
+            format!("tls: SPKI sha256 {fp} (chromium --ignore-certificate-errors-spki-list={fp})")
+        })?;
+        if let (Some(path), Some(line)) = (&written, lines.first_mut()) {
+            line.push_str(&format!(" (curl --cacert {})", path.display()));
         }
         lines.push("tls: TLS 1.3 and 1.2 (rustls, ring); session tickets shared by every core".into());
         let acceptor = TlsAcceptor::new(certs, options, cores)?;
@@ -475,6 +448,47 @@ impl Tls {
     fn run<F: corepin::ServiceFactory>(self, _app: TcpServer<F>, _s: corepin::Signals, _l: Launch<'_>) -> Result<()> {
         match self {}
     }
+}
+
+/// The certificate a TLS or QUIC server presents: from `cert` and `key`, or self-signed for
+/// localhost (its PEM written to a temporary file, returned for removal at exit). Returns the
+/// store, the banner lines (where it came from, `spki_line` of its fingerprint, its expiry) and
+/// the PEM written.
+#[cfg(feature = "tls")]
+fn load_certificates(
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+    spki_line: impl Fn(&corepin::tls::SpkiFingerprint) -> String,
+) -> Result<(Arc<corepin::tls::CertStore>, Vec<String>, Option<std::path::PathBuf>)> {
+    use corepin::tls::CertStore;
+    let mut lines = Vec::new();
+    let mut written = None;
+    let certs = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let store = CertStore::from_pem_files(cert, key)?;
+            lines.push(format!("tls: certificate {} with key {} (SIGHUP reloads them)", cert.display(), key.display()));
+            store
+        }
+        _ => {
+            let (store, made) = CertStore::self_signed(&["localhost", "127.0.0.1", "::1"])?;
+            let path = std::env::temp_dir().join(format!("corepin-{}-localhost.pem", std::process::id()));
+            std::fs::write(&path, &made.cert_pem)
+                .with_context(|| format!("cannot write the self-signed certificate to {}", path.display()))?;
+            lines.push(format!(
+                "tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to {}",
+                path.display()
+            ));
+            written = Some(path);
+            store
+        }
+    };
+    if let Some(fp) = &certs.current().fingerprint {
+        lines.push(spki_line(fp));
+    }
+    if let Some(expiry) = &certs.current().expiry {
+        lines.push(format!("tls: certificate chain valid until {expiry}"));
+    }
+    Ok((Arc::new(certs), lines, written))
 }
 
 /// SIGHUP: reads the certificate and key again; one line either way.
@@ -594,7 +608,6 @@ fn run_files(args: FilesArgs) -> Result<()> {
 
 #[cfg(feature = "h3")]
 fn run_h3(args: H3Args) -> Result<()> {
-    use corepin::tls::CertStore;
     let signals = corepin::Signals::install()?;
     let p = prepare(&args.common)?;
     let listen = parse_addr("listen", &args.listen)?;
@@ -611,38 +624,13 @@ fn run_h3(args: H3Args) -> Result<()> {
     let confinement = factory.root().confinement();
     let served = factory.root().path().to_path_buf();
 
-    let mut extra = Vec::new();
-    let mut written = None;
-    let certs = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => {
-            let store = CertStore::from_pem_files(cert, key)?;
-            extra.push(format!("tls: certificate {} with key {} (SIGHUP reloads them)", cert.display(), key.display()));
-            store
-        }
-        _ => {
-            let (store, made) = CertStore::self_signed(&["localhost", "127.0.0.1", "::1"])?;
-            let path = std::env::temp_dir().join(format!("corepin-{}-localhost.pem", std::process::id()));
-            std::fs::write(&path, &made.cert_pem)
-                .with_context(|| format!("cannot write the self-signed certificate to {}", path.display()))?;
-            extra.push(format!(
-                "tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to {}",
-                path.display()
-            ));
-            written = Some(path);
-            store
-        }
-    };
-    let certs = Arc::new(certs);
-    if let Some(fp) = &certs.current().fingerprint {
-        extra.push(format!(
+    let port = listen.port();
+    let (certs, mut extra, written) = load_certificates(args.cert.as_deref(), args.key.as_deref(), |fp| {
+        format!(
             "tls: SPKI sha256 {fp} (chromium --origin-to-force-quic-on=localhost:{port} \
-             --ignore-certificate-errors-spki-list={fp})",
-            port = listen.port()
-        ));
-    }
-    if let Some(expiry) = &certs.current().expiry {
-        extra.push(format!("tls: certificate chain valid until {expiry}"));
-    }
+             --ignore-certificate-errors-spki-list={fp})"
+        )
+    })?;
     let h3 = corepin_h3::H3Config {
         max_concurrent_streams: args.max_streams.max(1),
         max_connections_per_core: args.max_connections_per_core.max(1),
