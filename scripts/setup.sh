@@ -5,16 +5,21 @@
 # client), redis-cli (redis-tools), the independent client the kv example's test drives,
 # clang (the build compiles the XDP program in services/xdp for the BPF target), iproute2 (the
 # XDP tests make their own network namespaces and veth pairs), python3 with pip, and Python's
-# aioquic (PyPI), the independent HTTP/3 client of the h3 tests. `scripts/setup.sh --bench` also
-# installs the peers the benchmarks measure against (nginx, wrk, redis-server). Idempotent: does
-# nothing when everything is already there.
+# aioquic (PyPI), the independent HTTP/3 client of the h3 tests. `scripts/setup.sh --test` also
+# installs Chromium (the browser test: HTTPS, Alt-Svc, then HTTP/3), `--bench` the peers the
+# benchmarks measure against (nginx, wrk, redis-server). Idempotent: does nothing when
+# everything is already there.
 set -euo pipefail
 pkgs=(libhwloc-dev pkg-config build-essential curl openssl redis-tools clang linux-libc-dev iproute2)
 # python3 and pip only when there is no python3 with pip yet (a pyenv or venv one counts).
 python3 -m pip --version >/dev/null 2>&1 || pkgs+=(python3 python3-pip)
-if [ "${1:-}" = "--bench" ]; then
-  pkgs+=(nginx wrk redis-server)
-fi
+for arg in "$@"; do
+  case "$arg" in
+    --test) pkgs+=(chromium) ;;
+    --bench) pkgs+=(nginx wrk redis-server) ;;
+    *) echo "usage: scripts/setup.sh [--test] [--bench]" >&2; exit 2 ;;
+  esac
+done
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

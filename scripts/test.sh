@@ -3,5 +3,5 @@
 # (unit tests, the conformance suite on every backend, the CLI end-to-end tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --test
 cargo test --workspace --release "$@"

@@ -170,6 +170,11 @@ struct FilesArgs {
     /// how long a renamed directory or retargeted symlink above a cached file goes unseen).
     #[arg(long, default_value_t = 1.0)]
     open_file_cache_valid: f64,
+    /// Also serve HTTP/3 (QUIC) on the same port number over UDP, with the same certificate,
+    /// and advertise it with `Alt-Svc: h3=":PORT"` on HTTPS responses (needs --tls or
+    /// --tls-cert).
+    #[arg(long)]
+    h3: bool,
 }
 
 #[derive(Args)]
@@ -310,8 +315,8 @@ fn run_echo(args: EchoArgs) -> Result<()> {
     let launch =
         Launch { what: "echo", p: &p, metrics_addr, extra: joined.into_iter().collect(), add: Box::new(|_| {}) };
     match tls {
-        None => launch.run(app, signals),
-        Some(tls) => tls.run(app, signals, launch),
+        None => launch.run(app.local_addr(), app, signals),
+        Some(tls) => tls.run(app, signals, launch, |app| app),
     }
 }
 
@@ -343,7 +348,7 @@ fn bind_tcp<F: corepin::ServiceFactory>(
 }
 
 /// What `run_echo` and `run_files` share once their app is built: start it, serve metrics,
-/// print the banner, wait for signals.
+/// print the banner (naming `addr`), wait for signals.
 struct Launch<'a> {
     what: &'static str,
     p: &'a Prepared,
@@ -355,12 +360,7 @@ struct Launch<'a> {
 }
 
 impl Launch<'_> {
-    fn run<F: corepin::ServiceFactory, A: corepin::Acceptor>(
-        mut self,
-        app: TcpServer<F, A>,
-        signals: corepin::Signals,
-    ) -> Result<()> {
-        let addr = app.local_addr();
+    fn run<A: corepin::launcher::App>(mut self, addr: SocketAddr, app: A, signals: corepin::Signals) -> Result<()> {
         let server = corepin::start(self.p.kind, &self.p.cfg, &self.p.cpus, Arc::new(app))?;
         let mut registry = corepin::metrics::registry_for(&server);
         (self.add)(&mut registry);
@@ -407,13 +407,14 @@ impl Tls {
         Ok(Some(Tls { acceptor, lines, written }))
     }
 
-    /// Runs `app` behind TLS: adds the banner lines and the TLS metrics, and reloads the
-    /// certificate on SIGHUP.
-    fn run<F: corepin::ServiceFactory>(
+    /// Runs `app` behind TLS (with what `beside` adds to it, HTTP/3 say): adds the banner
+    /// lines and the TLS metrics, and reloads the certificate on SIGHUP.
+    fn run<F: corepin::ServiceFactory, X: corepin::launcher::App>(
         self,
         app: TcpServer<F>,
         signals: corepin::Signals,
         mut launch: Launch<'_>,
+        beside: impl FnOnce(TcpServer<F, corepin::tls::TlsAcceptor>) -> X,
     ) -> Result<()> {
         let Tls { acceptor, lines, written } = self;
         launch.extra.extend(lines);
@@ -425,7 +426,8 @@ impl Tls {
             add(registry);
             collector.register(registry);
         });
-        let result = launch.run(app.with_acceptor(acceptor), signals);
+        let app = app.with_acceptor(acceptor);
+        let result = launch.run(app.local_addr(), beside(app), signals);
         if let Some(path) = written {
             let _ = std::fs::remove_file(path);
         }
@@ -445,7 +447,13 @@ impl Tls {
         }
         Ok(None)
     }
-    fn run<F: corepin::ServiceFactory>(self, _app: TcpServer<F>, _s: corepin::Signals, _l: Launch<'_>) -> Result<()> {
+    fn run<F: corepin::ServiceFactory, X>(
+        self,
+        _app: TcpServer<F>,
+        _s: corepin::Signals,
+        _l: Launch<'_>,
+        _beside: impl FnOnce(TcpServer<F>) -> X,
+    ) -> Result<()> {
         match self {}
     }
 }
@@ -575,6 +583,9 @@ fn run_files(args: FilesArgs) -> Result<()> {
     let files_metrics = factory.metrics().clone();
     let confinement = factory.root().confinement();
     let served = factory.root().path().to_path_buf();
+    let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
+    // HTTP/3 binds first, so that with port 0 TCP takes the port UDP was given.
+    let (factory, listen, h3, h3_lines) = h3_beside(&args, tls.as_ref(), factory, listen, &p)?;
     // Keep some descriptors for listeners, rings, files being sent, the open-file caches and
     // the metrics endpoint.
     let cached = (args.open_file_cache * p.cpus.len()) as u64;
@@ -583,7 +594,6 @@ fn run_files(args: FilesArgs) -> Result<()> {
         .unwrap_or_else(|| (nofile_limit().saturating_sub(256 + cached) / 2 / p.cpus.len() as u64).max(1) as usize);
     let (app, joined) = bind_tcp(listen, p.cpus.len(), factory, args.common.takeover)?;
     let app = app.max_connections_per_core(per_core);
-    let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
     let mut extra = vec![
         format!("root: {} (confined with {:?})", served.display(), confinement),
         format!("max connections per core: {per_core}"),
@@ -596,14 +606,86 @@ fn run_files(args: FilesArgs) -> Result<()> {
                 .into(),
         );
     }
+    extra.extend(h3_lines);
     let add = Box::new(move |registry: &mut corepin::metrics::Registry| {
         corepin_files::metrics::FilesCollector::new(files_metrics).register(registry);
     });
     let launch = Launch { what: "files", p: &p, metrics_addr, extra, add };
-    match tls {
-        None => launch.run(app, signals),
-        Some(tls) => tls.run(app, signals, launch),
+    match (tls, h3) {
+        (None, _) => launch.run(app.local_addr(), app, signals),
+        (Some(tls), None) => tls.run(app, signals, launch, |app| app),
+        #[cfg(feature = "h3")]
+        (Some(tls), Some(h3)) => tls.run(app, signals, launch, move |app| (app, h3)),
     }
+}
+
+/// `files --h3`: binds the HTTP/3 server on `listen` (UDP) with the TLS front's certificate
+/// store; returns the factory HTTPS uses (advertising it with `Alt-Svc`), the TCP address
+/// (with the port UDP got when 0 was asked for), the server and its banner lines.
+#[cfg(feature = "h3")]
+fn h3_beside(
+    args: &FilesArgs,
+    tls: Option<&Tls>,
+    factory: corepin_files::FilesFactory,
+    mut listen: SocketAddr,
+    p: &Prepared,
+) -> Result<(corepin_files::FilesFactory, SocketAddr, Option<corepin_h3::H3Server>, Vec<String>)> {
+    if !args.h3 {
+        return Ok((factory, listen, None, Vec::new()));
+    }
+    let Some(tls) = tls else {
+        anyhow::bail!(
+            "--h3 needs --tls or --tls-cert/--tls-key: HTTP/3 is always encrypted, and browsers find it through HTTPS"
+        );
+    };
+    if args.common.takeover {
+        anyhow::bail!("--takeover covers TCP only: it cannot be combined with --h3 (QUIC connections cannot move between processes yet)");
+    }
+    let cfg = corepin_h3::H3Config {
+        idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        send_timeout: seconds("send-timeout", args.send_timeout)?,
+        header_timeout: seconds("header-timeout", args.header_timeout)?,
+        drain_timeout: p.cfg.drain_timeout,
+        ..corepin_h3::H3Config::default()
+    };
+    let h3 = corepin_h3::H3Server::bind(listen, p.cpus.len(), factory.clone(), Arc::clone(tls.acceptor.certs()), cfg)?;
+    let port = h3.local_addr().port();
+    listen.set_port(port);
+    let alt_svc = format!("h3=\":{port}\"");
+    let mut lines = h3_banner_lines(&h3);
+    lines.push(format!("h3: HTTPS responses advertise it with Alt-Svc: {alt_svc}"));
+    Ok((factory.with_alt_svc(alt_svc), listen, Some(h3), lines))
+}
+
+/// A build without the `h3` feature: `files --h3` says how to get it.
+#[cfg(not(feature = "h3"))]
+fn h3_beside(
+    args: &FilesArgs,
+    _tls: Option<&Tls>,
+    factory: corepin_files::FilesFactory,
+    listen: SocketAddr,
+    _p: &Prepared,
+) -> Result<(corepin_files::FilesFactory, SocketAddr, Option<std::convert::Infallible>, Vec<String>)> {
+    if args.h3 {
+        anyhow::bail!("this build has no HTTP/3; rebuild with `--features h3`");
+    }
+    Ok((factory, listen, None, Vec::new()))
+}
+
+/// What the banner says about an HTTP/3 server.
+#[cfg(feature = "h3")]
+fn h3_banner_lines(app: &corepin_h3::H3Server) -> Vec<String> {
+    vec![
+        format!(
+            "h3: one QUIC endpoint per core on udp {} (quinn over corepin's runtime: quinn-udp GSO/GRO/ECN, \
+             engine timers and readiness), TLS 1.3 with ALPN h3, one reset key and token key for all cores",
+            app.local_addr()
+        ),
+        format!("h3: UDP offloads: {}", app.offloads()),
+        "h3: connection steering: the kernel's reuseport hash only (no connection-ID steering, no \
+         cross-core forwarding yet: a client whose address changes may land on another core)"
+            .into(),
+    ]
 }
 
 #[cfg(feature = "h3")]
@@ -641,16 +723,7 @@ fn run_h3(args: H3Args) -> Result<()> {
     let app = corepin_h3::H3Server::bind(listen, p.cpus.len(), factory, Arc::clone(&certs), h3)?;
     let addr = app.local_addr();
     extra.insert(0, format!("root: {} (confined with {:?})", served.display(), confinement));
-    extra.push(format!(
-        "h3: one QUIC endpoint per core on udp {addr} (quinn over corepin's runtime: quinn-udp GSO/GRO/ECN, \
-         engine timers and readiness), TLS 1.3 with ALPN h3, one reset key and token key for all cores"
-    ));
-    extra.push(format!("h3: UDP offloads: {}", app.offloads()));
-    extra.push(
-        "h3: connection steering: the kernel's reuseport hash only (no connection-ID steering, no \
-         cross-core forwarding yet: a client whose address changes may land on another core)"
-            .into(),
-    );
+    extra.extend(h3_banner_lines(&app));
     let signals = signals.on_hangup(move || reload_certificate(&certs))?;
     let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
     let mut registry = corepin::metrics::registry_for(&server);

@@ -1,9 +1,12 @@
-//! `corepin h3` end to end on every compiled backend: the banner names the UDP endpoint, the
-//! UDP offloads found, and
-//! the SPKI fingerprint of the self-signed certificate it wrote (checked against openssl's),
-//! an independent client (Python's aioquic, when installed) fetches the demo site over
-//! HTTP/3 trusting that certificate, and SIGTERM exits 0; a bad certificate path is one
-//! `error:` line.
+//! `corepin h3` and `corepin files --tls --h3` end to end on every compiled backend.
+//!
+//! - `h3`: the banner names the UDP endpoint, the UDP offloads found, and the SPKI fingerprint
+//!   of the self-signed certificate it wrote (checked against openssl's); an independent client
+//!   (Python's aioquic, when installed) fetches the demo site over HTTP/3 trusting that
+//!   certificate, and SIGTERM exits 0; a bad certificate path is one `error:` line.
+//! - `files --tls --h3`: HTTPS (curl) and HTTP/3 (aioquic) on the same port number give the
+//!   same bytes, HTTPS responses carry `Alt-Svc: h3=":PORT"`, and headless Chromium (when
+//!   installed) loads the page over HTTPS, then over HTTP/3 on its next load.
 
 #![cfg(feature = "h3")]
 
@@ -45,24 +48,29 @@ impl Running {
 }
 
 fn start(runtime: &str) -> Running {
-    let mut child = Command::new(BIN)
-        .args(["h3", "--runtime", runtime, "--cores", "all", "--listen", "127.0.0.1:0", "--drain-timeout", "5"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("corepin starts");
+    start_with(
+        &["h3", "--runtime", runtime, "--cores", "all", "--listen", "127.0.0.1:0", "--drain-timeout", "5"],
+        "h3: connection steering",
+    )
+}
+
+/// Starts corepin with `args` and reads its banner up to the line containing `last`.
+fn start_with(args: &[&str], last: &str) -> Running {
+    let what = args[0];
+    let mut child =
+        Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("corepin starts");
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let (mut banner, mut addr) = (String::new(), None);
     loop {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 {
-            panic!("corepin h3 exited before its banner was complete:\n{banner}");
+            panic!("corepin {what} exited before its banner was complete:\n{banner}");
         }
-        if let Some(rest) = line.trim().strip_prefix("corepin h3 listening on ") {
+        if let Some(rest) = line.trim().strip_prefix(&format!("corepin {what} listening on ")) {
             addr = Some(rest.parse().unwrap());
         }
         banner.push_str(&line);
-        if line.contains("h3: connection steering") {
+        if line.contains(last) {
             break;
         }
     }
@@ -81,6 +89,23 @@ fn file_fingerprint(cert: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The PEM path and SPKI fingerprint of the self-signed certificate a banner names.
+fn self_signed(banner: &str) -> (String, String) {
+    let pem = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the PEM path")
+        .to_string();
+    let fp = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("tls: SPKI sha256 "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the fingerprint")
+        .to_string();
+    (pem, fp)
+}
+
 fn aioquic() -> bool {
     matches!(Command::new("python3").args(["-c", "import aioquic"]).output(), Ok(o) if o.status.success())
 }
@@ -96,18 +121,7 @@ fn h3_banner_names_the_endpoint_and_fingerprint_and_serves_the_demo_site() {
         let b = &server.banner;
         assert!(b.contains(&format!("h3: one QUIC endpoint per core on udp {}", server.addr)), "{b}");
         assert!(b.lines().any(|l| l.starts_with("h3: UDP offloads: GSO ")), "{b}");
-        let pem = b
-            .lines()
-            .find_map(|l| l.strip_prefix("tls: self-signed certificate for localhost, 127.0.0.1, ::1 written to "))
-            .expect("the PEM path")
-            .trim()
-            .to_string();
-        let fp = b
-            .lines()
-            .find_map(|l| l.strip_prefix("tls: SPKI sha256 "))
-            .and_then(|l| l.split_whitespace().next())
-            .expect("the fingerprint")
-            .to_string();
+        let (pem, fp) = self_signed(b);
         assert_eq!(fp, file_fingerprint(Path::new(&pem)), "{kind}: the printed fingerprint is the certificate's");
         if with_client {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("services/h3/tests/aioquic_client.py");
@@ -140,4 +154,141 @@ fn h3_bad_certificate_paths_give_one_clear_line() {
     assert!(err.contains("--key"), "{err}");
     let err = run(&["h3", "--listen", "127.0.0.1:0", "--cert", "/nonexistent/c.pem", "--key", "/nonexistent/k.pem"]);
     assert!(err.starts_with("error: certificate /nonexistent/c.pem"), "{err}");
+}
+
+fn chromium() -> bool {
+    matches!(Command::new("chromium").arg("--version").output(), Ok(o) if o.status.success())
+}
+
+fn start_files_h3(runtime: &str) -> Running {
+    start_with(
+        &[
+            "files",
+            "--tls",
+            "--h3",
+            "--runtime",
+            runtime,
+            "--cores",
+            "all",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "5",
+        ],
+        "tls: TLS 1.3 and 1.2",
+    )
+}
+
+/// The demo site's index page, the bytes every client below must receive.
+fn demo_index() -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("services/files/demo/index.html")).unwrap()
+}
+
+#[test]
+fn files_tls_h3_serves_https_and_http3_on_one_port_and_advertises_it() {
+    use sha2::{Digest, Sha256};
+    let with_client = aioquic();
+    if !with_client {
+        eprintln!(
+            "aioquic is not installed (scripts/setup.sh): HTTP/3 is not fetched, only HTTPS and Alt-Svc are checked"
+        );
+    }
+    let index = demo_index();
+    let want = format!("/ 200 {} {:x}", index.len(), Sha256::digest(&index));
+    for kind in corepin::RuntimeKind::compiled() {
+        let server = start_files_h3(kind.name());
+        let port = server.addr.port();
+        let b = &server.banner;
+        assert!(b.contains(&format!("h3: one QUIC endpoint per core on udp 127.0.0.1:{port} ")), "{kind}: {b}");
+        assert!(b.contains(&format!("h3: HTTPS responses advertise it with Alt-Svc: h3=\":{port}\"")), "{kind}: {b}");
+        let (pem, _) = self_signed(b);
+
+        // HTTPS: the page, with the advertisement.
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &pem, "-D", "-", "-o", "/dev/null"])
+            .arg(format!("https://localhost:{port}/"))
+            .output()
+            .expect("curl runs");
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(out.status.success(), "{kind}: curl: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(head.starts_with("http/1.1 200"), "{kind}: {head}");
+        assert!(head.contains(&format!("\r\nalt-svc: h3=\":{port}\"\r\n")), "{kind}: {head}");
+        let body = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &pem])
+            .arg(format!("https://localhost:{port}/"))
+            .output()
+            .unwrap()
+            .stdout;
+        assert_eq!(body, index, "{kind}: the HTTPS body is the file");
+
+        // HTTP/3 on the same port number, over UDP.
+        if with_client {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("services/h3/tests/aioquic_client.py");
+            let out = Command::new("python3")
+                .arg(script)
+                .args(["--port", &port.to_string(), "--ca", &pem, "/", "/missing"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{kind}: {text}{}", String::from_utf8_lossy(&out.stderr));
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines[0], want, "{kind}: HTTP/3 gives the same bytes");
+            assert!(lines[1].starts_with("/missing 404 "), "{kind}: {text}");
+        }
+        server.stop();
+        assert!(!Path::new(&pem).exists(), "{kind}: the self-signed PEM is removed at exit");
+    }
+}
+
+#[test]
+fn chromium_finds_http3_through_alt_svc_and_uses_it_on_the_next_load() {
+    if !chromium() {
+        eprintln!("SKIPPED: chromium is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chromium_loads.py");
+    for kind in corepin::RuntimeKind::compiled() {
+        let server = start_files_h3(kind.name());
+        let port = server.addr.port();
+        let (_, fp) = self_signed(&server.banner);
+        // 127.0.0.1, not localhost: Chromium tries ::1 first for localhost, where nothing
+        // listens on UDP, and would mark HTTP/3 broken for the origin.
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(["--url", &format!("https://127.0.0.1:{port}/"), "--spki", &fp, "--loads", "3"])
+            .output()
+            .expect("python3 runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{kind}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("{kind}:\n{text}");
+        let loads: Vec<&str> = text.lines().collect();
+        assert_eq!(loads.len(), 3, "{kind}: {text}");
+        for l in &loads {
+            assert!(l.contains("\"status\": 200") && l.contains("\"title\": \"corepin demo site\""), "{kind}: {l}");
+        }
+        // The first load finds the server over HTTPS and learns of HTTP/3 from Alt-Svc...
+        assert!(loads[0].contains("\"protocol\": \"http/1.1\""), "{kind}: {text}");
+        assert!(loads[0].contains(&format!("\"alt_svc\": \"h3=\\\":{port}\\\"\"")), "{kind}: {text}");
+        // ...and the next ones go over HTTP/3.
+        assert!(
+            loads[1].contains("\"protocol\": \"h3\"") && loads[2].contains("\"protocol\": \"h3\""),
+            "{kind}: {text}"
+        );
+        server.stop();
+    }
+}
+
+#[test]
+fn files_h3_without_tls_or_with_takeover_is_one_clear_line() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} must fail");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(err.trim().lines().count(), 1, "one line for {args:?}: {err}");
+        err
+    };
+    let err = run(&["files", "--h3", "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("--h3 needs --tls"), "{err}");
+    let err = run(&["files", "--h3", "--tls", "--takeover", "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("--takeover covers TCP only"), "{err}");
 }

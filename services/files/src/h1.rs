@@ -57,12 +57,15 @@ fn conditions<'a>(head: &Head<'a>) -> Conditions<'a> {
 }
 
 /// Writes the HTTP/1.1 head of `plan` into `out` (cleared first; its allocation is reused).
-fn write_head(out: &mut Vec<u8>, plan: &Plan, keep_alive: bool, minor: u8) {
+fn write_head(out: &mut Vec<u8>, plan: &Plan, alt_svc: Option<&str>, keep_alive: bool, minor: u8) {
     let h = &plan.headers;
     let mut w = HeadWriter::new(out, plan.status);
     h.for_each_field(plan.status, |name, value| {
         w.header(name, value);
     });
+    if let Some(v) = alt_svc {
+        w.header("Alt-Svc", v);
+    }
     w.finish(h.content_length, keep_alive, minor);
 }
 
@@ -170,7 +173,7 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
 
     /// Writes the head of `plan` and sends it with its body.
     async fn respond(&mut self, plan: Plan, keep_alive: bool, minor: u8) -> Result<(), End> {
-        write_head(&mut self.head, &plan, keep_alive, minor);
+        write_head(&mut self.head, &plan, self.files.cfg.alt_svc.as_deref(), keep_alive, minor);
         self.tx.send(&mut self.c.stream, &mut self.head, plan.body).await
     }
 

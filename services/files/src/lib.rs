@@ -96,6 +96,9 @@ pub struct FilesConfig {
     /// again (changes to the file itself are seen at once through inotify; this bounds how
     /// long a renamed directory or retargeted symlink above it goes unnoticed).
     pub open_files_valid: Duration,
+    /// The `Alt-Svc` field value HTTP/1.1 responses carry (RFC 7838), e.g. `h3=":8443"` when
+    /// HTTP/3 is served beside HTTPS on the same port; `None`: no such field.
+    pub alt_svc: Option<String>,
 }
 
 impl FilesConfig {
@@ -116,6 +119,7 @@ impl FilesConfig {
             access_log: false,
             open_files: DEFAULT_OPEN_FILES,
             open_files_valid: Duration::from_secs(1),
+            alt_svc: None,
         }
     }
 }
@@ -126,7 +130,9 @@ pub const DEFAULT_MEMORY_MAX: u64 = 32 * 1024;
 /// The default size of each core's open-file cache.
 pub const DEFAULT_OPEN_FILES: usize = 1000;
 
-/// Builds the per-core file service.
+/// Builds the per-core file service. Clones share the root and the counters, so two front
+/// ends (HTTPS and HTTP/3, say) count into the same metrics.
+#[derive(Clone)]
 pub struct FilesFactory {
     cfg: Arc<FilesConfig>,
     root: Arc<Root>,
@@ -147,6 +153,12 @@ impl FilesFactory {
     /// The root being served.
     pub fn root(&self) -> &Root {
         &self.root
+    }
+    /// A factory sharing this one's root and counters whose responses advertise
+    /// `Alt-Svc: {value}` (see [`FilesConfig::alt_svc`]).
+    pub fn with_alt_svc(&self, value: impl Into<String>) -> Self {
+        let cfg = FilesConfig { alt_svc: Some(value.into()), ..(*self.cfg).clone() };
+        Self { cfg: Arc::new(cfg), root: Arc::clone(&self.root), metrics: Arc::clone(&self.metrics) }
     }
 }
 
