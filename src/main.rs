@@ -220,6 +220,12 @@ struct H3Args {
     /// Bytes of small files each core may cache.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     cache_size: u64,
+    /// How datagrams reach the core that owns their connection: `bpf` (connection IDs name
+    /// their core, a classic BPF program on the port delivers by them, forwarding catches the
+    /// rest), `forward` (forwarding between cores only) or `hash` (the kernel's 4-tuple hash
+    /// alone: connections break when a client's address changes; for comparison).
+    #[arg(long, default_value = "bpf")]
+    steering: String,
 }
 
 struct Prepared {
@@ -346,6 +352,9 @@ fn bind_tcp<F: corepin::ServiceFactory>(
     };
     Ok((app, line))
 }
+
+/// Adds a service's collectors to the metrics registry.
+type AddMetrics = Box<dyn FnOnce(&mut corepin::metrics::Registry)>;
 
 /// What `run_echo` and `run_files` share once their app is built: start it, serve metrics,
 /// print the banner (naming `addr`), wait for signals.
@@ -585,7 +594,8 @@ fn run_files(args: FilesArgs) -> Result<()> {
     let served = factory.root().path().to_path_buf();
     let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
     // HTTP/3 binds first, so that with port 0 TCP takes the port UDP was given.
-    let (factory, listen, h3, h3_lines) = h3_beside(&args, tls.as_ref(), factory, listen, &p)?;
+    let Beside { factory, listen, server: h3, lines: h3_lines, add_metrics: h3_metrics } =
+        h3_beside(&args, tls.as_ref(), factory, listen, &p)?;
     // Keep some descriptors for listeners, rings, files being sent, the open-file caches and
     // the metrics endpoint.
     let cached = (args.open_file_cache * p.cpus.len()) as u64;
@@ -609,6 +619,7 @@ fn run_files(args: FilesArgs) -> Result<()> {
     extra.extend(h3_lines);
     let add = Box::new(move |registry: &mut corepin::metrics::Registry| {
         corepin_files::metrics::FilesCollector::new(files_metrics).register(registry);
+        h3_metrics(registry);
     });
     let launch = Launch { what: "files", p: &p, metrics_addr, extra, add };
     match (tls, h3) {
@@ -620,8 +631,8 @@ fn run_files(args: FilesArgs) -> Result<()> {
 }
 
 /// `files --h3`: binds the HTTP/3 server on `listen` (UDP) with the TLS front's certificate
-/// store; returns the factory HTTPS uses (advertising it with `Alt-Svc`), the TCP address
-/// (with the port UDP got when 0 was asked for), the server and its banner lines.
+/// store; the factory HTTPS then uses advertises it with `Alt-Svc`, and the TCP address has
+/// the port UDP got when 0 was asked for.
 #[cfg(feature = "h3")]
 fn h3_beside(
     args: &FilesArgs,
@@ -629,9 +640,9 @@ fn h3_beside(
     factory: corepin_files::FilesFactory,
     mut listen: SocketAddr,
     p: &Prepared,
-) -> Result<(corepin_files::FilesFactory, SocketAddr, Option<corepin_h3::H3Server>, Vec<String>)> {
+) -> Result<Beside> {
     if !args.h3 {
-        return Ok((factory, listen, None, Vec::new()));
+        return Ok(Beside::nothing(factory, listen));
     }
     let Some(tls) = tls else {
         anyhow::bail!(
@@ -654,7 +665,10 @@ fn h3_beside(
     let alt_svc = format!("h3=\":{port}\"");
     let mut lines = h3_banner_lines(&h3);
     lines.push(format!("h3: HTTPS responses advertise it with Alt-Svc: {alt_svc}"));
-    Ok((factory.with_alt_svc(alt_svc), listen, Some(h3), lines))
+    let quic_metrics = Arc::clone(h3.metrics());
+    let add: AddMetrics =
+        Box::new(move |registry| corepin_h3::metrics::H3Collector::new(quic_metrics).register(registry));
+    Ok(Beside { factory: factory.with_alt_svc(alt_svc), listen, server: Some(h3), lines, add_metrics: add })
 }
 
 /// A build without the `h3` feature: `files --h3` says how to get it.
@@ -665,11 +679,35 @@ fn h3_beside(
     factory: corepin_files::FilesFactory,
     listen: SocketAddr,
     _p: &Prepared,
-) -> Result<(corepin_files::FilesFactory, SocketAddr, Option<std::convert::Infallible>, Vec<String>)> {
+) -> Result<Beside> {
     if args.h3 {
         anyhow::bail!("this build has no HTTP/3; rebuild with `--features h3`");
     }
-    Ok((factory, listen, None, Vec::new()))
+    Ok(Beside::nothing(factory, listen))
+}
+
+/// The HTTP/3 server `files --h3` runs beside HTTPS.
+#[cfg(feature = "h3")]
+type H3App = corepin_h3::H3Server;
+/// A build without the `h3` feature has none.
+#[cfg(not(feature = "h3"))]
+type H3App = std::convert::Infallible;
+
+/// What `files --h3` adds beside HTTPS: the factory HTTPS uses, the TCP address, the HTTP/3
+/// server, its banner lines and what adds its metrics.
+struct Beside {
+    factory: corepin_files::FilesFactory,
+    listen: SocketAddr,
+    server: Option<H3App>,
+    lines: Vec<String>,
+    add_metrics: AddMetrics,
+}
+
+impl Beside {
+    /// No HTTP/3: HTTPS (or HTTP) alone.
+    fn nothing(factory: corepin_files::FilesFactory, listen: SocketAddr) -> Self {
+        Self { factory, listen, server: None, lines: Vec::new(), add_metrics: Box::new(|_| {}) }
+    }
 }
 
 /// What the banner says about an HTTP/3 server.
@@ -682,9 +720,7 @@ fn h3_banner_lines(app: &corepin_h3::H3Server) -> Vec<String> {
             app.local_addr()
         ),
         format!("h3: UDP offloads: {}", app.offloads()),
-        "h3: connection steering: the kernel's reuseport hash only (no connection-ID steering, no \
-         cross-core forwarding yet: a client whose address changes may land on another core)"
-            .into(),
+        format!("h3: connection steering: {}", app.steering()),
     ]
 }
 
@@ -713,7 +749,14 @@ fn run_h3(args: H3Args) -> Result<()> {
              --ignore-certificate-errors-spki-list={fp})"
         )
     })?;
+    let steering = match args.steering.as_str() {
+        "bpf" => corepin_h3::Steering::Bpf,
+        "forward" => corepin_h3::Steering::Forward,
+        "hash" => corepin_h3::Steering::Hash,
+        other => anyhow::bail!("--steering {other:?} is not one of: bpf, forward, hash"),
+    };
     let h3 = corepin_h3::H3Config {
+        steering,
         max_concurrent_streams: args.max_streams.max(1),
         max_connections_per_core: args.max_connections_per_core.max(1),
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
@@ -725,9 +768,11 @@ fn run_h3(args: H3Args) -> Result<()> {
     extra.insert(0, format!("root: {} (confined with {:?})", served.display(), confinement));
     extra.extend(h3_banner_lines(&app));
     let signals = signals.on_hangup(move || reload_certificate(&certs))?;
+    let quic_metrics = Arc::clone(app.metrics());
     let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
     let mut registry = corepin::metrics::registry_for(&server);
     corepin_files::metrics::FilesCollector::new(files_metrics).register(&mut registry);
+    corepin_h3::metrics::H3Collector::new(quic_metrics).register(&mut registry);
     let metrics = serve_metrics(metrics_addr, registry, &mut extra)?;
     print_banner("h3", addr, &p, &server, &extra);
     let result = server.wait_with(signals);

@@ -121,6 +121,10 @@ fn h3_banner_names_the_endpoint_and_fingerprint_and_serves_the_demo_site() {
         let b = &server.banner;
         assert!(b.contains(&format!("h3: one QUIC endpoint per core on udp {}", server.addr)), "{b}");
         assert!(b.lines().any(|l| l.starts_with("h3: UDP offloads: GSO ")), "{b}");
+        assert!(
+            b.contains("h3: connection steering: connection IDs name their core; a classic BPF program"),
+            "{kind}: the steering program is attached: {b}"
+        );
         let (pem, fp) = self_signed(b);
         assert_eq!(fp, file_fingerprint(Path::new(&pem)), "{kind}: the printed fingerprint is the certificate's");
         if with_client {

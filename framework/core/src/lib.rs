@@ -33,7 +33,7 @@ pub use caps::Capabilities;
 pub use copy::{copy, copy_bidirectional};
 pub use io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
 pub use launcher::{App, AppError, LaunchConfig, LaunchError, Server, ShutdownHandle, Signals};
-pub use mesh::submit_to;
+pub use mesh::{post_to, submit_to};
 pub use pool::PooledBuf;
 pub use runtime::{EngineSettings, FdWatch, File, RingFlags, Runtime, TcpListener, TcpStream, UdpSocket};
 pub use service::{Acceptor, ConnStream, Connection, Plain, ReadHalf, Service, ServiceFactory, Stream, WriteHalf};

@@ -338,6 +338,20 @@ where
 }
 
 /// Runs the closure `f` on worker `target` right in its inbox loop, with no task and no
+/// reply: fire and forget, for hand-offs the sender need not wait for (a datagram passed to the
+/// core that owns its connection, say). Nothing is awaited, so it can be called from a `poll`
+/// function. `Err` when `target` does not exist or has stopped (then `f` is dropped unrun), or
+/// when not called on a worker. A panic in `f` takes `target`'s worker down, as in
+/// [`submit_to`].
+pub fn post_to<F>(target: usize, f: F) -> Result<(), MeshError>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let worker = Worker::current().ok_or(MeshError::NotAWorker)?;
+    worker.mesh().post(target, Message::Job(Box::new(move |_: &Spawner<'_>| f())))
+}
+
+/// Runs the closure `f` on worker `target` right in its inbox loop, with no task and no
 /// scheduler round, and awaits its result here: the path of
 /// [`Sharded::invoke_on`](crate::sharded::Sharded::invoke_on), whose closures do not await.
 pub(crate) async fn run_on<F, T>(target: usize, f: F) -> Result<T, MeshError>

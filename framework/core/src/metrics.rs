@@ -98,6 +98,28 @@ pub fn per_core_counter(
     Ok(())
 }
 
+/// Emits the gauge family `name` with one sample per core (label `core`), then
+/// `{name}_all_cores` with the sum over cores. `value(core)` is core `core`'s value.
+pub fn per_core_gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    cores: usize,
+    value: impl Fn(usize) -> i64,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    let mut total = 0i64;
+    for c in 0..cores {
+        let v = value(c);
+        total += v;
+        ConstGauge::new(v).encode(m.encode_family(&[("core", c.to_string().as_str())])?)?;
+    }
+    let all = format!("{name}_all_cores");
+    let m =
+        enc.encode_descriptor(&all, &format!("{help} (sum over cores)"), None, ConstGauge::new(0i64).metric_type())?;
+    ConstGauge::new(total).encode(m)
+}
+
 /// Exports the framework's per-core connection counters ([`Counters`]): connections accepted
 /// and open, bytes received and sent, per core and summed over cores.
 #[derive(Debug)]
@@ -119,25 +141,9 @@ impl Collector for ConnectionCollector {
         per_core_counter(&mut enc, "corepin_connections_accepted", "Connections accepted", None, n, |c, _| {
             CoreCounters::get(&conns.core(c).connections_accepted)
         })?;
-        let mut m = enc.encode_descriptor(
-            "corepin_connections_active",
-            "Connections open now",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        let mut total = 0i64;
-        for c in 0..n {
-            let v = CoreCounters::get(&conns.core(c).connections_active) as i64;
-            total += v;
-            ConstGauge::new(v).encode(m.encode_family(&[("core", c.to_string().as_str())])?)?;
-        }
-        let m = enc.encode_descriptor(
-            "corepin_connections_active_all_cores",
-            "Connections open now (sum over cores)",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        ConstGauge::new(total).encode(m)?;
+        per_core_gauge(&mut enc, "corepin_connections_active", "Connections open now", n, |c| {
+            CoreCounters::get(&conns.core(c).connections_active) as i64
+        })?;
         per_core_counter(&mut enc, "corepin_received_bytes", "Bytes read from connections", None, n, |c, _| {
             CoreCounters::get(&conns.core(c).bytes_in)
         })?;

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::mesh::{run_on, submit_to, MeshError};
+use crate::mesh::{post_to, run_on, submit_to, MeshError};
 use crate::worker::Worker;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -73,6 +73,20 @@ impl<T: 'static> Sharded<T> {
             f(&value)
         })
         .await
+    }
+
+    /// Runs `f` with the value of worker `worker`, on that worker, without waiting for it and
+    /// without a result (fire and forget, through [`post_to`]); callable from a `poll`
+    /// function. `Err` when the worker does not exist or has stopped, or off a worker.
+    pub fn post_on<F>(&self, worker: usize, f: F) -> Result<(), MeshError>
+    where
+        F: FnOnce(&T) + Send + 'static,
+    {
+        let this = self.clone();
+        post_to(worker, move || {
+            let value = this.local().expect("post_on runs on a worker");
+            f(&value)
+        })
     }
 
     /// Like [`invoke_on`](Self::invoke_on), for work that awaits on the owning core (I/O,

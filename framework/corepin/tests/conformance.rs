@@ -1253,12 +1253,14 @@ pub fn a_panicking_connection_closes_only_itself<R: Runtime>() {
 }
 
 /// Per-core state: each worker's value is built once, on that worker, and `invoke_on` runs a
-/// closure with the owner's value on the owner, from any core (itself included).
+/// closure with the owner's value on the owner, from any core (itself included); `post_on`
+/// does the same without waiting (fire and forget), and every posted closure runs.
 pub fn sharded_state_lives_on_its_core_and_is_reached_by_invoke_on<R: Runtime>() {
     use std::cell::Cell;
     struct Shard {
         built_on: usize,
         hits: Cell<u64>,
+        posted: Cell<u64>,
     }
     struct ShardedApp {
         shards: corepin::Sharded<Shard>,
@@ -1270,9 +1272,13 @@ pub fn sharded_state_lives_on_its_core_and_is_reached_by_invoke_on<R: Runtime>()
         async fn run<R2: Runtime>(&self, worker: Worker) -> Result<(), AppError> {
             let me = worker.info().index;
             let workers = worker.info().workers;
-            // Every worker bumps every shard (its own included) 10 times through invoke_on.
+            // Every worker bumps every shard (its own included) 10 times through invoke_on,
+            // and 10 times through post_on.
             for _ in 0..10 {
                 for w in 0..workers {
+                    self.shards
+                        .post_on(w, |s| s.posted.set(s.posted.get() + 1))
+                        .map_err(|e| AppError::msg(e.to_string()))?;
                     self.shards
                         .invoke_on(w, |s| s.hits.set(s.hits.get() + 1))
                         .await
@@ -1281,9 +1287,12 @@ pub fn sharded_state_lives_on_its_core_and_is_reached_by_invoke_on<R: Runtime>()
             }
             // Wait until every worker has done its part, then read every shard.
             loop {
-                let all: Vec<u64> =
-                    self.shards.map_all(|s| s.hits.get()).await.map_err(|e| AppError::msg(e.to_string()))?;
-                if all.iter().all(|&h| h == 10 * workers as u64) {
+                let all: Vec<(u64, u64)> = self
+                    .shards
+                    .map_all(|s| (s.hits.get(), s.posted.get()))
+                    .await
+                    .map_err(|e| AppError::msg(e.to_string()))?;
+                if all.iter().all(|&(h, p)| h == 10 * workers as u64 && p == 10 * workers as u64) {
                     break;
                 }
                 R2::sleep(Duration::from_millis(5)).await;
@@ -1323,7 +1332,7 @@ pub fn sharded_state_lives_on_its_core_and_is_reached_by_invoke_on<R: Runtime>()
         shards: corepin::Sharded::new(move |w: &Worker| {
             b2.fetch_add(1, Ordering::SeqCst);
             assert_eq!(current_cpu(), w.info().cpu, "built on the worker's own core");
-            Shard { built_on: current_cpu(), hits: Cell::new(0) }
+            Shard { built_on: current_cpu(), hits: Cell::new(0), posted: Cell::new(0) }
         }),
         builds,
         finished: AtomicUsize::new(0),

@@ -76,7 +76,16 @@ pub(crate) async fn serve_connection<R: Runtime>(
     incoming: quinn::Incoming,
     shared: Rc<CoreShared>,
 ) -> Result<(), H3Error> {
-    let quic = incoming.await?;
+    let counters = shared.metrics.core(shared.worker.info().index);
+    let quic = match incoming.await {
+        Ok(q) => q,
+        Err(e) => {
+            CoreCounters::add(&counters.handshakes_failed, 1);
+            return Err(e.into());
+        }
+    };
+    CoreCounters::add(&counters.handshakes, 1);
+    let first_peer = quic.remote_address();
     let mut conn = h3::server::builder()
         .max_field_section_size(shared.cfg.max_field_section_size)
         .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
@@ -130,6 +139,9 @@ pub(crate) async fn serve_connection<R: Runtime>(
             Err(e) => break Err(e.into()),
         }
     };
+    if quic.remote_address() != first_peer {
+        CoreCounters::add(&counters.migrated, 1);
+    }
     quic.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"");
     result
 }

@@ -10,18 +10,19 @@
 //! and pumps the body ([`front`]).
 //!
 //! All cores share one stateless-reset key and one address-validation token key, so a
-//! reset or token made on one core verifies on any other. Connection IDs are quinn's random
-//! ones for now: a packet reaches the core the kernel's reuseport hash picks, which is the
-//! connection's core until the client's address changes (docs/http3.md has what is left:
-//! a core-naming `ConnectionIdGenerator` goes in [`H3Server::endpoint_config`], steering by
-//! `SO_ATTACH_REUSEPORT_CBPF`, and cross-core forwarding).
+//! reset or token made on one core verifies on any other. Server connection IDs name their
+//! core, and a classic BPF program on the reuseport group plus cross-core forwarding deliver
+//! every datagram to the core that owns its connection, whatever the client's address
+//! ([`steer`]).
 //!
 //! [`Plan`]: corepin_files::resource::Plan
 
 #![warn(missing_docs)]
 
 pub mod front;
+pub mod metrics;
 pub mod quic_rt;
+pub mod steer;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -33,12 +34,14 @@ use corepin_core::launcher::{App, AppError};
 use corepin_core::task::{catch_panic, race, spawn, timeout, Either, LocalEvent};
 use corepin_core::tcp::ListenError;
 use corepin_core::worker::CoreCounters;
-use corepin_core::{Runtime, Worker};
+use corepin_core::{Runtime, Sharded, Worker};
 use corepin_files::{Files, FilesFactory};
 use corepin_tls::CertStore;
 use quinn::crypto::rustls::QuicServerConfig;
 
-use crate::quic_rt::{CoreRuntime, CoreUdpSocket};
+use crate::metrics::H3Metrics;
+use crate::quic_rt::{CoreRuntime, CoreUdpSocket, ForwardInbox, Forwarding};
+pub use crate::steer::{Steering, SteeringReport};
 
 /// The ALPN protocol id of HTTP/3.
 pub const ALPN_H3: &[u8] = b"h3";
@@ -67,6 +70,8 @@ pub struct H3Config {
     pub drain_timeout: Duration,
     /// `SO_RCVBUF`/`SO_SNDBUF` of each core's socket (best effort).
     pub socket_buffer: Option<usize>,
+    /// How datagrams reach the core that owns their connection.
+    pub steering: Steering,
 }
 
 impl Default for H3Config {
@@ -80,6 +85,7 @@ impl Default for H3Config {
             max_field_section_size: 16 * 1024,
             drain_timeout: Duration::from_secs(10),
             socket_buffer: Some(4 << 20),
+            steering: Steering::default(),
         }
     }
 }
@@ -126,6 +132,10 @@ pub struct H3Server {
     endpoint_config: quinn::EndpointConfig,
     server_config: quinn::ServerConfig,
     cfg: H3Config,
+    workers: usize,
+    steering: SteeringReport,
+    inboxes: Sharded<ForwardInbox>,
+    metrics: Arc<H3Metrics>,
 }
 
 impl H3Server {
@@ -147,6 +157,16 @@ impl H3Server {
         let probe =
             quinn::udp::UdpSocketState::new((&sockets[0]).into()).map_err(|source| ListenError::Io { addr, source })?;
         let offloads = UdpOffloads { gso_segments: probe.max_gso_segments(), gro_segments: probe.gro_segments() };
+        let steering = match cfg.steering {
+            _ if workers <= 1 => SteeringReport::OneCore,
+            Steering::Hash => SteeringReport::Hash,
+            _ if workers > steer::MAX_CORES => SteeringReport::Hash,
+            Steering::Forward => SteeringReport::Forward(None),
+            Steering::Bpf => match steer::attach_cbpf(&sockets[0], workers) {
+                Ok(()) => SteeringReport::Bpf,
+                Err(e) => SteeringReport::Forward(Some(e.to_string())),
+            },
+        };
         Ok(Self {
             sockets: Mutex::new(sockets.into_iter().map(Some).collect()),
             local_addr,
@@ -155,14 +175,16 @@ impl H3Server {
             endpoint_config,
             server_config,
             cfg,
+            workers,
+            steering,
+            inboxes: Sharded::new(|_| ForwardInbox::default()),
+            metrics: H3Metrics::new(workers.max(1)),
         })
     }
 
     /// The endpoint configuration every core shares: one stateless-reset key, so a reset
     /// made on any core for a connection is recognised whichever core the client's next
-    /// packet reaches. This is where a `ConnectionIdGenerator` that writes the owning core
-    /// into each server connection ID goes (`EndpointConfig::cid_generator`, made per core
-    /// with the core's index) when connection IDs start to steer packets (docs/http3.md).
+    /// packet reaches. Each core adds its own connection-ID generator ([`steer::CoreCids`]).
     fn endpoint_config() -> Result<quinn::EndpointConfig, SetupError> {
         let mut seed = [0u8; 64];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
@@ -186,6 +208,20 @@ impl H3Server {
     /// The file service's counters, for the metrics endpoint.
     pub fn files(&self) -> &FilesFactory {
         &self.files
+    }
+
+    /// The QUIC counters of every core, for the metrics endpoint.
+    pub fn metrics(&self) -> &Arc<H3Metrics> {
+        &self.metrics
+    }
+
+    /// How datagrams reach their connection's core (for the banner).
+    pub fn steering(&self) -> &SteeringReport {
+        &self.steering
+    }
+
+    fn steers(&self) -> bool {
+        matches!(self.steering, SteeringReport::Bpf | SteeringReport::Forward(_))
     }
 }
 
@@ -264,6 +300,7 @@ struct CoreShared {
     files: Files,
     cfg: H3Config,
     worker: Worker,
+    metrics: Arc<H3Metrics>,
 }
 
 impl App for H3Server {
@@ -276,17 +313,34 @@ impl App for H3Server {
             .get_mut(index)
             .and_then(Option::take)
             .ok_or_else(|| AppError::msg(format!("no UDP socket prepared for worker {index}")))?;
-        let socket = CoreUdpSocket::<R>::adopt(socket)
+        let mut socket = CoreUdpSocket::<R>::adopt(socket)
             .map_err(|e| AppError::msg(format!("adopting the UDP socket on core {}: {e}", worker.info().cpu)))?;
+        let mut endpoint_config = self.endpoint_config.clone();
+        if self.steers() {
+            let workers = self.workers;
+            endpoint_config.cid_generator(move || Box::new(steer::CoreCids::new(index, workers)));
+            socket = socket
+                .with_forwarding(Forwarding {
+                    core: index,
+                    cores: workers,
+                    inboxes: self.inboxes.clone(),
+                    metrics: Arc::clone(&self.metrics),
+                })
+                .map_err(|e| AppError::msg(e.to_string()))?;
+        }
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            self.endpoint_config.clone(),
+            endpoint_config,
             Some(self.server_config.clone()),
             Arc::new(socket),
             Arc::new(CoreRuntime::<R>::here()),
         )
         .map_err(|e| AppError::msg(format!("starting the QUIC endpoint on core {}: {e}", worker.info().cpu)))?;
-        let shared =
-            Rc::new(CoreShared { files: self.files.files_for(&worker), cfg: self.cfg.clone(), worker: worker.clone() });
+        let shared = Rc::new(CoreShared {
+            files: self.files.files_for(&worker),
+            cfg: self.cfg.clone(),
+            worker: worker.clone(),
+            metrics: Arc::clone(&self.metrics),
+        });
         let connections = Rc::new(Tracker::default());
 
         accept_loop::<R>(&endpoint, &shared, &connections).await;
@@ -319,11 +373,14 @@ async fn accept_loop<R: Runtime>(endpoint: &quinn::Endpoint, shared: &Rc<CoreSha
         };
         if connections.open() >= shared.cfg.max_connections_per_core {
             tracing::debug!(peer = %incoming.remote_address(), "refusing connection: per-core limit reached");
+            CoreCounters::add(&shared.metrics.core(worker.info().index).refused, 1);
             incoming.refuse();
             continue;
         }
         let guard = connections.enter();
         let shared = Rc::clone(shared);
+        let open = &shared.metrics.core(worker.info().index).open;
+        CoreCounters::add(open, 1);
         drop(spawn::<R, _>(async move {
             let peer = incoming.remote_address();
             let counters = shared.worker.clone();
@@ -343,6 +400,11 @@ async fn accept_loop<R: Runtime>(endpoint: &quinn::Endpoint, shared: &Rc<CoreSha
                     );
                 }
             }
+            let open = &shared.metrics.core(shared.worker.info().index).open;
+            open.store(
+                open.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(1),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             drop(guard);
         }));
     }

@@ -5,6 +5,10 @@
 //! recvmmsg with GRO, ECN, the destination address) and `UdpSocket::readable`/`writable`
 //! saying when to try again.
 //!
+//! The socket also does the forwarding half of connection steering (`crate::steer`): a
+//! received datagram whose connection ID names another core is handed to that core before this
+//! core's endpoint sees it, and datagrams handed here by other cores are received first.
+//!
 //! Owns: the adapter types only. Must not touch: quinn's state, or anything of another core.
 //!
 //! # Why the `Send` wrappers are sound here
@@ -21,6 +25,8 @@
 //! on a foreign executor. quinn's own locks (`Arc<Mutex<_>>` inside the endpoint and each
 //! connection) are then only ever taken by one thread, uncontended.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
@@ -35,10 +41,14 @@ use std::thread::ThreadId;
 use std::time::Instant;
 
 use corepin_core::runtime::UdpSocket as _;
-use corepin_core::Runtime;
+use corepin_core::worker::CoreCounters;
+use corepin_core::{Runtime, Sharded};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncTimer, AsyncUdpSocket, UdpPoller};
 use send_wrapper::SendWrapper;
+
+use crate::metrics::H3Metrics;
+use crate::steer;
 
 type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -189,10 +199,115 @@ struct UdpIo<R: Runtime> {
     write_waiters: Arc<WakeAll>,
 }
 
+/// A datagram passed from the core it reached to the core that owns its connection, with what
+/// the kernel said about it (source and destination address, ECN).
+struct Forwarded {
+    meta: RecvMeta,
+    data: Vec<u8>,
+}
+
+/// One core's queue of datagrams forwarded to it, and the endpoint waiting for them.
+#[derive(Default)]
+pub struct ForwardInbox {
+    queue: RefCell<VecDeque<Forwarded>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ForwardInbox {
+    fn push(&self, datagram: Forwarded) {
+        self.queue.borrow_mut().push_back(datagram);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// The forwarding of one core: which core it is, every core's inbox, the counters.
+pub struct Forwarding {
+    /// This core's index.
+    pub core: usize,
+    /// The number of cores (the modulus of the connection IDs' routing byte).
+    pub cores: usize,
+    /// Every core's inbox.
+    pub inboxes: Sharded<ForwardInbox>,
+    /// Where forwarded datagrams are counted.
+    pub metrics: Arc<H3Metrics>,
+}
+
+/// [`Forwarding`] on its core, with the core's own inbox at hand.
+struct LocalForwarding {
+    cfg: Forwarding,
+    inbox: Rc<ForwardInbox>,
+}
+
+impl LocalForwarding {
+    /// Moves datagrams forwarded to this core into quinn's buffers; how many.
+    fn take_in(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut queue = self.inbox.queue.borrow_mut();
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some(d) = queue.pop_front() else { break };
+            if d.data.len() > bufs[n].len() {
+                continue; // cannot happen with quinn's buffers (64 KiB each); dropped if it did
+            }
+            bufs[n][..d.data.len()].copy_from_slice(&d.data);
+            meta[n] = RecvMeta { len: d.data.len(), stride: d.data.len(), ..d.meta };
+            n += 1;
+        }
+        if n > 0 {
+            CoreCounters::add(&self.cfg.metrics.core(self.cfg.core).forwarded_in, n as u64);
+        }
+        n
+    }
+
+    /// Hands every received datagram whose connection ID names another core to that core, and
+    /// takes it out of what this core's endpoint will see (a GRO batch is split by segment).
+    fn send_out(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) {
+        let (core, cores) = (self.cfg.core, self.cfg.cores);
+        for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()).take(n) {
+            let stride = m.stride.max(1);
+            // The common case: nothing in this batch belongs elsewhere.
+            if buf[..m.len].chunks(stride).all(|seg| steer::owner(seg, cores).is_none_or(|o| o == core)) {
+                continue;
+            }
+            let mut kept = 0;
+            let mut at = 0;
+            while at < m.len {
+                let end = (at + stride).min(m.len);
+                match steer::owner(&buf[at..end], cores) {
+                    Some(owner) if owner != core => {
+                        let d = Forwarded { meta: *m, data: buf[at..end].to_vec() };
+                        let sent = self.cfg.inboxes.post_on(owner, move |inbox| inbox.push(d)).is_ok();
+                        if sent {
+                            CoreCounters::add(&self.cfg.metrics.core(core).forwarded_out, 1);
+                        }
+                    }
+                    _ => {
+                        buf.copy_within(at..end, kept);
+                        kept += end - at;
+                    }
+                }
+                at = end;
+            }
+            // quinn skips a zero-length entry.
+            m.len = kept;
+        }
+    }
+
+    fn park(&self, waker: &Waker) {
+        let mut slot = self.inbox.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+}
+
 /// quinn's UDP socket on a core: the engine's `R::UdpSocket` for readiness, quinn-udp's
 /// `UdpSocketState` for the syscalls on its descriptor.
 pub struct CoreUdpSocket<R: Runtime> {
     io: SendWrapper<Rc<UdpIo<R>>>,
+    /// Forwarding to and from the other cores (`None`: one core, or steering by hash only).
+    forward: Option<SendWrapper<LocalForwarding>>,
     state: UdpSocketState,
     /// The descriptor, owned by `io.socket`, which lives as long as this value.
     fd: RawFd,
@@ -214,7 +329,16 @@ impl<R: Runtime> CoreUdpSocket<R> {
             writable: Default::default(),
             write_waiters: Arc::default(),
         };
-        Ok(Self { io: SendWrapper::new(Rc::new(io)), state, fd, local })
+        Ok(Self { io: SendWrapper::new(Rc::new(io)), forward: None, state, fd, local })
+    }
+
+    /// Forwards datagrams of other cores' connections to them, and receives theirs. Called on
+    /// the socket's own worker.
+    pub fn with_forwarding(mut self, cfg: Forwarding) -> io::Result<Self> {
+        let inbox =
+            cfg.inboxes.local().ok_or_else(|| io::Error::other("forwarding is set up on a corepin worker thread"))?;
+        self.forward = Some(SendWrapper::new(LocalForwarding { cfg, inbox }));
+        Ok(self)
     }
 
     fn borrowed(&self) -> BorrowedFd<'_> {
@@ -248,12 +372,27 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let io = &**self.io;
+        let forward = self.forward.as_deref();
+        if let Some(f) = forward {
+            let n = f.take_in(bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
         loop {
             match self.state.recv((&self.borrowed()).into(), bufs, meta) {
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    if let Some(f) = forward {
+                        f.send_out(bufs, meta, n);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Poll::Ready(Err(e)),
+            }
+            if let Some(f) = forward {
+                f.park(cx.waker());
             }
             let mut slot = io.readable.borrow_mut();
             let wait = slot.get_or_insert_with(|| {
