@@ -6,7 +6,8 @@
 # clang (the build compiles the XDP program in services/xdp for the BPF target), iproute2 (the
 # XDP tests make their own network namespaces and veth pairs), python3 with pip, and Python's
 # aioquic (PyPI), the independent HTTP/3 client of the h3 tests. `scripts/setup.sh --test` also
-# installs Chromium (the browser test: HTTPS, Alt-Svc, then HTTP/3), `--bench` the peers the
+# installs Chromium (the browser test: HTTPS, Alt-Svc, then HTTP/3) and ngtcp2's client (a second
+# independent HTTP/3 client, which also changes its address mid-transfer), `--bench` the peers the
 # benchmarks measure against (nginx, wrk, redis-server). Idempotent: does nothing when
 # everything is already there.
 set -euo pipefail
@@ -15,7 +16,7 @@ pkgs=(libhwloc-dev pkg-config build-essential curl openssl redis-tools clang lin
 python3 -m pip --version >/dev/null 2>&1 || pkgs+=(python3 python3-pip)
 for arg in "$@"; do
   case "$arg" in
-    --test) pkgs+=(chromium) ;;
+    --test) pkgs+=(chromium ngtcp2-client) ;;
     --bench) pkgs+=(nginx wrk redis-server) ;;
     *) echo "usage: scripts/setup.sh [--test] [--bench]" >&2; exit 2 ;;
   esac

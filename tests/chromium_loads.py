@@ -6,13 +6,15 @@ on fd 3, events on fd 4, NUL-separated JSON), so nothing beyond the standard lib
 `chromium` binary is needed. The browser cache is off, so every load reaches the server.
 
 For each load one line of JSON: the load's number, the protocol Chromium reports for the
-document (`http/1.1`, `h3`, ...), its status, its `Alt-Svc` field and the page's title.
+document (`http/1.1`, `h3`, ...), its status, its `Alt-Svc` field, the page's title and, for
+each subresource (style sheet, image, ...), its path, status and protocol.
 
 The certificate is accepted by its SPKI fingerprint (`--ignore-certificate-errors-spki-list`).
 Chromium also refuses QUIC to a certificate that no public root issued unless the host is
 one it was told to allow; `--origin-to-force-quic-on` on a port nothing listens on (`HOST:9`)
 puts the host on that list without forcing QUIC on the origin under test, so HTTP/3 still
-has to be found through `Alt-Svc` (docs/http3.md).
+has to be found through `Alt-Svc` (docs/http3.md). With `--force-quic` the origin under test
+itself is forced onto QUIC (for a server that speaks only HTTP/3).
 """
 
 import argparse
@@ -29,7 +31,9 @@ from urllib.parse import urlsplit
 
 class Browser:
     def __init__(self, args, profile):
-        host = urlsplit(args.url).hostname
+        url = urlsplit(args.url)
+        host = url.hostname
+        forced = f"{host}:{url.port}" if args.force_quic else f"{host}:9"
         cmd_r, self.cmd_w = os.pipe()
         self.evt_r, evt_w = os.pipe()
 
@@ -50,7 +54,7 @@ class Browser:
                 f"--user-data-dir={profile}",
                 f"--ignore-certificate-errors-spki-list={args.spki}",
                 "--enable-quic",
-                f"--origin-to-force-quic-on={host}:9",
+                f"--origin-to-force-quic-on={forced}",
             ]
             + ([f"--log-net-log={args.netlog}"] if args.netlog else [])
             + ["about:blank"],
@@ -119,6 +123,7 @@ def main():
     p.add_argument("--pause", type=float, default=0.5, help="seconds between loads")
     p.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     p.add_argument("--netlog", help="also write Chromium's net log here")
+    p.add_argument("--force-quic", action="store_true", help="force QUIC on the origin under test")
     args = p.parse_args()
 
     profile = tempfile.mkdtemp(prefix="corepin-chromium-")
@@ -149,6 +154,16 @@ def main():
             if doc is None:
                 raise SystemExit(f"load {load}: no document response was reported")
             title = browser.call("Runtime.evaluate", {"expression": "document.title"}, session)
+            assets = sorted(
+                {
+                    (urlsplit(r["url"]).path, r.get("status"), r.get("protocol"))
+                    for r in (
+                        e["params"]["response"]
+                        for e in browser.events
+                        if e.get("method") == "Network.responseReceived" and e["params"].get("type") != "Document"
+                    )
+                }
+            )
             headers = {k.lower(): v for k, v in doc.get("headers", {}).items()}
             print(
                 json.dumps(
@@ -158,6 +173,7 @@ def main():
                         "status": doc.get("status"),
                         "alt_svc": headers.get("alt-svc"),
                         "title": title.get("result", {}).get("value"),
+                        "assets": [{"path": a[0], "status": a[1], "protocol": a[2]} for a in assets],
                     }
                 ),
                 flush=True,
