@@ -226,6 +226,16 @@ struct H3Args {
     /// alone: connections break when a client's address changes; for comparison).
     #[arg(long, default_value = "bpf")]
     steering: String,
+    /// Accept 0-RTT (early data) from resuming clients: GET and HEAD in it are served, other
+    /// methods get 425 Too Early. Off by default.
+    #[arg(long = "0rtt")]
+    zero_rtt: bool,
+    /// Send every new connection attempt a Retry (address validation) before its handshake.
+    #[arg(long)]
+    retry: bool,
+    /// Otherwise, send a Retry to attempts beyond this many per second on a core.
+    #[arg(long, default_value_t = corepin_h3::DEFAULT_RETRY_ABOVE)]
+    retry_above: u32,
 }
 
 struct Prepared {
@@ -755,8 +765,11 @@ fn run_h3(args: H3Args) -> Result<()> {
         "hash" => corepin_h3::Steering::Hash,
         other => anyhow::bail!("--steering {other:?} is not one of: bpf, forward, hash"),
     };
+    let retry = if args.retry { corepin_h3::Retry::Always } else { corepin_h3::Retry::AboveRate(args.retry_above) };
     let h3 = corepin_h3::H3Config {
         steering,
+        zero_rtt: args.zero_rtt,
+        retry,
         max_concurrent_streams: args.max_streams.max(1),
         max_connections_per_core: args.max_connections_per_core.max(1),
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
@@ -767,6 +780,18 @@ fn run_h3(args: H3Args) -> Result<()> {
     let addr = app.local_addr();
     extra.insert(0, format!("root: {} (confined with {:?})", served.display(), confinement));
     extra.extend(h3_banner_lines(&app));
+    extra.push(if args.zero_rtt {
+        "h3: 0-RTT on: GET and HEAD in early data are served, other methods get 425 Too Early; tickets are single use"
+            .into()
+    } else {
+        "h3: 0-RTT off (--0rtt turns it on)".into()
+    });
+    extra.push(match retry {
+        corepin_h3::Retry::Always => "h3: Retry: every new connection proves its address first (--retry)".to_string(),
+        corepin_h3::Retry::AboveRate(n) => {
+            format!("h3: Retry: for attempts beyond {n} a second on a core (--retry-above; --retry for all)")
+        }
+    });
     let signals = signals.on_hangup(move || reload_certificate(&certs))?;
     let quic_metrics = Arc::clone(app.metrics());
     let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;

@@ -464,6 +464,7 @@ statuses! {
     413 "Content Too Large",
     414 "URI Too Long",
     416 "Range Not Satisfiable",
+    425 "Too Early",
     431 "Request Header Fields Too Large",
     500 "Internal Server Error",
     501 "Not Implemented",

@@ -11,6 +11,7 @@
 //! Must not touch: the file system, validators, ranges, content types or the cache's contents
 //! (all in `corepin_files::resource`); sockets and QUIC (quinn, through `quic_rt`).
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
@@ -77,33 +78,72 @@ pub(crate) async fn serve_connection<R: Runtime>(
     shared: Rc<CoreShared>,
 ) -> Result<(), H3Error> {
     let counters = shared.metrics.core(shared.worker.info().index);
-    let quic = match incoming.await {
-        Ok(q) => q,
-        Err(e) => {
-            CoreCounters::add(&counters.handshakes_failed, 1);
-            return Err(e.into());
+    // Whether the handshake is complete. With 0-RTT the connection is served from the client's
+    // first flight on, and a request that arrives before completion is early data.
+    let confirmed = Cell::new(false);
+    // With 0-RTT: resolves when the handshake completes or the connection fails first (to
+    // false on a server, either way: quinn-proto records 0-RTT acceptance on clients only).
+    // quinn's connection driver handles the client's Finished before any 1-RTT packet after it,
+    // so a look at it when a request arrives tells early data from the rest.
+    let mut done: Option<quinn::ZeroRttAccepted> = None;
+    let quic = if shared.cfg.zero_rtt {
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                CoreCounters::add(&counters.handshakes_failed, 1);
+                return Err(e.into());
+            }
+        };
+        match connecting.into_0rtt() {
+            Ok((quic, accepted)) => {
+                done = Some(accepted);
+                quic
+            }
+            // A server's 0.5-RTT conversion always succeeds; should it not, wait as without 0-RTT.
+            Err(connecting) => handshake(connecting.await, &confirmed, counters)?,
         }
+    } else {
+        handshake(incoming.await, &confirmed, counters)?
     };
-    CoreCounters::add(&counters.handshakes, 1);
+
     let first_peer = quic.remote_address();
     let mut conn = h3::server::builder()
         .max_field_section_size(shared.cfg.max_field_section_size)
         .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
         .await?;
+    let early_counted = Cell::new(false);
     let requests = Rc::new(Tracker::default());
     let worker = shared.worker.clone();
     let mut goaway_sent = false;
     let result = loop {
+        // The next request, or (with 0-RTT) the end of the handshake, recorded as it happens.
+        let accept = async {
+            match race(conn.accept(), handshake_end(&mut done)).await {
+                Either::Left(r) => Some(r),
+                Either::Right(zero_rtt) => {
+                    record(zero_rtt, &quic, &confirmed, counters);
+                    None
+                }
+            }
+        };
         let next = if goaway_sent {
             // After GOAWAY, h3 refuses streams beyond it by itself; the connection ends
             // when its last request is done (or the client closes first).
-            match race(conn.accept(), requests.idle()).await {
-                Either::Left(r) => r,
+            match race(accept, requests.idle()).await {
+                Either::Left(Some(r)) => r,
+                Either::Left(None) => {
+                    done = None;
+                    continue;
+                }
                 Either::Right(()) => break Ok(()),
             }
         } else {
-            match race(conn.accept(), worker.draining()).await {
-                Either::Left(r) => r,
+            match race(accept, worker.draining()).await {
+                Either::Left(Some(r)) => r,
+                Either::Left(None) => {
+                    done = None;
+                    continue;
+                }
                 Either::Right(()) => {
                     goaway_sent = true;
                     // Requests already accepted finish; the next stream id is the first refused.
@@ -118,9 +158,15 @@ pub(crate) async fn serve_connection<R: Runtime>(
             Ok(Some(resolver)) => {
                 let guard = requests.enter();
                 let shared = Rc::clone(&shared);
+                settle(&mut done, &quic, &confirmed, counters);
+                let early = !confirmed.get();
+                // A request before the handshake's end came in 0-RTT data: it was accepted.
+                if early && !early_counted.replace(true) {
+                    CoreCounters::add(&counters.zero_rtt_accepted, 1);
+                }
                 drop(spawn::<R, _>(async move {
                     let counters = shared.worker.clone();
-                    match catch_panic(serve_request::<R>(resolver, &shared)).await {
+                    match catch_panic(serve_request::<R>(resolver, &shared, early)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!("HTTP/3 request ended early: {e}"),
                         Err(message) => {
@@ -142,14 +188,85 @@ pub(crate) async fn serve_connection<R: Runtime>(
     if quic.remote_address() != first_peer {
         CoreCounters::add(&counters.migrated, 1);
     }
+    let stats = quic.stats();
+    CoreCounters::add(&counters.packets_sent, stats.path.sent_packets);
+    CoreCounters::add(&counters.packets_lost, stats.path.lost_packets);
+    settle(&mut done, &quic, &confirmed, counters);
+    if done.is_some() {
+        // Ended before its handshake did.
+        CoreCounters::add(&counters.handshakes_failed, 1);
+    }
     quic.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"");
     result
 }
 
-/// Reads one request's header section and answers it.
+/// Looks, without waiting, whether a 0-RTT connection's handshake has ended; when it has,
+/// records it and forgets the future.
+fn settle(
+    done: &mut Option<quinn::ZeroRttAccepted>,
+    quic: &quinn::Connection,
+    confirmed: &Cell<bool>,
+    counters: &crate::metrics::CoreH3Counters,
+) {
+    let Some(fut) = done.as_mut() else { return };
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if let std::task::Poll::Ready(zero_rtt) = std::future::Future::poll(std::pin::Pin::new(fut), &mut cx) {
+        *done = None;
+        record(zero_rtt, quic, confirmed, counters);
+    }
+}
+
+/// Resolves when a 0-RTT connection's handshake ends (to false on a server); never when there
+/// is nothing to wait for.
+async fn handshake_end(done: &mut Option<quinn::ZeroRttAccepted>) -> bool {
+    match done {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts the end of a 0-RTT connection's handshake and marks the connection confirmed, or
+/// counts a failure when the connection closed first.
+fn record(
+    _accepted: bool,
+    quic: &quinn::Connection,
+    confirmed: &Cell<bool>,
+    counters: &crate::metrics::CoreH3Counters,
+) {
+    if quic.close_reason().is_some() {
+        CoreCounters::add(&counters.handshakes_failed, 1);
+        return;
+    }
+    CoreCounters::add(&counters.handshakes, 1);
+    confirmed.set(true);
+}
+
+/// The end of a handshake: counted, and the connection marked confirmed.
+fn handshake(
+    done: Result<quinn::Connection, quinn::ConnectionError>,
+    confirmed: &Cell<bool>,
+    counters: &crate::metrics::CoreH3Counters,
+) -> Result<quinn::Connection, H3Error> {
+    match done {
+        Ok(q) => {
+            CoreCounters::add(&counters.handshakes, 1);
+            confirmed.set(true);
+            Ok(q)
+        }
+        Err(e) => {
+            CoreCounters::add(&counters.handshakes_failed, 1);
+            Err(e.into())
+        }
+    }
+}
+
+/// Reads one request's header section and answers it. `early`: the request arrived before the
+/// handshake completed (0-RTT data, which an attacker could replay): only GET and HEAD are
+/// served then, anything else is told 425 Too Early (RFC 8470 §5.2) and may retry.
 async fn serve_request<R: Runtime>(
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     shared: &CoreShared,
+    early: bool,
 ) -> Result<(), H3Error> {
     let started = Instant::now();
     let (req, mut stream) = match timeout::<R, _>(shared.cfg.header_timeout, resolver.resolve_request()).await {
@@ -157,7 +274,13 @@ async fn serve_request<R: Runtime>(
         Err(_) => return Err(H3Error::HeaderTimeout),
     };
     let files = &shared.files;
-    let plan = plan(files, &req);
+    let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+    let plan = if early && !safe {
+        CoreCounters::add(&shared.metrics.core(shared.worker.info().index).too_early, 1);
+        Plan::error(425)
+    } else {
+        plan(files, &req)
+    };
     let status = plan.status;
     let counters = files.counters();
     let result = respond::<R>(files, &mut stream, plan, shared.cfg.send_timeout).await;

@@ -49,6 +49,9 @@ pub const ALPN_H3: &[u8] = b"h3";
 /// The HTTP/3 error code for a clean close (`H3_NO_ERROR`).
 const H3_NO_ERROR: u32 = 0x100;
 
+/// Resumable sessions the process remembers (shared by every core).
+const SESSION_CACHE: usize = 16 * 1024;
+
 /// Settings of the HTTP/3 front end (the file server's own settings are in
 /// [`corepin_files::FilesConfig`]).
 #[derive(Debug, Clone)]
@@ -72,7 +75,33 @@ pub struct H3Config {
     pub socket_buffer: Option<usize>,
     /// How datagrams reach the core that owns their connection.
     pub steering: Steering,
+    /// Accept 0-RTT (early data) from resuming clients: GET and HEAD in early data are served,
+    /// other methods get 425 Too Early (RFC 8470). Tickets are single use (one session store
+    /// for the process), so an early request cannot be replayed on another core.
+    pub zero_rtt: bool,
+    /// When a client must prove its address with a Retry round trip before its handshake.
+    pub retry: Retry,
 }
+
+/// When to answer a new connection attempt with a Retry (RFC 9000 §8.1.2), which costs an
+/// honest client one round trip and a spoofed source address everything: the handshake goes on
+/// only from an address that can receive the Retry's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Every attempt from an address not yet validated.
+    Always,
+    /// Only while the core starts more than this many handshakes in the current second.
+    AboveRate(u32),
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry::AboveRate(DEFAULT_RETRY_ABOVE)
+    }
+}
+
+/// Handshakes per second per core beyond which attempts get a Retry, by default.
+pub const DEFAULT_RETRY_ABOVE: u32 = 1000;
 
 impl Default for H3Config {
     fn default() -> Self {
@@ -86,6 +115,8 @@ impl Default for H3Config {
             drain_timeout: Duration::from_secs(10),
             socket_buffer: Some(4 << 20),
             steering: Steering::default(),
+            zero_rtt: false,
+            retry: Retry::default(),
         }
     }
 }
@@ -235,8 +266,13 @@ fn server_config(certs: Arc<CertStore>, cfg: &H3Config) -> Result<quinn::ServerC
         .with_no_client_auth()
         .with_cert_resolver(certs);
     tls.alpn_protocols = vec![ALPN_H3.to_vec()];
-    // 0-RTT is off (issue 9 keeps it behind a flag that is not built yet).
-    tls.max_early_data_size = 0;
+    // Resumption is stateful: one session store for the process (a lock per handshake, not per
+    // packet), so a session resumes on any core and, with 0-RTT, each ticket's early data is
+    // accepted once only (rustls takes the session out of the store), whichever core the
+    // replay reaches. rustls accepts early data only with stateful resumption.
+    tls.session_storage = corepin_tls::rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    // QUIC allows only 0 (off) or the maximum (RFC 9001 §4.6.1).
+    tls.max_early_data_size = if cfg.zero_rtt { u32::MAX } else { 0 };
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| SetupError::Tls(e.to_string()))?;
 
     let mut seed = [0u8; 32];
@@ -363,19 +399,55 @@ impl App for H3Server {
     }
 }
 
+/// Handshakes started by one core in the current one-second window.
+struct HandshakeRate {
+    window: std::time::Instant,
+    started: u32,
+}
+
+impl HandshakeRate {
+    /// Counts one more attempt; whether the core is over `limit` attempts this second.
+    fn over(&mut self, limit: u32) -> bool {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.started = 0;
+        }
+        self.started = self.started.saturating_add(1);
+        self.started > limit
+    }
+}
+
 /// Accepts connections until the worker drains.
 async fn accept_loop<R: Runtime>(endpoint: &quinn::Endpoint, shared: &Rc<CoreShared>, connections: &Rc<Tracker>) {
     let worker = &shared.worker;
+    let mut rate = HandshakeRate { window: std::time::Instant::now(), started: 0 };
     loop {
         let incoming = match race(endpoint.accept(), worker.draining()).await {
             Either::Left(Some(incoming)) => incoming,
             Either::Left(None) | Either::Right(()) => return,
         };
+        let counters = shared.metrics.core(worker.info().index);
         if connections.open() >= shared.cfg.max_connections_per_core {
             tracing::debug!(peer = %incoming.remote_address(), "refusing connection: per-core limit reached");
-            CoreCounters::add(&shared.metrics.core(worker.info().index).refused, 1);
+            CoreCounters::add(&counters.refused, 1);
             incoming.refuse();
             continue;
+        }
+        // Address validation: an attempt that carries no valid token is sent a Retry when the
+        // policy says so (its next Initial carries the token, and is accepted below).
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let retry = match shared.cfg.retry {
+                Retry::Always => true,
+                Retry::AboveRate(limit) => rate.over(limit),
+            };
+            if retry {
+                CoreCounters::add(&counters.retries, 1);
+                if let Err(e) = incoming.retry() {
+                    tracing::debug!("a Retry could not be sent: {e}");
+                }
+                continue;
+            }
         }
         let guard = connections.enter();
         let shared = Rc::clone(shared);

@@ -16,11 +16,21 @@ pub struct CoreH3Counters {
     pub handshakes_failed: AtomicU64,
     /// Connection attempts refused at the per-core connection limit.
     pub refused: AtomicU64,
+    /// Connection attempts answered with a Retry (address validation).
+    pub retries: AtomicU64,
+    /// Connections whose 0-RTT data was accepted (at least one request arrived in it).
+    pub zero_rtt_accepted: AtomicU64,
+    /// Requests answered 425 Too Early (a method other than GET or HEAD in 0-RTT data).
+    pub too_early: AtomicU64,
     /// Connections open now (handshake started, not yet closed).
     pub open: AtomicU64,
     /// Connections that ended on another client address than the one they started on (the
     /// client migrated or its NAT rebound, and the connection went on).
     pub migrated: AtomicU64,
+    /// QUIC packets sent by connections that have ended (quinn's path statistics).
+    pub packets_sent: AtomicU64,
+    /// Of those, packets declared lost.
+    pub packets_lost: AtomicU64,
     /// Datagrams this core received for a connection of another core and handed to it.
     pub forwarded_out: AtomicU64,
     /// Datagrams other cores handed to this core.
@@ -76,6 +86,30 @@ impl Collector for H3Collector {
             n,
             |c, _| get(&m.core(c).refused),
         )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_quic_retries",
+            "QUIC connection attempts answered with a Retry (address validation)",
+            None,
+            n,
+            |c, _| get(&m.core(c).retries),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_quic_zero_rtt_accepted",
+            "QUIC connections whose 0-RTT data was accepted",
+            None,
+            n,
+            |c, _| get(&m.core(c).zero_rtt_accepted),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_quic_too_early",
+            "Requests answered 425 Too Early (not GET or HEAD, in 0-RTT data)",
+            None,
+            n,
+            |c, _| get(&m.core(c).too_early),
+        )?;
         per_core_gauge(&mut enc, "corepin_quic_connections_open", "QUIC connections open now", n, |c| {
             get(&m.core(c).open) as i64
         })?;
@@ -86,6 +120,22 @@ impl Collector for H3Collector {
             None,
             n,
             |c, _| get(&m.core(c).migrated),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_quic_packets_sent",
+            "QUIC packets sent, counted when their connection ends",
+            None,
+            n,
+            |c, _| get(&m.core(c).packets_sent),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_quic_packets_lost",
+            "QUIC packets declared lost, counted when their connection ends",
+            None,
+            n,
+            |c, _| get(&m.core(c).packets_lost),
         )?;
         let dirs = ["out", "in"];
         per_core_counter(

@@ -23,7 +23,7 @@ use corepin::topology::CoreSelection;
 use corepin::{Runtime, Server};
 use corepin_files::{FilesConfig, FilesFactory};
 use corepin_h3::metrics::H3Metrics;
-use corepin_h3::{H3Config, H3Server, Steering, SteeringReport};
+use corepin_h3::{H3Config, H3Server, Retry, Steering, SteeringReport};
 use quinn::crypto::rustls::QuicClientConfig;
 use rand::{RngCore, SeedableRng};
 use rustls_pki_types::pem::PemObject;
@@ -78,14 +78,18 @@ fn serve<R: Runtime>(site: &Site, drain_timeout: Duration) -> Srv {
 }
 
 fn serve_with<R: Runtime>(site: &Site, drain_timeout: Duration, steering: Steering) -> Srv {
-    let launch = LaunchConfig { cores: CoreSelection::Count(2), drain_timeout, ..LaunchConfig::default() };
+    serve_cfg::<R>(site, H3Config { drain_timeout, steering, ..H3Config::default() })
+}
+
+fn serve_cfg<R: Runtime>(site: &Site, cfg: H3Config) -> Srv {
+    let launch =
+        LaunchConfig { cores: CoreSelection::Count(2), drain_timeout: cfg.drain_timeout, ..LaunchConfig::default() };
     let cpus = launch.plan().unwrap();
     // A small memory cache limit, so the 40 KiB and 1 MiB files take the chunked file path
     // and the small ones the fill-then-cache path.
     let files_cfg = FilesConfig { memory_max: 8 * 1024, read_write_chunk: 16 * 1024, ..FilesConfig::new(&site.root) };
     let factory = FilesFactory::new(files_cfg, cpus.len()).unwrap();
     let (certs, made) = CertStore::self_signed(&["localhost", "127.0.0.1"]).unwrap();
-    let cfg = H3Config { drain_timeout, steering, ..H3Config::default() };
     let app = H3Server::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), factory, Arc::new(certs), cfg).unwrap();
     let addr = app.local_addr();
     let metrics = Arc::clone(app.metrics());
@@ -117,6 +121,12 @@ fn client_rt() -> tokio::runtime::Runtime {
 }
 
 fn client_endpoint(cert_pem: &str) -> quinn::Endpoint {
+    client_endpoint_with(cert_pem, false)
+}
+
+/// A client endpoint whose connections share one TLS configuration (so one session cache:
+/// a later connection resumes an earlier one's session), sending 0-RTT data when `early`.
+fn client_endpoint_with(cert_pem: &str, early: bool) -> quinn::Endpoint {
     let mut roots = corepin::tls::rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()).unwrap();
     let provider = Arc::new(corepin::tls::provider());
@@ -126,6 +136,7 @@ fn client_endpoint(cert_pem: &str) -> quinn::Endpoint {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
+    tls.enable_early_data = early;
     let crypto = QuicClientConfig::try_from(tls).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
@@ -579,7 +590,98 @@ pub fn migrating_clients_keep_their_connection<R: Runtime>() {
     }
 }
 
+/// 0-RTT: off by default (a resuming client cannot send early data); with `zero_rtt` a client
+/// resuming a session sends a GET and a POST in its first flight: the GET is served (200, the
+/// file's bytes), the POST gets 425 Too Early, the client sees its early data accepted, and the
+/// metrics count one 0-RTT connection and one 425.
+pub fn zero_rtt_serves_get_and_tells_other_methods_too_early<R: Runtime>() {
+    let site = site();
+    let four_k = site.files.iter().find(|f| f.0 == "4k.bin").unwrap().1.clone();
+    for zero_rtt in [false, true] {
+        let srv =
+            serve_cfg::<R>(&site, H3Config { zero_rtt, drain_timeout: Duration::from_secs(10), ..H3Config::default() });
+        // One client thread: the connection's driver runs only when the test's task waits, so
+        // both early requests are queued before the first flight leaves, and travel in it.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let ep = client_endpoint_with(&srv.cert_pem, true);
+            // A first connection, for a session ticket.
+            let first = connect(&ep, srv.addr).await;
+            assert_eq!(get(&first.send, "/4k.bin").await.status, 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            first.conn.close(0u32.into(), b"");
+            drop(first);
+            let connecting = ep.connect(srv.addr, "localhost").unwrap();
+            let (conn, accepted) = match connecting.into_0rtt() {
+                Ok(early) => early,
+                Err(connecting) => {
+                    assert!(!zero_rtt, "with 0-RTT on, a resuming client can send early data");
+                    // Off: the ticket allows no early data; a normal handshake follows.
+                    let conn = connecting.await.expect("handshake succeeds");
+                    conn.close(0u32.into(), b"");
+                    return;
+                }
+            };
+            assert!(zero_rtt, "with 0-RTT off, the server's tickets must not allow early data");
+            let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await.unwrap();
+            let _driver = tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+            let (got, posted) = tokio::join!(get(&send, "/4k.bin"), request(&send, "POST", "/4k.bin", &[]));
+            assert_eq!(got.status, 200, "a GET in early data is served");
+            assert_eq!(sha(&got.body), sha(&four_k));
+            assert_eq!(posted.status, 425, "a POST in early data is too early");
+            assert!(accepted.await, "the server accepted the early data");
+            conn.close(0u32.into(), b"");
+        });
+        let m = &srv.metrics;
+        if zero_rtt {
+            assert_eq!(total(m, |c| &c.zero_rtt_accepted), 1, "one 0-RTT connection counted");
+            assert_eq!(total(m, |c| &c.too_early), 1, "one 425 counted");
+        } else {
+            assert_eq!(total(m, |c| &c.zero_rtt_accepted), 0);
+        }
+        srv.stop();
+    }
+}
+
+/// Retry (address validation): with `Retry::Always` every new connection is sent a Retry first,
+/// then completes (quinn's client answers with the token) and serves its request; above a
+/// handshake rate only the attempts beyond it are; by default (1,000 a second per core) none
+/// here is. The counts come from the metrics.
+pub fn retry_validates_addresses_always_or_above_a_rate<R: Runtime>() {
+    let site = site();
+    let four_k = site.files.iter().find(|f| f.0 == "4k.bin").unwrap().1.clone();
+    for (retry, expect) in [(Retry::Always, 6..=6), (Retry::AboveRate(1), 4..=5), (Retry::default(), 0..=0)] {
+        let srv =
+            serve_cfg::<R>(&site, H3Config { retry, drain_timeout: Duration::from_secs(10), ..H3Config::default() });
+        client_rt().block_on(async {
+            let ep = client_endpoint(&srv.cert_pem);
+            // Six connections at once (within the rate's one-second window).
+            let jobs: Vec<_> = (0..6)
+                .map(|_| {
+                    let (ep, addr, want) = (ep.clone(), srv.addr, sha(&four_k));
+                    tokio::spawn(async move {
+                        let c = connect(&ep, addr).await;
+                        let ans = get(&c.send, "/4k.bin").await;
+                        assert_eq!((ans.status, sha(&ans.body)), (200, want), "served after any Retry");
+                        c.conn.close(0u32.into(), b"");
+                    })
+                })
+                .collect();
+            for j in jobs {
+                j.await.unwrap();
+            }
+        });
+        let m = &srv.metrics;
+        let retries = total(m, |c| &c.retries);
+        assert!(expect.contains(&retries), "{retry:?}: {retries} Retries, expected {expect:?}");
+        assert_eq!(total(m, |c| &c.handshakes_failed), 0, "{retry:?}: no attempt failed");
+        srv.stop();
+    }
+}
+
 corepin::per_runtime_tests! {
+    retry_validates_addresses_always_or_above_a_rate,
+    zero_rtt_serves_get_and_tells_other_methods_too_early,
     migrating_clients_keep_their_connection,
     fetches_every_size_over_concurrent_streams,
     ranges_and_conditional_requests,
