@@ -185,6 +185,14 @@ pub(crate) async fn serve_connection<R: Runtime>(
             Err(e) => break Err(e.into()),
         }
     };
+    if goaway_sent && result.is_ok() {
+        // Draining, every request answered: but an answer handed to QUIC may still be in its
+        // send buffer or in flight, and a CONNECTION_CLOSE now would discard it. Only the
+        // receiver can know all data arrived, so let the client close; until it does, keep
+        // the connection while it is still sending, closing once it has gone quiet (all data
+        // acknowledged), bounded by the drain deadline.
+        linger::<R>(&quic, shared.cfg.drain_timeout).await;
+    }
     if quic.remote_address() != first_peer {
         CoreCounters::add(&counters.migrated, 1);
     }
@@ -198,6 +206,27 @@ pub(crate) async fn serve_connection<R: Runtime>(
     }
     quic.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"");
     result
+}
+
+/// How often a draining connection checks whether it is still sending.
+const LINGER_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Waits until the peer closes `quic`, or the connection has sent nothing for a tick (what it
+/// had to deliver is acknowledged: a QUIC sender keeps retransmitting until it is), or `limit`
+/// has passed.
+async fn linger<R: Runtime>(quic: &quinn::Connection, limit: std::time::Duration) {
+    let until = Instant::now() + limit;
+    let mut sent = quic.stats().udp_tx.bytes;
+    while Instant::now() < until {
+        if let Either::Left(_) = race(quic.closed(), R::sleep(LINGER_TICK)).await {
+            return;
+        }
+        let now = quic.stats().udp_tx.bytes;
+        if now == sent {
+            return;
+        }
+        sent = now;
+    }
 }
 
 /// Looks, without waiting, whether a 0-RTT connection's handshake has ended; when it has,

@@ -180,7 +180,7 @@ impl H3Server {
         cfg: H3Config,
     ) -> Result<Self, SetupError> {
         let endpoint_config = Self::endpoint_config()?;
-        let server_config = server_config(certs, &cfg)?;
+        let server_config = server_config(certs, &cfg, workers.max(1))?;
         let sockets = corepin_core::udp::reuseport_group(addr, workers, cfg.socket_buffer)?;
         let local_addr = sockets[0].local_addr().map_err(|source| ListenError::Io { addr, source })?;
         // quinn-udp probes the kernel when it takes a socket; ask it once here for the banner
@@ -258,7 +258,7 @@ impl H3Server {
 
 /// The QUIC server configuration every core shares: TLS 1.3 with ALPN `h3` presenting the
 /// certificate store's current certificate, one address-validation token key, the limits.
-fn server_config(certs: Arc<CertStore>, cfg: &H3Config) -> Result<quinn::ServerConfig, SetupError> {
+fn server_config(certs: Arc<CertStore>, cfg: &H3Config, cores: usize) -> Result<quinn::ServerConfig, SetupError> {
     let provider = Arc::new(corepin_tls::provider());
     let mut tls = corepin_tls::rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&corepin_tls::rustls::version::TLS13])
@@ -291,6 +291,10 @@ fn server_config(certs: Arc<CertStore>, cfg: &H3Config) -> Result<quinn::ServerC
 
     let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
     server.transport_config(Arc::new(transport));
+    // quinn's limits on attempts not yet accepted (65,536 of them, 100 MiB of their early
+    // datagrams) are per endpoint: shared out over the cores, they hold for the process.
+    server.max_incoming(((1usize << 16) / cores).max(64));
+    server.incoming_buffer_size_total(((100u64 << 20) / cores as u64).max(10 << 20));
     Ok(server)
 }
 

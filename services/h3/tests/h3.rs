@@ -476,6 +476,126 @@ pub fn draining_closes_idle_connections_with_goaway<R: Runtime>() {
     });
 }
 
+/// Writes `len` pseudo-random bytes to `root/name`; returns their SHA-256.
+fn big_file(root: &Path, name: &str, len: usize, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut hash = Sha256::new();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(root.join(name)).unwrap());
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        rng.fill_bytes(&mut chunk[..n]);
+        hash.update(&chunk[..n]);
+        std::io::Write::write_all(&mut out, &chunk[..n]).unwrap();
+        left -= n;
+    }
+    std::io::Write::flush(&mut out).unwrap();
+    format!("{:x}", hash.finalize())
+}
+
+/// GETs `path` on `send`, hashing the body as it arrives (never holding it whole); returns
+/// status, length and SHA-256. `first_chunk` is told when the first body bytes arrive.
+async fn get_hashed(
+    send: &SendRequest,
+    path: &str,
+    first_chunk: Option<tokio::sync::oneshot::Sender<()>>,
+) -> (u16, usize, String) {
+    let mut send = send.clone();
+    let req = http::Request::builder().method("GET").uri(format!("https://localhost{path}")).body(()).unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    let resp = stream.recv_response().await.unwrap();
+    let (mut len, mut hash, mut first) = (0usize, Sha256::new(), first_chunk);
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        let n = chunk.remaining();
+        len += n;
+        hash.update(chunk.copy_to_bytes(n));
+        if let Some(tx) = first.take() {
+            let _ = tx.send(());
+        }
+    }
+    (resp.status().as_u16(), len, format!("{:x}", hash.finalize()))
+}
+
+/// A 100 MiB body, streamed from the page cache in chunks under flow control, arrives whole
+/// (SHA-256 over the stream).
+pub fn fetches_a_100_mib_body<R: Runtime>() {
+    let site = site();
+    const LEN: usize = 100 << 20;
+    let want = big_file(&site.root, "100m.bin", LEN, 100);
+    let srv = serve::<R>(&site, Duration::from_secs(10));
+    client_rt().block_on(async {
+        let ep = client_endpoint(&srv.cert_pem);
+        let c = connect(&ep, srv.addr).await;
+        let got = tokio::time::timeout(Duration::from_secs(120), get_hashed(&c.send, "/100m.bin", None))
+            .await
+            .expect("100 MiB within two minutes");
+        assert_eq!(got, (200, LEN, want), "100 MiB intact");
+    });
+    srv.stop();
+}
+
+/// Drain under load: eight 16 MiB downloads on two connections are under way when the server
+/// starts draining; every one of them completes intact, a new request on those connections is
+/// refused (GOAWAY), a new connection is not served, and the server stops cleanly well before
+/// its drain deadline.
+pub fn draining_under_load_finishes_the_requests_in_flight<R: Runtime>() {
+    let site = site();
+    const LEN: usize = 16 << 20;
+    let want = big_file(&site.root, "16m.bin", LEN, 16);
+    let mut srv = serve::<R>(&site, Duration::from_secs(30));
+    client_rt().block_on(async {
+        let ep = client_endpoint(&srv.cert_pem);
+        let conns = [connect(&ep, srv.addr).await, connect(&ep, srv.addr).await];
+        let mut started = Vec::new();
+        let mut jobs = Vec::new();
+        for i in 0..8 {
+            let send = conns[i % 2].send.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            started.push(rx);
+            jobs.push(tokio::spawn(async move { get_hashed(&send, "/16m.bin", Some(tx)).await }));
+        }
+        for rx in started {
+            rx.await.expect("every download has begun");
+        }
+        let server = srv.server.take().unwrap();
+        let began = Instant::now();
+        server.shutdown_handle().drain();
+        let stopped = tokio::task::spawn_blocking(move || server.wait());
+        for j in jobs {
+            let got = tokio::time::timeout(Duration::from_secs(60), j).await.expect("finished in time").unwrap();
+            assert_eq!(got, (200, LEN, want.clone()), "a download in flight completes intact");
+        }
+        // After GOAWAY the connections take no new request.
+        let mut send = conns[0].send.clone();
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            let req = http::Request::builder().uri("https://localhost/4k.bin").body(()).unwrap();
+            match send.send_request(req).await {
+                Err(_) => true,
+                Ok(mut s) => {
+                    let _ = s.finish().await;
+                    s.recv_response().await.is_err()
+                }
+            }
+        })
+        .await
+        .expect("answered in time");
+        assert!(refused, "no new request is served while draining");
+        tokio::time::timeout(Duration::from_secs(20), stopped)
+            .await
+            .expect("the server stops in time")
+            .unwrap()
+            .expect("cleanly");
+        assert!(began.elapsed() < Duration::from_secs(25), "not held until the drain deadline");
+        // And nothing answers a new connection any more.
+        let late =
+            tokio::time::timeout(Duration::from_secs(3), async { ep.connect(srv.addr, "localhost").unwrap().await })
+                .await;
+        assert!(!matches!(late, Ok(Ok(_))), "no handshake after the server stopped");
+    });
+}
+
 /// Python's aioquic, a QUIC and HTTP/3 stack nobody here wrote, fetches every size (one
 /// connection, the requests concurrently) and a range; bodies compared by SHA-256.
 pub fn aioquic_fetches_every_size<R: Runtime>() {
@@ -680,6 +800,8 @@ pub fn retry_validates_addresses_always_or_above_a_rate<R: Runtime>() {
 }
 
 corepin::per_runtime_tests! {
+    fetches_a_100_mib_body,
+    draining_under_load_finishes_the_requests_in_flight,
     retry_validates_addresses_always_or_above_a_rate,
     zero_rtt_serves_get_and_tells_other_methods_too_early,
     migrating_clients_keep_their_connection,
