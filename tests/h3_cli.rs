@@ -18,6 +18,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_corepin");
 
 struct Running {
@@ -149,13 +151,7 @@ fn h3_banner_names_the_endpoint_and_fingerprint_and_serves_the_demo_site() {
 
 #[test]
 fn h3_bad_certificate_paths_give_one_clear_line() {
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} must fail");
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(err.trim().lines().count(), 1, "one line for {args:?}: {err}");
-        err
-    };
+    let run = |args: &[&str]| common::one_error_line(BIN, args);
     let err = run(&["h3", "--listen", "127.0.0.1:0", "--cert", "/nonexistent/c.pem"]);
     assert!(err.contains("--key"), "{err}");
     let err = run(&["h3", "--listen", "127.0.0.1:0", "--cert", "/nonexistent/c.pem", "--key", "/nonexistent/k.pem"]);
@@ -164,6 +160,33 @@ fn h3_bad_certificate_paths_give_one_clear_line() {
 
 fn chromium() -> bool {
     matches!(Command::new("chromium").arg("--version").output(), Ok(o) if o.status.success())
+}
+
+/// Loads `https://127.0.0.1:PORT/` `loads` times in headless Chromium (tests/chromium_loads.py),
+/// accepting the certificate of SPKI fingerprint `fp`; one JSON line per load. 127.0.0.1, not
+/// localhost: Chromium tries ::1 first for localhost, where nothing listens on UDP, and would
+/// mark HTTP/3 broken for the origin.
+fn chromium_loads(kind: corepin::RuntimeKind, port: u16, fp: &str, loads: usize, force_quic: bool) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chromium_loads.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).args(["--url", &format!("https://127.0.0.1:{port}/"), "--spki", fp, "--loads"]);
+    cmd.arg(loads.to_string());
+    if force_quic {
+        cmd.arg("--force-quic");
+    }
+    let out = cmd.output().expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{kind}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{kind}:\n{text}");
+    text
+}
+
+/// Asserts the demo page's assets came over HTTP/3 in a load's JSON line.
+fn assets_over_h3(kind: corepin::RuntimeKind, load: &str) {
+    for asset in ["/logo.svg", "/style.css"] {
+        let over_h3 = format!("{{\"path\": \"{asset}\", \"status\": 200, \"protocol\": \"h3\"}}");
+        assert!(load.contains(&over_h3), "{kind}: {asset} over HTTP/3: {load}");
+    }
 }
 
 fn start_files_h3(runtime: &str) -> Running {
@@ -252,21 +275,11 @@ fn chromium_finds_http3_through_alt_svc_and_uses_it_on_the_next_load() {
         eprintln!("SKIPPED: chromium is not installed (scripts/setup.sh installs it)");
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chromium_loads.py");
     for kind in corepin::RuntimeKind::compiled() {
         let server = start_files_h3(kind.name());
         let port = server.addr.port();
         let (_, fp) = self_signed(&server.banner);
-        // 127.0.0.1, not localhost: Chromium tries ::1 first for localhost, where nothing
-        // listens on UDP, and would mark HTTP/3 broken for the origin.
-        let out = Command::new("python3")
-            .arg(&script)
-            .args(["--url", &format!("https://127.0.0.1:{port}/"), "--spki", &fp, "--loads", "3"])
-            .output()
-            .expect("python3 runs");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{kind}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("{kind}:\n{text}");
+        let text = chromium_loads(kind, port, &fp, 3, false);
         let loads: Vec<&str> = text.lines().collect();
         assert_eq!(loads.len(), 3, "{kind}: {text}");
         for l in &loads {
@@ -280,10 +293,7 @@ fn chromium_finds_http3_through_alt_svc_and_uses_it_on_the_next_load() {
             loads[1].contains("\"protocol\": \"h3\"") && loads[2].contains("\"protocol\": \"h3\""),
             "{kind}: {text}"
         );
-        for asset in ["/logo.svg", "/style.css"] {
-            let over_h3 = format!("{{\"path\": \"{asset}\", \"status\": 200, \"protocol\": \"h3\"}}");
-            assert!(loads[2].contains(&over_h3), "{kind}: {asset} over HTTP/3 on the last load: {text}");
-        }
+        assets_over_h3(kind, loads[2]);
         server.stop();
     }
 }
@@ -297,38 +307,21 @@ fn chromium_loads_a_page_and_its_assets_over_http3() {
         eprintln!("SKIPPED: chromium is not installed (scripts/setup.sh --test installs it)");
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chromium_loads.py");
     for kind in corepin::RuntimeKind::compiled() {
         let server = start(kind.name());
         let port = server.addr.port();
         let (_, fp) = self_signed(&server.banner);
-        let out = Command::new("python3")
-            .arg(&script)
-            .args(["--url", &format!("https://127.0.0.1:{port}/"), "--spki", &fp, "--loads", "1", "--force-quic"])
-            .output()
-            .expect("python3 runs");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{kind}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("{kind}: {text}");
+        let text = chromium_loads(kind, port, &fp, 1, true);
         assert!(text.contains("\"protocol\": \"h3\", \"status\": 200"), "{kind}: the page over h3: {text}");
         assert!(text.contains("\"title\": \"corepin demo site\""), "{kind}: {text}");
-        for asset in ["/logo.svg", "/style.css"] {
-            let over_h3 = format!("{{\"path\": \"{asset}\", \"status\": 200, \"protocol\": \"h3\"}}");
-            assert!(text.contains(&over_h3), "{kind}: {asset} over HTTP/3: {text}");
-        }
+        assets_over_h3(kind, &text);
         server.stop();
     }
 }
 
 #[test]
 fn files_h3_without_tls_or_with_takeover_is_one_clear_line() {
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} must fail");
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(err.trim().lines().count(), 1, "one line for {args:?}: {err}");
-        err
-    };
+    let run = |args: &[&str]| common::one_error_line(BIN, args);
     let err = run(&["files", "--h3", "--listen", "127.0.0.1:0"]);
     assert!(err.contains("--h3 needs --tls"), "{err}");
     let err = run(&["files", "--h3", "--tls", "--takeover", "--listen", "127.0.0.1:0"]);

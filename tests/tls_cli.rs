@@ -14,6 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_corepin");
 
 fn runtimes() -> Vec<&'static str> {
@@ -312,13 +314,7 @@ fn scrape(banner: &str) -> String {
 
 #[test]
 fn bad_tls_arguments_give_one_clear_line() {
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} must fail");
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(err.trim().lines().count(), 1, "one line for {args:?}: {err}");
-        err
-    };
+    let run = |args: &[&str]| common::one_error_line(BIN, args);
     let err = run(&["echo", "--listen", "127.0.0.1:0", "--tls-cert", "/nonexistent/c.pem"]);
     assert!(err.contains("--tls-key"), "{err}");
     let err = run(&[
