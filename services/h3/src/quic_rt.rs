@@ -197,6 +197,9 @@ struct UdpIo<R: Runtime> {
     /// The one wait for writability, shared by every poller.
     writable: std::cell::RefCell<Option<LocalFuture<io::Result<()>>>>,
     write_waiters: Arc<WakeAll>,
+    /// The last send met a full socket buffer (`EAGAIN`), and no wait for writability has
+    /// ended since. Until it does, pollers need not wait: the socket is taken to be writable.
+    blocked: std::cell::Cell<bool>,
 }
 
 /// A datagram passed from the core it reached to the core that owns its connection, with what
@@ -328,6 +331,7 @@ impl<R: Runtime> CoreUdpSocket<R> {
             readable: Default::default(),
             writable: Default::default(),
             write_waiters: Arc::default(),
+            blocked: Default::default(),
         };
         Ok(Self { io: SendWrapper::new(Rc::new(io)), forward: None, state, fd, local })
     }
@@ -361,8 +365,12 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         // A plain non-blocking syscall on the descriptor; `WouldBlock` sends quinn to the
-        // poller.
-        self.state.send((&self.borrowed()).into(), transmit)
+        // poller, which then waits for the engine to say the socket is writable again.
+        let sent = self.state.send((&self.borrowed()).into(), transmit);
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.io.blocked.set(true);
+        }
+        sent
     }
 
     fn poll_recv(
@@ -440,6 +448,13 @@ impl<R: Runtime> fmt::Debug for CoreUdpPoller<R> {
 impl<R: Runtime> UdpPoller for CoreUdpPoller<R> {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let io = &**self.get_mut().io;
+        // quinn asks before sending, and again after a send met `EAGAIN`. Unless one did, the
+        // socket is writable as far as anyone knows: say so without registering or waiting
+        // (a wait per transmit, ended by waking every registered driver, cost more than the
+        // sends themselves with many connections; docs/http3.md, "Measured").
+        if !io.blocked.get() {
+            return Poll::Ready(Ok(()));
+        }
         io.write_waiters.register(cx.waker());
         // The shared wait is polled with a waker that wakes every registered task, so it does
         // not matter which of them polled it last.
@@ -454,6 +469,7 @@ impl<R: Runtime> UdpPoller for CoreUdpPoller<R> {
             Poll::Ready(res) => {
                 *slot = None;
                 drop(slot);
+                io.blocked.set(false);
                 // The others retry their sends too (a spurious wake at worst).
                 io.write_waiters.wake_all();
                 Poll::Ready(res)
