@@ -511,6 +511,9 @@ def run_h3(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
                               f"{fmt_us(r['server_cpu_us_per_req'])} CPU/req  p99 {fmt_us(r['p99_us'])}  "
                               f"errors {r['errors']}", flush=True)
     out.markdown = h3_markdown(out.results, servers, prof)
+    # Its own file too (as files_vs_nginx.json), so a run of this workload alone can be kept
+    # beside the suite's latest.json.
+    (Path(args.out) / "h3.json").write_text(json.dumps({"meta": machine(), "h3": out.results}, indent=1))
     return out
 
 
