@@ -478,38 +478,45 @@ def run_h3(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
     point is one `corepin-loadgen h3` run: its connections are opened first, then a warm-up,
     then the measured window, whose edges are where the server's CPU time is read (so
     handshakes and warm-up are not in it). One request in flight per connection. Each point
-    is run `h3_reps` times on the same server; the run with the median CPU figure is kept
-    (corepin's figures vary by up to about 1.5x from one run to the next; the others are in
-    `cpu_runs`)."""
+    is run `h3_reps` times per server, the servers taking turns; the run with the median CPU
+    figure is kept (the others are in `cpu_runs`: corepin's vary by up to about 1.5x from one
+    run to the next)."""
 
     out = Outcome()
     servers = [f"corepin-{b}" for b in args.backends] + [H3_PEER]
     points = [(label, name, size, conns, prof.secs) for label, name, size in H3_BODIES for conns in prof.h3_conns]
     points.append((*H3_BIG, 1, prof.h3_big_secs))
-    with tempfile.TemporaryDirectory(prefix="corepin-bench-h3-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="corepin-bench-h3-") as tmp_name, contextlib.ExitStack() as local:
         root, cert, key = h3_site(Path(tmp_name))
+        # Every server runs for the whole workload (an idle QUIC endpoint costs nothing), and
+        # each round of a point visits them in turn, so a machine that slows down for a while
+        # (a shared VM) moves every server's figures alike, not one server's.
+        running: dict[str, Server] = {}
         for name in servers:
-            with contextlib.ExitStack() as local:
-                port = free_udp_port()
-                server = start_listening(name, h3_command(name, port, root, cert, key), port, local)
-                for label, path, size, conns, secs in points:
-                    metric = "server_cpu_us_per_mb" if size >= 1 << 20 else "server_cpu_us_per_req"
-                    runs = [loadgen(["h3", "--addr", f"127.0.0.1:{port}", "--path", f"/{path}", "--conns",
-                                     str(conns), "--secs", str(secs), "--warmup", str(prof.warmup), "--cpu",
-                                     str(CLIENT_CPU), "--ca", str(cert), "--server-pid", str(server.proc.pid)])
-                            for _ in range(prof.h3_reps)]
-                    runs.sort(key=lambda x: x.get(metric) if x.get(metric) is not None else float("inf"))
-                    r = runs[len(runs) // 2]
-                    r |= {"server": name, "body": label, "size": size, "cpu_runs": [x.get(metric) for x in runs],
-                          "errors": sum(x["errors"] for x in runs)}
-                    out.results.append(r)
-                    if size >= 1 << 20:
-                        print(f"  h3 {name:<20} {label:>7} {conns:>3} conns  {r['bytes_per_sec'] / 1e6:>9,.0f} MB/s  "
-                              f"{fmt_us(r['server_cpu_us_per_mb'])} CPU/MB  errors {r['errors']}", flush=True)
-                    else:
-                        print(f"  h3 {name:<20} {label:>7} {conns:>3} conns  {r['req_per_sec']:>9,.0f} req/s  "
-                              f"{fmt_us(r['server_cpu_us_per_req'])} CPU/req  p99 {fmt_us(r['p99_us'])}  "
-                              f"errors {r['errors']}", flush=True)
+            port = free_udp_port()
+            running[name] = start_listening(name, h3_command(name, port, root, cert, key), port, local)
+        for label, path, size, conns, secs in points:
+            metric = "server_cpu_us_per_mb" if size >= 1 << 20 else "server_cpu_us_per_req"
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            for _ in range(prof.h3_reps):
+                for name, server in running.items():
+                    runs[name].append(loadgen(["h3", "--addr", f"127.0.0.1:{server.port}", "--path", f"/{path}",
+                                               "--conns", str(conns), "--secs", str(secs), "--warmup",
+                                               str(prof.warmup), "--cpu", str(CLIENT_CPU), "--ca", str(cert),
+                                               "--server-pid", str(server.proc.pid)]))
+            for name in servers:
+                rs = sorted(runs[name], key=lambda x: x.get(metric) if x.get(metric) is not None else float("inf"))
+                r = rs[len(rs) // 2]
+                r |= {"server": name, "body": label, "size": size, "cpu_runs": [x.get(metric) for x in rs],
+                      "errors": sum(x["errors"] for x in rs)}
+                out.results.append(r)
+                if size >= 1 << 20:
+                    print(f"  h3 {name:<20} {label:>7} {conns:>3} conns  {r['bytes_per_sec'] / 1e6:>9,.0f} MB/s  "
+                          f"{fmt_us(r['server_cpu_us_per_mb'])} CPU/MB  errors {r['errors']}", flush=True)
+                else:
+                    print(f"  h3 {name:<20} {label:>7} {conns:>3} conns  {r['req_per_sec']:>9,.0f} req/s  "
+                          f"{fmt_us(r['server_cpu_us_per_req'])} CPU/req  p99 {fmt_us(r['p99_us'])}  "
+                          f"errors {r['errors']}", flush=True)
     out.markdown = h3_markdown(out.results, servers, prof)
     # Its own file too (as files_vs_nginx.json), so a run of this workload alone can be kept
     # beside the suite's latest.json.
@@ -650,11 +657,14 @@ def machine() -> dict:
 
 
 def build() -> None:
-    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
-    print("building:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
-    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore", "--example", "kv"]
-    subprocess.run(cmd, cwd=REPO, check=True)
+    # corepin on its own first, so that the binary measured is the one `cargo build --release`
+    # makes: built together, the peers' and the load generator's features (quinn's and tokio's
+    # runtimes) would be unified into corepin's dependencies too.
+    for cmd in (["cargo", "build", "--release", "-p", "corepin-cli"],
+                ["cargo", "build", "--release", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"],
+                ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore", "--example", "kv"]):
+        print("building:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def main() -> int:
