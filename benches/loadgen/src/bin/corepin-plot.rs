@@ -235,12 +235,12 @@ fn load_h3(root: &Value) -> VsNginx {
             note(format!("h3[{i}]: no server CPU figure; skipped"));
             continue;
         };
-        let kind = format!(
-            "{}, {conns} conn{}{}",
-            size_label(size),
-            if conns == 1 { "" } else { "s" },
-            if per_mb { " (per MB)" } else { "" }
-        );
+        // The big body's label stays short: the groups share 900 pixels.
+        let kind = if per_mb {
+            format!("{}, per MB", size_label(size))
+        } else {
+            format!("{}, {conns} conn{}", size_label(size), if conns == 1 { "" } else { "s" })
+        };
         let at = match out.iter().position(|(k, _)| *k == kind) {
             Some(at) => at,
             None => {
