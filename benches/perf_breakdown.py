@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -109,7 +110,11 @@ def layer_of_user(frames: list[tuple[str, str]]) -> tuple[str, bool]:
         if not crate or crate in GENERIC:
             continue
         if crate == "tokio" and "tokio::sync" not in sym:
-            return ENGINE, copy_alloc
+            # tokio's runtime is the peer's engine; its utilities (loom cells, cache padding)
+            # belong to whichever tokio part called them.
+            if TOKIO_RUNTIME.search(sym):
+                return ENGINE, copy_alloc
+            continue
         return LAYERS.get(crate, f"other ({crate})"), copy_alloc
     return "other (no crate on the stack)", copy_alloc
 
@@ -127,6 +132,7 @@ def layer_of_kernel(frames: list[tuple[str, str]]) -> str:
     return "kernel: other (timers, scheduling, page faults, interrupts)"
 
 
+TOKIO_RUNTIME = re.compile(r"tokio::(runtime|net|time|task|io|fs|signal|process)::")
 FRAME = re.compile(r"^\s*[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
 
 
@@ -144,6 +150,7 @@ def samples(text: str):
 
 
 def main() -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the output quietly
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input", help="perf.data (read with `perf script`) or a saved `perf script -F ip,sym,dso` text")
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
