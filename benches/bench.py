@@ -20,6 +20,10 @@ returns its results and its markdown, and register it):
 * crosscore  CPU per cross-core call (`submit_to`) between two pinned workers (examples/crosscore.rs).
 * kv     the sharded key-value example against redis-server under redis-benchmark, on one core and
          on two workers at 0% and ~50% of requests forwarded to the key's owner (examples/kv.rs).
+* h3     `corepin h3` on each backend against quinn + h3 on tokio's current-thread runtime
+         (corepin-peer-h3: the same files, TLS and transport settings) under `corepin-loadgen h3`:
+         requests/s and server CPU per request for a 16 B and a 4 KiB body at 1/10/100
+         connections, MB/s and server CPU per MB for a 100 MiB body on one connection.
 
 Method. The server runs pinned to CPU 0 with one worker, the load generator on CPU 1 (on a
 2-core machine the generator saturates its own core from about 16 connections on, so
@@ -42,6 +46,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,12 +71,16 @@ class Profile:
     scale_conns: int
     files_args: list[str]
     cold_args: list[str]
+    h3_conns: list[int]
+    h3_big_secs: float
+    h3_reps: int
 
 
 PROFILES = {
-    "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"], ["--size", "1024"]),
+    "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"], ["--size", "1024"],
+                       [1, 10, 100], 4.0, 3),
     "quick": Profile([1, 16], [64], 0.5, 0.2, 1000, ["--secs", "1", "--warmup", "0"],
-                     ["--size", "64", "--rate", "100M"]),
+                     ["--size", "64", "--rate", "100M"], [10], 1.0, 1),
 }
 
 
@@ -126,7 +135,12 @@ def echo_command(server: str, port: int) -> list[str]:
 
 def start_server(name: str, stack: contextlib.ExitStack) -> Server:
     port = free_port()
-    cmd = ["taskset", "-c", str(SERVER_CPU)] + echo_command(name, port)
+    return start_listening(name, echo_command(name, port), port, stack)
+
+
+def start_listening(name: str, command: list[str], port: int, stack: contextlib.ExitStack) -> Server:
+    """Starts `command` pinned to the server CPU and waits for its "listening on" line."""
+    cmd = ["taskset", "-c", str(SERVER_CPU)] + command
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     server = Server(name, proc, port)
     stack.callback(server.stop)
@@ -415,6 +429,151 @@ def run_kv(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
     return out
 
 
+H3_PEER = "quinn-tokio"
+# (label, file name, bytes): the bodies `h3` asks for; the big one is measured per MB.
+H3_BODIES = (("16 B", "tiny.bin", 16), ("4 KiB", "4k.bin", 4096))
+H3_BIG = ("100 MiB", "100m.bin", 100 << 20)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def h3_command(server: str, port: int, root: Path, cert: Path, key: Path) -> list[str]:
+    """The command line of an HTTP/3 file server: `corepin h3` on a backend, or the quinn peer."""
+    listen = f"127.0.0.1:{port}"
+    tls = ["--cert", str(cert), "--key", str(key)]
+    if server == H3_PEER:
+        return [str(TARGET / "corepin-peer-h3"), str(root), "--listen", listen, "--cpu", str(SERVER_CPU)] + tls
+    backend = server.removeprefix("corepin-")
+    return [str(TARGET / "corepin"), "h3", str(root), "--runtime", backend, "--cores", f"{SERVER_CPU}-{SERVER_CPU}",
+            "--listen", listen] + tls
+
+
+def h3_site(tmp: Path) -> tuple[Path, Path, Path]:
+    """The served directory (random bytes, so nothing compresses) and one EC P-256
+    certificate, not a CA, that both servers present and the generator trusts."""
+    root = tmp / "site"
+    root.mkdir()
+    for _, name, size in H3_BODIES + (H3_BIG,):
+        with open(root / name, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 1 << 20)
+                f.write(os.urandom(n))
+                left -= n
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-addext", "basicConstraints=critical,CA:FALSE"], check=True, capture_output=True)
+    return root, cert, key
+
+
+def run_h3(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    """HTTP/3 static files: `corepin h3` on each backend (one worker, CPU 0) and quinn + h3 on
+    tokio's current-thread runtime (corepin-peer-h3, CPU 0), the generator on CPU 1. Each
+    point is one `corepin-loadgen h3` run: its connections are opened first, then a warm-up,
+    then the measured window, whose edges are where the server's CPU time is read (so
+    handshakes and warm-up are not in it). One request in flight per connection. Each point
+    is run `h3_reps` times per server, the servers taking turns; the run with the median CPU
+    figure is kept (the others are in `cpu_runs`: corepin's vary by up to about 1.5x from one
+    run to the next)."""
+
+    out = Outcome()
+    servers = [f"corepin-{b}" for b in args.backends] + [H3_PEER]
+    points = [(label, name, size, conns, prof.secs) for label, name, size in H3_BODIES for conns in prof.h3_conns]
+    points.append((*H3_BIG, 1, prof.h3_big_secs))
+    with tempfile.TemporaryDirectory(prefix="corepin-bench-h3-") as tmp_name, contextlib.ExitStack() as local:
+        root, cert, key = h3_site(Path(tmp_name))
+        # Every server runs for the whole workload (an idle QUIC endpoint costs nothing), and
+        # each round of a point visits them in turn, so a machine that slows down for a while
+        # (a shared VM) moves every server's figures alike, not one server's.
+        running: dict[str, Server] = {}
+        for name in servers:
+            port = free_udp_port()
+            running[name] = start_listening(name, h3_command(name, port, root, cert, key), port, local)
+        for label, path, size, conns, secs in points:
+            metric = "server_cpu_us_per_mb" if size >= 1 << 20 else "server_cpu_us_per_req"
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            for _ in range(prof.h3_reps):
+                for name, server in running.items():
+                    runs[name].append(loadgen(["h3", "--addr", f"127.0.0.1:{server.port}", "--path", f"/{path}",
+                                               "--conns", str(conns), "--secs", str(secs), "--warmup",
+                                               str(prof.warmup), "--cpu", str(CLIENT_CPU), "--ca", str(cert),
+                                               "--server-pid", str(server.proc.pid)]))
+            for name in servers:
+                rs = sorted(runs[name], key=lambda x: x.get(metric) if x.get(metric) is not None else float("inf"))
+                r = rs[len(rs) // 2]
+                r |= {"server": name, "body": label, "size": size, "cpu_runs": [x.get(metric) for x in rs],
+                      "errors": sum(x["errors"] for x in rs)}
+                out.results.append(r)
+                if size >= 1 << 20:
+                    print(f"  h3 {name:<20} {label:>7} {conns:>3} conns  {r['bytes_per_sec'] / 1e6:>9,.0f} MB/s  "
+                          f"{fmt_us(r['server_cpu_us_per_mb'])} CPU/MB  errors {r['errors']}", flush=True)
+                else:
+                    print(f"  h3 {name:<20} {label:>7} {conns:>3} conns  {r['req_per_sec']:>9,.0f} req/s  "
+                          f"{fmt_us(r['server_cpu_us_per_req'])} CPU/req  p99 {fmt_us(r['p99_us'])}  "
+                          f"errors {r['errors']}", flush=True)
+    out.markdown = h3_markdown(out.results, servers, prof)
+    # Its own file too (as files_vs_nginx.json), so a run of this workload alone can be kept
+    # beside the suite's latest.json.
+    (Path(args.out) / "h3.json").write_text(json.dumps({"meta": machine(), "h3": out.results}, indent=1))
+    return out
+
+
+def h3_markdown(results: list[dict], servers: list[str], prof: Profile) -> str:
+    def find(server: str, size: int, conns: int) -> dict | None:
+        return next((r for r in results if r["server"] == server and r["size"] == size and r["conns"] == conns), None)
+
+    def ratio(v: float | None, base: float | None) -> str:
+        return f"{v / base:.2f}" if v is not None and base else "n/a"
+
+    parts = []
+    for label, _, size in H3_BODIES:
+        parts.append(f"#### HTTP/3, {label} body: requests/s, server CPU per request, and that CPU relative to "
+                     f"{H3_PEER}\n")
+        head = "| server | " + " | ".join(f"{c} conn{'s' if c > 1 else ''}: req/s | CPU/req | vs quinn"
+                                          for c in prof.h3_conns) + " |"
+        parts += [head, "|---|" + "---:|---:|---:|" * len(prof.h3_conns)]
+        for s in servers:
+            cells = []
+            for c in prof.h3_conns:
+                r, base = find(s, size, c), find(H3_PEER, size, c)
+                if r is None:
+                    cells.append(" | | ")
+                    continue
+                flag = " ⚠" if r.get("errors") else ""
+                cells.append(f"{r['req_per_sec']:,.0f}{flag} | {fmt_us(r.get('server_cpu_us_per_req'))} | "
+                             f"{ratio(r.get('server_cpu_us_per_req'), base and base.get('server_cpu_us_per_req'))}")
+            parts.append(f"| {s} | " + " | ".join(cells) + " |")
+        parts.append("")
+    label, _, size = H3_BIG
+    parts.append(f"#### HTTP/3, {label} body, one connection: MB/s and server CPU per MB (10^6 bytes)\n")
+    parts += ["| server | MB/s | CPU/MB | vs quinn | time per transfer (p50) |", "|---|---:|---:|---:|---:|"]
+    base = find(H3_PEER, size, 1)
+    for s in servers:
+        r = find(s, size, 1)
+        if r is None:
+            continue
+        flag = " ⚠" if r.get("errors") else ""
+        per = r.get("p50_us")
+        parts.append(f"| {s} | {r['bytes_per_sec'] / 1e6:,.0f}{flag} | {fmt_us(r.get('server_cpu_us_per_mb'))} | "
+                     f"{ratio(r.get('server_cpu_us_per_mb'), base and base.get('server_cpu_us_per_mb'))} | "
+                     f"{f'{per / 1000:,.0f} ms' if per else 'n/a'} |")
+    parts.append("")
+    reps = f"the median of {prof.h3_reps} runs" if prof.h3_reps > 1 else "one run"
+    parts.append(f"Server pinned to CPU {SERVER_CPU} with one worker (corepin: `--cores {SERVER_CPU}-{SERVER_CPU}`; the "
+                 f"peer: one tokio current-thread runtime), `corepin-loadgen h3` on CPU {CLIENT_CPU} with one request in "
+                 f"flight per connection; CPU is the server's user + system time inside the measured window; each "
+                 f"figure is {reps} ({prof.secs:g} s each, {prof.h3_big_secs:g} s for the big body). vs quinn: "
+                 f"the server's CPU per request (per MB for the {label} body) divided by {H3_PEER}'s; below 1.00 is "
+                 "cheaper. ⚠: the run saw errors.\n")
+    return "\n".join(parts)
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack], Outcome]] = {
     "echo": run_echo,
     "files": run_files,
@@ -423,6 +582,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack
     "scale": run_scale,
     "crosscore": run_crosscore,
     "kv": run_kv,
+    "h3": run_h3,
 }
 
 
@@ -497,11 +657,14 @@ def machine() -> dict:
 
 
 def build() -> None:
-    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"]
-    print("building:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
-    cmd = ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore", "--example", "kv"]
-    subprocess.run(cmd, cwd=REPO, check=True)
+    # corepin on its own first, so that the binary measured is the one `cargo build --release`
+    # makes: built together, the peers' and the load generator's features (quinn's and tokio's
+    # runtimes) would be unified into corepin's dependencies too.
+    for cmd in (["cargo", "build", "--release", "-p", "corepin-cli"],
+                ["cargo", "build", "--release", "-p", "corepin-bench-peers", "-p", "corepin-loadgen"],
+                ["cargo", "build", "--release", "-p", "corepin-cli", "--example", "crosscore", "--example", "kv"]):
+        print("building:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def main() -> int:
@@ -525,7 +688,8 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         print("error: needs at least 2 CPUs (server and load generator on separate cores)", file=sys.stderr)
         return 2
-    for tool in ["taskset"] + (["nginx", "wrk"] if "files" in only else []) + (["curl"] if "cold" in only else []):
+    tools = ["taskset"] + (["nginx", "wrk"] if "files" in only else []) + (["curl"] if "cold" in only else [])
+    for tool in tools + (["openssl"] if "h3" in only else []):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"error: {tool} not found; run scripts/setup.sh --bench", file=sys.stderr)
             return 2
@@ -553,7 +717,7 @@ def main() -> int:
     (out_dir / "latest.json").write_text(json.dumps(report, indent=1))
     (out_dir / "latest.md").write_text("\n".join(md))
     plots = out_dir / "plots"
-    if {"echo", "files", "https"} & set(only):
+    if {"echo", "files", "https", "h3"} & set(only):
         subprocess.run([str(TARGET / "corepin-plot"), "--input", str(out_dir / "latest.json"), "--out-dir", str(plots)],
                        check=True)
     print("\n".join(md))

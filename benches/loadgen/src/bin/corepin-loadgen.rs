@@ -8,14 +8,22 @@
 //!   HDR histogram. Prints one JSON object on stdout at the end.
 //! * `hold`: opens N idle connections, prints `{"held": N}` once all are
 //!   established, keeps them open until stdin reaches EOF or `--secs` passes.
+//! * `h3`: closed-loop HTTP/3 GETs (quinn + h3) against a server on loopback:
+//!   N connections with K requests in flight each; requests/s, body bytes/s,
+//!   latency, and with `--server-pid` the server's CPU per request and per MB.
+//!   Prints one JSON object on stdout at the end.
 //!
 //! Exit codes: 0 on success; 1 on a setup failure (bad arguments, connect
-//! failure, cannot pin, ...); 2 for `echo` when the run completed but is not
-//! clean (errors > 0 or no message measured) — the JSON is printed anyway.
+//! failure, cannot pin, ...); 2 for `echo` and `h3` when the run completed but
+//! is not clean (errors > 0 or nothing measured) — the JSON is printed anyway.
+
+#[path = "../h3load.rs"]
+mod h3load;
 
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -81,6 +89,43 @@ enum Cmd {
         #[arg(long)]
         secs: Option<f64>,
     },
+    /// Closed-loop HTTP/3 GETs against a server on loopback; prints one JSON object.
+    H3 {
+        /// Server address, a loopback IP:PORT (UDP).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The path to GET (the same for every request).
+        #[arg(long)]
+        path: String,
+        /// Number of QUIC connections.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// Requests each connection keeps in flight (1 to 100).
+        #[arg(long, default_value_t = 1)]
+        inflight: usize,
+        /// Measured duration in seconds (after the warm-up).
+        #[arg(long)]
+        secs: f64,
+        /// Warm-up in seconds, excluded from all counts.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Pin the load generator's (single) thread to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// Trust this PEM certificate (the server's own, or its CA).
+        #[arg(long, required_unless_present = "dangerous_skip_verify_loopback")]
+        ca: Option<PathBuf>,
+        /// Accept any server certificate (loopback benchmarking only; the handshake signature
+        /// is still checked against the certificate presented).
+        #[arg(long, conflicts_with = "ca")]
+        dangerous_skip_verify_loopback: bool,
+        /// The name to ask for (SNI) and to verify the certificate against.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// The server's process id: its CPU time is read at the window's start and end.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
 }
 
 fn main() {
@@ -88,6 +133,31 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Echo { addr, conns, size, secs, warmup, cpu } => run_echo(&addr, conns, size, secs, warmup, cpu),
         Cmd::Hold { addr, conns, secs } => run_hold(&addr, conns, secs).map(|()| 0),
+        Cmd::H3 {
+            addr,
+            path,
+            conns,
+            inflight,
+            secs,
+            warmup,
+            cpu,
+            ca,
+            dangerous_skip_verify_loopback,
+            server_name,
+            server_pid,
+        } => h3load::run(h3load::Opts {
+            addr,
+            path,
+            conns,
+            inflight,
+            secs,
+            warmup,
+            cpu,
+            ca,
+            dangerous_skip_verify: dangerous_skip_verify_loopback,
+            server_name,
+            server_pid,
+        }),
     };
     match res {
         Ok(code) => std::process::exit(code),

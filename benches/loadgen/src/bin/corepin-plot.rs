@@ -7,7 +7,10 @@
 //!   echo_throughput_<size>.svg, echo_cpu_<size>.svg,
 //!   echo_latency_cdf_<size>_<conns>.svg (conns = 128 if present, else the largest),
 //!   files_cpu_vs_nginx.svg, https_cpu_vs_nginx.svg (server CPU per request of each server
-//!   relative to nginx's, by request kind).
+//!   relative to nginx's, by request kind),
+//!   h3_cpu_vs_quinn.svg (from "h3": [{"server", "size", "conns", "server_cpu_us_per_req",
+//!   "server_cpu_us_per_mb", ...}]: server CPU per request, or per MB for bodies of 1 MiB and
+//!   more, relative to the "quinn-tokio" peer's).
 //! Prints the path of every file written. Plots that cannot be drawn are
 //! skipped with a note on stderr. Bad input: one error line, exit 1.
 
@@ -33,6 +36,8 @@ struct Cli {
 const W: u32 = 900;
 const H: u32 = 560;
 const PREFERRED_CDF_CONNS: u64 = 128;
+/// The server the `h3` plot divides by: quinn + h3 on tokio (benches/peers, corepin-peer-h3).
+const H3_REFERENCE: &str = "quinn-tokio";
 
 /// One echo result, reduced to what the plots use.
 #[derive(Clone, Debug)]
@@ -204,15 +209,69 @@ fn load_vs_nginx(root: &Value, key: &str) -> VsNginx {
 
 /// Grouped bars: per request kind, each server's CPU per request divided by nginx's.
 fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathBuf>> {
+    let title = if key == "https" {
+        "HTTPS: server CPU per request relative to nginx (lower is better)"
+    } else {
+        "Files: server CPU per request relative to nginx (lower is better)"
+    };
+    plot_relative(dir, &format!("{key}_cpu_vs_nginx"), title, "nginx", "server CPU per request / nginx's", groups)
+}
+
+/// The `h3` results of `root`, grouped by request kind (body size and connections): each
+/// server's CPU per request, or per MB for bodies of 1 MiB and more.
+fn load_h3(root: &Value) -> VsNginx {
+    let mut out: VsNginx = Vec::new();
+    let Some(rows) = root.get("h3").and_then(Value::as_array) else { return out };
+    for (i, r) in rows.iter().enumerate() {
+        let (Some(server), Some(size), Some(conns)) =
+            (r.get("server").and_then(Value::as_str), uint(r, "size"), uint(r, "conns"))
+        else {
+            note(format!("h3[{i}]: missing \"server\", \"size\" or \"conns\"; skipped"));
+            continue;
+        };
+        let per_mb = size >= 1 << 20;
+        let cpu = if per_mb { num(r, "server_cpu_us_per_mb") } else { num(r, "server_cpu_us_per_req") };
+        let Some(cpu) = cpu else {
+            note(format!("h3[{i}]: no server CPU figure; skipped"));
+            continue;
+        };
+        // The big body's label stays short: the groups share 900 pixels.
+        let kind = if per_mb {
+            format!("{}, per MB", size_label(size))
+        } else {
+            format!("{}, {conns} conn{}", size_label(size), if conns == 1 { "" } else { "s" })
+        };
+        let at = match out.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                out.push((kind, Vec::new()));
+                out.len() - 1
+            }
+        };
+        out[at].1.push((server.to_string(), cpu));
+    }
+    out
+}
+
+/// Grouped bars: per request kind, each server's CPU divided by that of `reference` (the
+/// line at 1.0). Kinds without a `reference` result are left out.
+fn plot_relative(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    reference: &str,
+    y_desc: &str,
+    groups: &VsNginx,
+) -> Result<Option<PathBuf>> {
     let ratios: Vec<(String, Vec<(String, f64)>)> = groups
         .iter()
         .filter_map(|(kind, servers)| {
-            let nginx = servers.iter().find(|(s, _)| s == "nginx").map(|(_, v)| *v).filter(|v| *v > 0.0)?;
-            Some((kind.clone(), servers.iter().map(|(s, v)| (s.clone(), v / nginx)).collect()))
+            let base = servers.iter().find(|(s, _)| s == reference).map(|(_, v)| *v).filter(|v| *v > 0.0)?;
+            Some((kind.clone(), servers.iter().map(|(s, v)| (s.clone(), v / base)).collect()))
         })
         .collect();
     if ratios.is_empty() {
-        note(format!("{key}: no request kind has an nginx result; {key}_cpu_vs_nginx.svg skipped"));
+        note(format!("{stem}: no request kind has a {reference} result; {stem}.svg skipped"));
         return Ok(None);
     }
     let mut servers: Vec<String> = Vec::new();
@@ -225,15 +284,10 @@ fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathB
     }
     let g = ratios.len() as f64;
     let ymax = ratios.iter().flat_map(|(_, rs)| rs.iter().map(|(_, v)| *v)).fold(1.0f64, f64::max) * 1.2;
-    let path = dir.join(format!("{key}_cpu_vs_nginx.svg"));
+    let path = dir.join(format!("{stem}.svg"));
     {
         let root = SVGBackend::new(&path, (W, H)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let title = if key == "https" {
-            "HTTPS: server CPU per request relative to nginx (lower is better)"
-        } else {
-            "Files: server CPU per request relative to nginx (lower is better)"
-        };
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
@@ -254,7 +308,7 @@ fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathB
                     String::new()
                 }
             })
-            .y_desc("server CPU per request / nginx's")
+            .y_desc(y_desc)
             .y_label_formatter(&|v: &f64| format!("{v:.1}"))
             .axis_desc_style(("sans-serif", 18))
             .label_style(("sans-serif", 15))
@@ -313,6 +367,15 @@ fn run(cli: &Cli) -> Result<usize> {
         if !groups.is_empty() {
             emit(plot_vs_nginx(&cli.out_dir, key, &groups), format!("{key} against nginx"));
         }
+    }
+    let h3 = load_h3(&root);
+    if !h3.is_empty() {
+        let title = "HTTP/3: server CPU per request relative to quinn + h3 on tokio (lower is better)";
+        let y_desc = "server CPU per request (or MB) / the quinn peer's";
+        emit(
+            plot_relative(&cli.out_dir, "h3_cpu_vs_quinn", title, H3_REFERENCE, y_desc, &h3),
+            "h3 against quinn".into(),
+        );
     }
     Ok(written)
 }
