@@ -363,6 +363,12 @@ fn bind_tcp<F: corepin::ServiceFactory>(
     Ok((app, line))
 }
 
+/// Whether binding failed because the address is taken.
+fn in_use(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<corepin::tcp::ListenError>(), Some(corepin::tcp::ListenError::InUse { .. })))
+}
+
 /// Adds a service's collectors to the metrics registry.
 type AddMetrics = Box<dyn FnOnce(&mut corepin::metrics::Registry)>;
 
@@ -603,16 +609,23 @@ fn run_files(args: FilesArgs) -> Result<()> {
     let confinement = factory.root().confinement();
     let served = factory.root().path().to_path_buf();
     let tls = Tls::prepare(&args.tls, vec![b"http/1.1".to_vec()], p.cpus.len())?;
-    // HTTP/3 binds first, so that with port 0 TCP takes the port UDP was given.
-    let Beside { factory, listen, server: h3, lines: h3_lines, add_metrics: h3_metrics } =
-        h3_beside(&args, tls.as_ref(), factory, listen, &p)?;
+    // HTTP/3 binds first, so that with port 0 TCP takes the port UDP was given. That port can
+    // be taken on TCP (by any socket's ephemeral port): then both are bound again, a few times.
+    let mut attempt = 0;
+    let (Beside { server: h3, lines: h3_lines, add_metrics: h3_metrics, .. }, (app, joined)) = loop {
+        let beside = h3_beside(&args, tls.as_ref(), factory.clone(), listen, &p)?;
+        match bind_tcp(beside.listen, p.cpus.len(), beside.factory.clone(), args.common.takeover) {
+            Ok(bound) => break (beside, bound),
+            Err(e) if listen.port() == 0 && beside.server.is_some() && attempt < 8 && in_use(&e) => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
     // Keep some descriptors for listeners, rings, files being sent, the open-file caches and
     // the metrics endpoint.
     let cached = (args.open_file_cache * p.cpus.len()) as u64;
     let per_core = args
         .max_connections_per_core
         .unwrap_or_else(|| (nofile_limit().saturating_sub(256 + cached) / 2 / p.cpus.len() as u64).max(1) as usize);
-    let (app, joined) = bind_tcp(listen, p.cpus.len(), factory, args.common.takeover)?;
     let app = app.max_connections_per_core(per_core);
     let mut extra = vec![
         format!("root: {} (confined with {:?})", served.display(), confinement),
