@@ -13,8 +13,9 @@
 //! stream's flow control, so a 100 MiB file is never in memory. Reads are plain blocking
 //! `pread`s on the runtime's thread: the benchmark's files are in the page cache.
 //!
-//! GET and HEAD only (405 otherwise); 200 with content-type, content-length, last-modified,
-//! date and server fields, 404 for a missing or non-regular file or a path with `..`. There
+//! GET and HEAD only (405 otherwise); 200 with the fields `corepin h3` sends for the same
+//! file (content-type, content-length, last-modified, etag, accept-ranges, date, server), so
+//! both encode the same header section; 404 for a missing or non-regular file or a path with `..`. There
 //! is no cache invalidation, no range or conditional request: it is a benchmark peer. With
 //! `PEER_H3_DEBUG` set in its environment it prints why each connection ended.
 
@@ -194,6 +195,7 @@ struct Cached {
     body: Bytes,
     content_type: HeaderValue,
     last_modified: HeaderValue,
+    etag: HeaderValue,
 }
 
 type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -259,7 +261,7 @@ async fn answer(site: &Site, req: &http::Request<()>, stream: &mut Stream) -> Re
     let cached = site.cache.borrow().get(rel).cloned();
     if let Some(c) = cached {
         let len = c.body.len() as u64;
-        stream.send_response(ok(len, &c.content_type, &c.last_modified)).await?;
+        stream.send_response(ok(len, &c.content_type, &c.last_modified, &c.etag)).await?;
         if !head && len > 0 {
             stream.send_data(c.body.clone()).await?;
         }
@@ -279,21 +281,22 @@ async fn answer(site: &Site, req: &http::Request<()>, stream: &mut Stream) -> Re
         .ok()
         .and_then(|t| HeaderValue::from_str(&httpdate::fmt_http_date(t)).ok())
         .unwrap_or_else(|| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+    let etag = etag(&meta);
     if len <= site.memory_max {
         let body = Bytes::from(std::fs::read(&full)?);
         if body.len() as u64 != len {
             bail!("{} changed while being read", full.display());
         }
-        let c = Rc::new(Cached { body, content_type, last_modified });
+        let c = Rc::new(Cached { body, content_type, last_modified, etag });
         site.cache.borrow_mut().insert(rel.to_string(), Rc::clone(&c));
-        stream.send_response(ok(len, &c.content_type, &c.last_modified)).await?;
+        stream.send_response(ok(len, &c.content_type, &c.last_modified, &c.etag)).await?;
         if !head && len > 0 {
             stream.send_data(c.body.clone()).await?;
         }
         stream.finish().await?;
         return Ok(());
     }
-    stream.send_response(ok(len, &content_type, &last_modified)).await?;
+    stream.send_response(ok(len, &content_type, &last_modified, &etag)).await?;
     if !head {
         let mut pos = 0u64;
         while pos < len {
@@ -326,12 +329,22 @@ fn content_type(path: &Path) -> HeaderValue {
     HeaderValue::from_str(mime.as_ref()).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
 }
 
+/// The entity tag `corepin h3` gives the same file: `"len-mtime_ns-inode"` in hex.
+fn etag(meta: &std::fs::Metadata) -> HeaderValue {
+    use std::os::unix::fs::MetadataExt;
+    let nanos = meta.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    HeaderValue::from_str(&format!("\"{:x}-{:x}-{:x}\"", meta.len(), nanos, meta.ino()))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
 /// A 200 response head.
-fn ok(len: u64, content_type: &HeaderValue, last_modified: &HeaderValue) -> http::Response<()> {
-    let mut fields = HeaderMap::with_capacity(6);
+fn ok(len: u64, content_type: &HeaderValue, last_modified: &HeaderValue, etag: &HeaderValue) -> http::Response<()> {
+    let mut fields = HeaderMap::with_capacity(8);
     fields.insert(http::header::CONTENT_TYPE, content_type.clone());
     fields.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     fields.insert(http::header::LAST_MODIFIED, last_modified.clone());
+    fields.insert(http::header::ETAG, etag.clone());
+    fields.insert(http::header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())) {
         fields.insert(http::header::DATE, date);
     }

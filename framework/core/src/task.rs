@@ -103,48 +103,80 @@ pub enum Either<A, B> {
 
 /// Polls both futures and returns the first to finish (the first wins ties); the other is
 /// dropped. Only race futures whose drop loses nothing (see docs/cancellation.md).
-pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
-    let mut a = pin!(a);
-    let mut b = pin!(b);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+///
+/// A named future rather than an `async fn`, as are [`join`], [`timeout`] and the task
+/// [`spawn`] builds: an `async fn` that pins its arguments keeps each of them twice in its
+/// state (the argument and the pinned copy), so nested combinators multiplied the size of a
+/// request's future, and every spawn copies that whole size (docs/http3.md, "Measured").
+pub fn race<A: Future, B: Future>(a: A, b: B) -> Race<A, B> {
+    Race { a, b }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`race`].
+    #[must_use = "futures do nothing unless awaited"]
+    pub struct Race<A, B> {
+        #[pin]
+        a: A,
+        #[pin]
+        b: B,
+    }
+}
+
+impl<A: Future, B: Future> Future for Race<A, B> {
+    type Output = Either<A::Output, B::Output>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.a.poll(cx) {
             return Poll::Ready(Either::Left(v));
         }
-        if let Poll::Ready(v) = b.as_mut().poll(cx) {
+        if let Poll::Ready(v) = this.b.poll(cx) {
             return Poll::Ready(Either::Right(v));
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// Polls both futures until both have finished and returns both outputs: two halves of a
 /// connection driven from one task, say. Neither is dropped early.
-pub async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
-    let mut a = pin!(a);
-    let mut b = pin!(b);
-    let (mut ra, mut rb) = (None, None);
-    std::future::poll_fn(|cx| {
-        if ra.is_none() {
-            if let Poll::Ready(v) = a.as_mut().poll(cx) {
-                ra = Some(v);
+pub fn join<A: Future, B: Future>(a: A, b: B) -> Join<A, B> {
+    Join { a, b, ra: None, rb: None }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`join`].
+    #[must_use = "futures do nothing unless awaited"]
+    pub struct Join<A: Future, B: Future> {
+        #[pin]
+        a: A,
+        #[pin]
+        b: B,
+        ra: Option<A::Output>,
+        rb: Option<B::Output>,
+    }
+}
+
+impl<A: Future, B: Future> Future for Join<A, B> {
+    type Output = (A::Output, B::Output);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.ra.is_none() {
+            if let Poll::Ready(v) = this.a.poll(cx) {
+                *this.ra = Some(v);
             }
         }
-        if rb.is_none() {
-            if let Poll::Ready(v) = b.as_mut().poll(cx) {
-                rb = Some(v);
+        if this.rb.is_none() {
+            if let Poll::Ready(v) = this.b.poll(cx) {
+                *this.rb = Some(v);
             }
         }
-        match (ra.take(), rb.take()) {
-            (Some(x), Some(y)) => Poll::Ready((x, y)),
-            (x, y) => {
-                ra = x;
-                rb = y;
-                Poll::Pending
+        if this.ra.is_some() && this.rb.is_some() {
+            if let (Some(x), Some(y)) = (this.ra.take(), this.rb.take()) {
+                return Poll::Ready((x, y));
             }
         }
-    })
-    .await
+        Poll::Pending
+    }
 }
 
 /// Lets the core's other ready tasks run once before this one goes on, on every backend
@@ -171,10 +203,39 @@ pub struct Elapsed;
 
 /// Runs `fut` for at most `dur`. On timeout `fut` is dropped: use it for futures whose drop
 /// loses nothing, and [`read_timeout`] for reads.
-pub async fn timeout<R: Runtime, F: Future>(dur: Duration, fut: F) -> Result<F::Output, Elapsed> {
-    match race(fut, R::sleep(dur)).await {
-        Either::Left(v) => Ok(v),
-        Either::Right(()) => Err(Elapsed),
+///
+/// The clock starts when `fut` first has to wait: an operation that completes on its first
+/// poll (a request whose header section already arrived, a send the flow control takes at
+/// once) costs no timer at all.
+pub fn timeout<R: Runtime, F: Future>(dur: Duration, fut: F) -> impl Future<Output = Result<F::Output, Elapsed>> {
+    Timeout { fut, sleep: None, arm: Some(move || R::sleep(dur)) }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`timeout`]: `S` is the engine's sleep, built by `M` on the first wait.
+    struct Timeout<F, S, M> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: Option<S>,
+        arm: Option<M>,
+    }
+}
+
+impl<F: Future, S: Future<Output = ()>, M: FnOnce() -> S> Future for Timeout<F, S, M> {
+    type Output = Result<F::Output, Elapsed>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        if let Some(arm) = this.arm.take() {
+            this.sleep.set(Some(arm()));
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(Elapsed)),
+            _ => Poll::Pending,
+        }
     }
 }
 
@@ -328,28 +389,45 @@ where
     F::Output: 'static,
 {
     let state = Rc::new(RefCell::new(JoinState { result: None, waker: None }));
-    let st = state.clone();
-    R::spawn_detached(async move {
-        let out = CatchUnwind(fut).await;
-        let out = match out {
-            Ok(v) => Ok(v),
-            Err(msg) => {
+    R::spawn_detached(Spawned { fut: CatchUnwind(fut), state: Rc::clone(&state) });
+    JoinHandle { state }
+}
+
+pin_project_lite::pin_project! {
+    /// A task [`spawn`] started: `fut` with its panics caught, its output handed to the join
+    /// handle. A named future, so the engine's task holds `fut` once (see [`race`]).
+    struct Spawned<F: Future> {
+        #[pin]
+        fut: CatchUnwind<F>,
+        state: Rc<RefCell<JoinState<F::Output>>>,
+    }
+}
+
+impl<F: Future> Future for Spawned<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let out = match this.fut.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(v)) => Ok(v),
+            Poll::Ready(Err(msg)) => {
                 crate::worker::report_task_panic(&msg);
                 Err(Panicked(msg))
             }
         };
-        let mut s = st.borrow_mut();
+        let mut s = this.state.borrow_mut();
         s.result = Some(out);
         if let Some(w) = s.waker.take() {
             w.wake();
         }
-    });
-    JoinHandle { state }
+        Poll::Ready(())
+    }
 }
 
-/// Runs `fut`, catching a panic into `Err(message)` (used by the launcher for worker mains).
-pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
-    CatchUnwind(fut).await
+/// Runs `fut`, catching a panic into `Err(message)` (used by the launcher for worker mains,
+/// and by services around one connection or request).
+pub fn catch_panic<F: Future>(fut: F) -> impl Future<Output = Result<F::Output, String>> {
+    CatchUnwind(fut)
 }
 
 #[cfg(test)]

@@ -408,24 +408,65 @@ fn plan(files: &Files, req: &http::Request<()>) -> Plan {
     }
 }
 
-/// The response head of `plan`.
+thread_local! {
+    /// The `Date` value of the current second, per core: formatted once a second, and each
+    /// response takes a reference-counted copy.
+    static DATE: std::cell::RefCell<(u64, HeaderValue)> =
+        std::cell::RefCell::new((u64::MAX, HeaderValue::from_static("")));
+}
+
+/// The `Date` field's value now.
+fn date() -> HeaderValue {
+    let now = SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                *d = (secs, v);
+            }
+        }
+        d.1.clone()
+    })
+}
+
+/// The field name the plan calls `name` (the plan's names are fixed; the match saves a parse).
+fn field_name(name: &'static str) -> Option<HeaderName> {
+    use http::header;
+    Some(match name {
+        "Content-Type" => header::CONTENT_TYPE,
+        "Content-Range" => header::CONTENT_RANGE,
+        "Last-Modified" => header::LAST_MODIFIED,
+        "ETag" => header::ETAG,
+        "Accept-Ranges" => header::ACCEPT_RANGES,
+        "Location" => header::LOCATION,
+        "Allow" => header::ALLOW,
+        other => HeaderName::from_bytes(other.as_bytes()).ok()?,
+    })
+}
+
+/// The response head of `plan`. The values are written one after another into one buffer,
+/// and each field takes its slice of it: one allocation for the whole head.
 fn response(plan: &Plan) -> http::Response<()> {
+    use std::fmt::Write as _;
     let mut fields = HeaderMap::with_capacity(10);
+    let mut text = bytes::BytesMut::with_capacity(192);
     plan.headers.for_each_field(plan.status, |name, value| {
         // Every value the plan holds is visible ASCII; one that is not is left out rather
         // than sent broken.
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value.to_string()))
-        {
+        if write!(text, "{value}").is_err() {
+            text.clear();
+            return;
+        }
+        let value = text.split().freeze();
+        if let (Some(name), Ok(value)) = (field_name(name), HeaderValue::from_maybe_shared(value)) {
             fields.append(name, value);
         }
     });
     if let Some(len) = plan.headers.content_length {
         fields.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     }
-    if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())) {
-        fields.insert(http::header::DATE, date);
-    }
+    fields.insert(http::header::DATE, date());
     fields.insert(http::header::SERVER, HeaderValue::from_static("corepin"));
     let mut resp = http::Response::new(());
     *resp.status_mut() = http::StatusCode::from_u16(plan.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
