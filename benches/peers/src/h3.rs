@@ -21,6 +21,11 @@
 
 mod sys;
 
+/// The allocator `corepin` itself uses, so that the comparison is about how QUIC is driven,
+/// not about malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
