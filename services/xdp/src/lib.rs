@@ -13,8 +13,14 @@
 #![warn(missing_docs)]
 
 pub mod flows;
+pub mod ingest;
+pub mod packet;
+pub mod pcap;
 pub mod program;
 pub mod socket;
+pub mod xsk;
 
+pub use ingest::{Ingest, IngestConfig, IngestError, Prepared, Shared, Source, SourceChoice};
+pub use pcap::PcapConfig;
 pub use flows::{FlowCollector, FlowCounter, FlowKey, FlowStats, FlowTable, Flows};
 pub use program::{AttachMode, Attached, IngestProgram, QueueCounters, Verdict, XdpError};

@@ -80,27 +80,42 @@ impl std::fmt::Display for SocketSteering {
     }
 }
 
-/// Binds one socket per worker on `addr` (worker order), with destination addresses reported
-/// (`IP_PKTINFO`/`IPV6_RECVPKTINFO`), a receive buffer of `buffer` bytes when given (forced
-/// past `rmem_max` where the process may), and the CPU steering program.
+/// Binds one socket per worker on `addr` (worker order; an IPv6 `addr` is dual-stack, so IPv4
+/// peers come as v4-mapped addresses), each bound to `device` when given (`SO_BINDTODEVICE`),
+/// with destination addresses reported (`IP_PKTINFO`/`IPV6_RECVPKTINFO`), a receive buffer of
+/// `buffer` bytes when given (forced past `rmem_max` where the process may), and the CPU
+/// steering program.
 pub fn bind_group(
     addr: SocketAddr,
+    device: Option<&str>,
     cpus: &[usize],
     buffer: Option<usize>,
-) -> Result<(Vec<UdpSocket>, SocketSteering), corepin_core::tcp::ListenError> {
-    let sockets = corepin_core::udp::reuseport_group(addr, cpus.len(), buffer)?;
-    let bound = sockets[0].local_addr().unwrap_or(addr);
-    for s in &sockets {
-        corepin_core::udp::enable_cmsgs_with(s.as_raw_fd(), false)
-            .map_err(|source| corepin_core::tcp::ListenError::Io { addr: bound, source })?;
+) -> io::Result<(Vec<UdpSocket>, SocketSteering)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut sockets: Vec<UdpSocket> = Vec::with_capacity(cpus.len());
+    let mut bind_addr = addr;
+    for _ in 0..cpus.len().max(1) {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(false)?;
+        }
+        if let Some(dev) = device {
+            s.bind_device(Some(dev.as_bytes()))?;
+        }
         if let Some(bytes) = buffer {
-            // Root may go past net.core.rmem_max; for others this fails and the plain size
-            // set by reuseport_group stays.
-            let _ = socket2::SockRef::from(s).set_recv_buffer_size(bytes);
+            let _ = s.set_recv_buffer_size(bytes);
             force_recv_buffer(s.as_raw_fd(), bytes);
         }
+        s.bind(&bind_addr.into())?;
+        let socket: UdpSocket = s.into();
+        if bind_addr.port() == 0 {
+            bind_addr = socket.local_addr()?;
+        }
+        corepin_core::udp::enable_cmsgs_with(socket.as_raw_fd(), false)?;
+        sockets.push(socket);
     }
-    let steering = if cpus.len() == 1 {
+    let steering = if cpus.len() <= 1 {
         SocketSteering::OneWorker
     } else {
         match attach_steering(&sockets[0], cpus) {
@@ -250,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_batch_receives_every_queued_datagram_with_its_destination() {
-        let (sockets, steering) = bind_group("127.0.0.1:0".parse().unwrap(), &[0], Some(1 << 20)).unwrap();
+        let (sockets, steering) = bind_group("127.0.0.1:0".parse().unwrap(), None, &[0], Some(1 << 20)).unwrap();
         assert_eq!(steering, SocketSteering::OneWorker);
         let to = sockets[0].local_addr().unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -304,7 +319,7 @@ mod tests {
         }
         // Workers in reverse CPU order, so the index differs from the CPU number.
         let workers: Vec<usize> = cpus.iter().rev().copied().collect();
-        let (sockets, steering) = bind_group("127.0.0.1:0".parse().unwrap(), &workers, Some(1 << 20)).unwrap();
+        let (sockets, steering) = bind_group("127.0.0.1:0".parse().unwrap(), None, &workers, Some(1 << 20)).unwrap();
         assert_eq!(steering, SocketSteering::Cpu);
         let to = sockets[0].local_addr().unwrap();
         for (index, &cpu) in workers.iter().enumerate() {
