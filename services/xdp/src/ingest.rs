@@ -159,12 +159,60 @@ pub struct Prepared {
     pub fallback: Option<String>,
 }
 
-/// The RX queues of `interface` (from sysfs; 1 when it cannot tell).
+/// The RX queues of `interface` in the caller's network namespace: the driver's channel count
+/// (`ETHTOOL_GCHANNELS`), else sysfs (which shows the namespace sysfs was mounted in), else 1.
 pub fn rx_queues(interface: &str) -> u32 {
+    if let Some(n) = ethtool_rx_channels(interface) {
+        return n.max(1);
+    }
     std::fs::read_dir(format!("/sys/class/net/{interface}/queues"))
         .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count() as u32)
         .unwrap_or(1)
         .max(1)
+}
+
+/// `struct ethtool_channels` (linux/ethtool.h).
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx_count: u32,
+    tx_count: u32,
+    other_count: u32,
+    combined_count: u32,
+}
+
+const ETHTOOL_GCHANNELS: u32 = 0x3c;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+/// RX queues as the driver counts them: its RX-only plus combined channels.
+fn ethtool_rx_channels(interface: &str) -> Option<u32> {
+    let name = interface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut channels = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..EthtoolChannels::default() };
+    // SAFETY: all-zero is a valid ifreq (bytes and a union of integers and pointers).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut channels as *mut EthtoolChannels).cast();
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL reads the name from `req` and writes `channels`, which `req` points
+    // at and which lives across the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    (rc == 0).then_some(channels.rx_count + channels.combined_count)
 }
 
 fn euid() -> u32 {
