@@ -256,7 +256,7 @@ pub fn prepare(
         }
         crate::xsk::ifindex(interface)?;
         let (frames, shrunk) = crate::xsk::frames_for(queues.len(), cfg.frames);
-        let program = IngestProgram::attach(interface, cfg.port, mode)?;
+        let program = IngestProgram::attach_with(interface, cfg.port, crate::xsk::MAX_PACKET as u32, mode)?;
         Ok(Source::Xdp(XdpSetup {
             attached: program.attached(),
             program: Mutex::new(Some(program)),

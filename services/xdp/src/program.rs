@@ -31,11 +31,13 @@ pub enum Verdict {
     Malformed,
     /// Passed: for the port, but no socket is bound on this queue.
     NoSocket,
+    /// Passed: for the port, but longer than an AF_XDP frame holds.
+    TooBig,
 }
 
 impl Verdict {
     /// Every verdict, in the program's order.
-    pub const ALL: [Verdict; 7] = [
+    pub const ALL: [Verdict; 8] = [
         Verdict::Redirected,
         Verdict::NotIp,
         Verdict::NotUdp,
@@ -43,6 +45,7 @@ impl Verdict {
         Verdict::Fragment,
         Verdict::Malformed,
         Verdict::NoSocket,
+        Verdict::TooBig,
     ];
 
     /// The metrics label.
@@ -55,13 +58,14 @@ impl Verdict {
             Verdict::Fragment => "fragment",
             Verdict::Malformed => "malformed",
             Verdict::NoSocket => "no_socket",
+            Verdict::TooBig => "too_big",
         }
     }
 }
 
 /// One RX queue's counters, summed over CPUs, in [`Verdict::ALL`] order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueCounters(pub [u64; 7]);
+pub struct QueueCounters(pub [u64; 8]);
 
 impl QueueCounters {
     /// Packets with `verdict`.
@@ -158,7 +162,16 @@ impl IngestProgram {
     /// [`AttachMode::Auto`] tries native first and falls back to generic when the driver has no
     /// native XDP.
     pub fn attach(interface: &str, port: u16, mode: AttachMode) -> Result<Self, XdpError> {
-        let mut ebpf = EbpfLoader::new().override_global("port", &port, true).load(PROGRAM)?;
+        Self::attach_with(interface, port, 0, mode)
+    }
+
+    /// Like [`attach`](Self::attach), passing to the kernel every frame of the port longer
+    /// than `max_frame` bytes (the room of an AF_XDP frame; 0 for no limit).
+    pub fn attach_with(interface: &str, port: u16, max_frame: u32, mode: AttachMode) -> Result<Self, XdpError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("port", &port, true)
+            .override_global("max_frame", &max_frame, true)
+            .load(PROGRAM)?;
         let err = |source| XdpError::Program { interface: interface.to_string(), source };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)

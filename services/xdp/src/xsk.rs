@@ -19,6 +19,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// XDP headroom in copy mode.
 pub const FRAME_SIZE: usize = 2048;
 
+/// The longest packet a frame holds in copy mode: the frame less the kernel's
+/// `XDP_PACKET_HEADROOM` (256 bytes) in front of the data.
+pub const MAX_PACKET: usize = FRAME_SIZE - 256;
+
 /// Frames per socket when locked memory allows (8 MiB of UMEM).
 pub const DEFAULT_FRAMES: u32 = 4096;
 
