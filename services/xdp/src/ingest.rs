@@ -460,8 +460,7 @@ impl<F: DatagramServiceFactory> App for Ingest<F> {
             };
             let pcap = match &shared.cfg.pcap {
                 Some(p) => Some(
-                    PcapWriter::new(p.clone(), index, link)
-                        .map_err(|e| format!("pcap in {}: {e}", p.dir.display()))?,
+                    PcapWriter::new(p.clone(), index, link).map_err(|e| format!("pcap in {}: {e}", p.dir.display()))?,
                 ),
                 None => None,
             };
@@ -707,9 +706,7 @@ impl Collector for IngestCollector {
                 &c.frame_mistakes
             }),
             ("corepin_xsk_rx_ring_full", "Packets the kernel dropped: RX ring full", |c| &c.xsk_rx_ring_full),
-            ("corepin_xsk_fill_ring_empty", "Packets the kernel dropped: fill ring empty", |c| {
-                &c.xsk_fill_ring_empty
-            }),
+            ("corepin_xsk_fill_ring_empty", "Packets the kernel dropped: fill ring empty", |c| &c.xsk_fill_ring_empty),
             ("corepin_xsk_rx_dropped", "Packets the kernel dropped for other reasons", |c| &c.xsk_rx_dropped),
         ];
         for (name, help, field) in fields {
@@ -725,7 +722,8 @@ impl Collector for IngestCollector {
             for (q, c) in queues {
                 let q = q.to_string();
                 for v in Verdict::ALL {
-                    ConstCounter::new(c.get(v)).encode(m.encode_family(&[("queue", q.as_str()), ("verdict", v.name())])?)?;
+                    ConstCounter::new(c.get(v))
+                        .encode(m.encode_family(&[("queue", q.as_str()), ("verdict", v.name())])?)?;
                 }
             }
         }

@@ -20,7 +20,7 @@ pub mod program;
 pub mod socket;
 pub mod xsk;
 
+pub use flows::{FlowCollector, FlowCounter, FlowKey, FlowStats, FlowTable, Flows};
 pub use ingest::{Ingest, IngestConfig, IngestError, Prepared, Shared, Source, SourceChoice};
 pub use pcap::PcapConfig;
-pub use flows::{FlowCollector, FlowCounter, FlowKey, FlowStats, FlowTable, Flows};
 pub use program::{AttachMode, Attached, IngestProgram, QueueCounters, Verdict, XdpError};

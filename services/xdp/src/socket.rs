@@ -193,8 +193,7 @@ impl Batch {
         self.results.clear();
         let n = self.hdrs.len();
         for i in 0..n {
-            self.iovs[i] =
-                libc::iovec { iov_base: self.data[i * self.slot..].as_mut_ptr().cast(), iov_len: self.slot };
+            self.iovs[i] = libc::iovec { iov_base: self.data[i * self.slot..].as_mut_ptr().cast(), iov_len: self.slot };
             let hdr = recv_msghdr(&mut self.names[i], &mut self.iovs[i], &mut self.controls[i]);
             self.hdrs[i] = libc::mmsghdr { msg_hdr: hdr, msg_len: 0 };
         }

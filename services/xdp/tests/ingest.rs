@@ -403,10 +403,16 @@ fn xdp_source_in_namespaces<R: Runtime>(mode: AttachMode, expect: Attached) {
     let sent = exchange(&pair, port);
     run.stop_after(sent.len() as u64);
     let verdicts = run.shared.verdicts().expect("program counters");
-    eprintln!("{mode:?}: verdicts per queue: {:?}", verdicts
-        .iter()
-        .map(|(q, c)| (q, Verdict::ALL.iter().map(|v| (v.name(), c.get(*v))).filter(|(_, n)| *n > 0).collect::<Vec<_>>()))
-        .collect::<Vec<_>>());
+    eprintln!(
+        "{mode:?}: verdicts per queue: {:?}",
+        verdicts
+            .iter()
+            .map(|(q, c)| (
+                q,
+                Verdict::ALL.iter().map(|v| (v.name(), c.get(*v))).filter(|(_, n)| *n > 0).collect::<Vec<_>>()
+            ))
+            .collect::<Vec<_>>()
+    );
     let total = |v: Verdict| verdicts.iter().map(|(_, c)| c.get(v)).sum::<u64>();
     assert_eq!(total(Verdict::Redirected), sent.len() as u64, "every datagram for the port redirected once");
     assert_eq!(total(Verdict::NoSocket), 0, "every queue that got the port's traffic had a socket");
