@@ -342,3 +342,55 @@ fn xdp_in_namespaces_counts_exactly_and_leaves_nothing_after_sigterm_or_sigkill(
         assert!(!pair.program_attached());
     }
 }
+
+#[allow(dead_code)]
+#[path = "../examples/statsd.rs"]
+mod statsd;
+
+/// The statsd example's service, run in-process on every compiled backend over the socket
+/// source on loopback: the sums are exactly those of the lines sent, malformed lines aside.
+#[test]
+fn the_statsd_example_sums_counters_on_every_backend() {
+    use std::sync::Arc;
+    for kind in corepin::RuntimeKind::compiled() {
+        let cfg = corepin::LaunchConfig { cores: corepin::topology::CoreSelection::Count(2), ..Default::default() };
+        let cpus = cfg.plan().unwrap();
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ingest = corepin_xdp::IngestConfig::new(port);
+        let os: Vec<usize> = cpus.iter().map(|c| c.os).collect();
+        let prepared = corepin_xdp::ingest::prepare(
+            "lo",
+            &ingest,
+            corepin_xdp::SourceChoice::Socket,
+            corepin_xdp::AttachMode::Auto,
+            None,
+            &os,
+        )
+        .unwrap();
+        let totals = statsd::Totals::default();
+        let factory = statsd::StatsdFactory { totals: Arc::clone(&totals) };
+        let app = corepin_xdp::Ingest::new(prepared, ingest, cpus.len(), factory).unwrap();
+        let shared = Arc::clone(app.shared());
+        let server = corepin::start(kind, &cfg, &cpus, Arc::new(app)).unwrap();
+        shared.wait_ready(Duration::from_secs(10)).unwrap();
+        let tx: Vec<UdpSocket> = (0..8).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let mut want = std::collections::HashMap::new();
+        for i in 0..500i64 {
+            let name = format!("m{}", i % 7);
+            let line = format!("{name}:{i}|c\nnot a counter\nhits:1|c");
+            tx[i as usize % 8].send_to(line.as_bytes(), ("127.0.0.1", port)).unwrap();
+            *want.entry(name).or_insert(0) += i;
+            *want.entry("hits".to_string()).or_insert(0) += 1;
+            if i % 64 == 63 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while totals.lock().unwrap().get("hits").copied().unwrap_or(0) < 500 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server.shutdown_handle().drain();
+        server.wait().unwrap();
+        assert_eq!(*totals.lock().unwrap(), want, "on {kind}");
+    }
+}
