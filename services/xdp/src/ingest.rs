@@ -25,6 +25,9 @@ use crate::program::{AttachMode, Attached, IngestProgram, Verdict, XdpError};
 use crate::socket::{Batch, Slot, SocketSteering};
 use crate::xsk::{XskError, XskSocket};
 
+/// The largest UDP payload (IPv4: 65,535 less the headers), rounded up.
+const MAX_DATAGRAM: usize = 64 * 1024;
+
 /// Which source to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceChoice {
@@ -524,7 +527,9 @@ async fn run_socket<R: Runtime, S: DatagramService>(
         .ok_or_else(|| format!("no UDP socket prepared for worker {index}"))?;
     let watch = R::FdWatch::new(socket.as_raw_fd()).map_err(|e| format!("watching the UDP socket: {e}"))?;
     let counters = shared.counters.core(index);
-    let mut batch = Batch::new(shared.cfg.batch, 65_536.min(64 * 1024));
+    // Slots take the largest UDP datagram, so none is truncated; the pages of a slot are only
+    // committed once a datagram that long has used them.
+    let mut batch = Batch::new(shared.cfg.batch, MAX_DATAGRAM);
     shared.report(index, Ok(format!("worker {index} (cpu {}): UDP socket on {}", worker.info().cpu, setup.local)));
     loop {
         let n = batch.recv(socket.as_raw_fd()).map_err(|e| format!("recvmmsg: {e}"))?;
