@@ -462,7 +462,182 @@ pub fn socket_source_in_namespaces_takes_every_datagram_once<R: Runtime>() {
     check_exactly(&run, &sent);
 }
 
+// ---- malformed frames ---------------------------------------------------------------------
+
+/// The MAC address of `dev` in namespace `ns`.
+fn mac(ns: &str, dev: &str) -> [u8; 6] {
+    let out = Command::new("ip").args(["-n", ns, "link", "show", dev]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).expect("a MAC address");
+    let mut m = [0u8; 6];
+    for (b, h) in m.iter_mut().zip(hex.split(':')) {
+        *b = u8::from_str_radix(h, 16).unwrap();
+    }
+    m
+}
+
+/// Sends raw Ethernet frames on `dev` (in the calling thread's namespace) with AF_PACKET.
+fn send_frames(dev: &str, frames: &[Vec<u8>]) {
+    // SAFETY: plain socket creation; closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(ifindex, 0);
+    for f in frames {
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&f[..6]);
+        // SAFETY: `f` and `to` are live for the call; lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(n, f.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: our descriptor, closed once.
+    unsafe { libc::close(fd) };
+}
+
+/// An IPv4 header (with `options` words of options) and UDP header for `payload`, IHL as given.
+fn ipv4_udp(ihl: u8, frag: u16, dport: u16, payload: &[u8], udp_len: Option<u16>) -> Vec<u8> {
+    let opts = usize::from(ihl.max(5) - 5) * 4;
+    let total = 20 + opts + 8 + payload.len();
+    let mut ip = vec![0u8; 20 + opts];
+    ip[0] = 0x40 | ihl;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&[10, 77, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 77, 0, 2]);
+    for o in ip[20..].iter_mut() {
+        *o = 1; // NOP options
+    }
+    let mut sum = 0u32;
+    for c in ip.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    ip.extend_from_slice(&4444u16.to_be_bytes());
+    ip.extend_from_slice(&dport.to_be_bytes());
+    ip.extend_from_slice(&udp_len.unwrap_or(8 + payload.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it)
+    ip.extend_from_slice(payload);
+    ip
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], tags: &[u16], ethertype: u16, l3: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    for &t in tags {
+        f.extend_from_slice(&t.to_be_bytes());
+        f.extend_from_slice(&[0, 7]);
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+/// Malformed and unusual frames, injected raw from the peer: those the program cannot take
+/// are passed (counted by reason), the two well-formed ones in unusual dress (two VLAN tags,
+/// IPv4 options) reach the user service whole, one with a lying UDP length is redirected but
+/// refused by the parser, and the service goes on serving.
+pub fn malformed_frames_are_passed_and_nothing_breaks<R: Runtime>() {
+    if !root() {
+        return;
+    }
+    let pair = Pair::new();
+    // Room for a frame longer than an AF_XDP frame holds (veth's native XDP allows ~3.5 KB).
+    ip(&["-n", &pair.a, "link", "set", "va", "mtu", "3000"]);
+    ip(&["-n", &pair.b, "link", "set", "vb", "mtu", "3000"]);
+    let port = 47_400;
+    // A kernel socket on the same port: it gets only what the program passes.
+    let kernel = Pair::inside(&pair.b, || UdpSocket::bind(("10.77.0.2", port)).unwrap());
+    let mut run = Pair::inside(&pair.b, || Running::start::<R>("vb", port, SourceChoice::Xdp, AttachMode::Native));
+    let (dst, src) = (mac(&pair.b, "vb"), mac(&pair.a, "va"));
+    let (ip4, ip6, q) = (0x0800u16, 0x86ddu16, 0x8100u16);
+    let good = ipv4_udp(5, 0, port, b"two tags", None);
+    let mut v6_hbh = vec![0u8; 40 + 8 + 8];
+    v6_hbh[0] = 0x60;
+    v6_hbh[4..6].copy_from_slice(&16u16.to_be_bytes());
+    v6_hbh[6] = 0; // hop-by-hop options first
+    v6_hbh[7] = 64;
+    v6_hbh[8..24].copy_from_slice(&"fd77::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v6_hbh[24..40].copy_from_slice(&"fd77::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v6_hbh[40] = 17; // then UDP
+    let mut v6_frag = v6_hbh.clone();
+    v6_frag[6] = 44;
+    let frames = vec![
+        // Malformed: an IPv4 header cut short, an IHL below 5, a UDP header cut short.
+        ethernet(dst, src, &[], ip4, &good[..10]),
+        ethernet(dst, src, &[], ip4, &ipv4_udp(4, 0, port, b"bad ihl", None)),
+        ethernet(dst, src, &[], ip4, &good[..24]),
+        // Fragments: IPv4 with more-fragments set, IPv6 with a fragment header.
+        ethernet(dst, src, &[], ip4, &ipv4_udp(5, 0x2000, port, b"first fragment", None)),
+        ethernet(dst, src, &[], ip6, &v6_frag),
+        // Not UDP to the program: IPv6 behind a hop-by-hop header.
+        ethernet(dst, src, &[], ip6, &v6_hbh),
+        // Not IP past two tags: three VLAN tags.
+        ethernet(dst, src, &[q, q, q], ip4, &good),
+        // Taken: two VLAN tags; IPv4 with two words of options.
+        ethernet(dst, src, &[0x88a8, q], ip4, &good),
+        ethernet(dst, src, &[], ip4, &ipv4_udp(7, 0, port, b"with options", None)),
+        // Too long for an AF_XDP frame: passed to the kernel's socket instead.
+        ethernet(dst, src, &[], ip4, &ipv4_udp(5, 0, port, &[7u8; 2400], None)),
+        // Taken by the program, refused by the parser: a UDP length past the packet.
+        ethernet(dst, src, &[], ip4, &ipv4_udp(5, 0, port, b"lies", Some(400))),
+    ];
+    Pair::inside(&pair.a, || send_frames("va", &frames));
+    // Then ordinary traffic: still served.
+    let to: SocketAddr = ([10, 77, 0, 2], port).into();
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &pair.a, "ping", "-c", "1", "-W", "5", "10.77.0.2"])
+        .output()
+        .expect("ping");
+    assert!(ping.status.success());
+    let sent = Pair::inside(&pair.a, || send(IpAddr::from([10, 77, 0, 1]), to, 100, 200, 4, 9));
+    run.stop_after(102);
+    let verdicts = run.shared.verdicts().unwrap();
+    let total = |v: Verdict| verdicts.iter().map(|(_, c)| c.get(v)).sum::<u64>();
+    let show = format!("{:?}", Verdict::ALL.iter().map(|v| (v.name(), total(*v))).collect::<Vec<_>>());
+    eprintln!("verdicts: {show}");
+    assert_eq!(total(Verdict::Malformed), 3, "{show}");
+    assert_eq!(total(Verdict::Fragment), 2, "{show}");
+    assert!(total(Verdict::NotIp) >= 1, "three tags: {show}");
+    assert!(total(Verdict::NotUdp) >= 2, "hop-by-hop, ping: {show}");
+    assert_eq!(total(Verdict::Redirected), 3 + 100, "{show}");
+    assert_eq!(total(Verdict::TooBig), 1, "{show}");
+    kernel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = kernel.recv_from(&mut buf).expect("the long datagram reached the kernel's socket");
+    assert_eq!(&buf[..n], &[7u8; 2400][..]);
+    kernel.set_nonblocking(true).unwrap();
+    assert!(kernel.recv_from(&mut buf).is_err(), "and nothing else the program took");
+    let unparsed: u64 = (0..2).map(|c| run.shared.counters.core(c).unparsed.load(Ordering::Relaxed)).sum();
+    assert_eq!(unparsed, 1, "the lying UDP length");
+    let seen = run.seen.lock().unwrap();
+    let odd: Vec<&[u8]> =
+        seen.iter().map(|(_, _, _, p)| p.as_slice()).filter(|p| p == b"two tags" || p == b"with options").collect();
+    assert_eq!(odd.len(), 2, "both unusual but whole datagrams reached the service once");
+    assert_eq!(seen.len(), 2 + sent.len(), "and every ordinary one after them");
+}
+
 corepin::per_runtime_tests! {
+    malformed_frames_are_passed_and_nothing_breaks,
     socket_source_on_loopback_takes_every_datagram_once,
     socket_source_in_namespaces_takes_every_datagram_once,
     xdp_native_takes_every_datagram_once_and_passes_the_rest,
