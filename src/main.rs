@@ -935,6 +935,8 @@ fn run_xdp(args: XdpArgs) -> Result<()> {
     extra.extend(shared.describe());
     if let Some(why) = fallback {
         extra.push(format!("AF_XDP not used: {why}"));
+    } else if choice == SourceChoice::Socket {
+        extra.push("AF_XDP not used: --source socket".into());
     }
     if let Some(dir) = &args.pcap {
         extra.push(format!("pcap: {} (one series per core, rotated at {} MiB)", dir.display(), args.pcap_rotate_mb));

@@ -128,14 +128,24 @@ fn socket_source_on_loopback_counts_every_datagram_and_says_why_not_af_xdp() {
         let r = start(&[], &args, uid);
         assert!(r.banner.contains("source: UDP sockets on"), "{}", r.banner);
         assert!(r.banner.contains("AF_XDP not used: not root"), "{}", r.banner);
+        assert!(r.banner.contains("steering: SO_ATTACH_REUSEPORT_CBPF"), "{}", r.banner);
         let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let bytes = send("127.0.0.1", to, 2000, 16);
         let m = r.metrics;
         let text = wait_for(&|| scrape(m), "corepin_ingest_datagrams_all_cores_total", 2000);
         assert_eq!(sample(&text, "corepin_ingest_datagrams_all_cores_total"), 2000, "{runtime}");
         assert_eq!(sample(&text, "corepin_ingest_bytes_all_cores_total"), bytes, "{runtime}");
-        let flows = text.lines().filter(|l| l.starts_with("corepin_ingest_flow_packets_total{")).count();
-        assert_eq!(flows, 16, "{runtime}: one flow per source port");
+        // A flow is listed per core that saw it (the sender may move between CPUs, and its
+        // datagrams follow the CPU): count distinct (src, dst) and sum their packets.
+        let mut flows: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for l in text.lines().filter(|l| l.starts_with("corepin_ingest_flow_packets_total{")) {
+            let (labels, value) = l.rsplit_once(' ').unwrap();
+            let key = labels.split_once(",src=").unwrap().1.to_string();
+            *flows.entry(key).or_default() += value.parse::<u64>().unwrap();
+        }
+        assert_eq!(flows.len(), 16, "{runtime}: one flow per source port");
+        assert_eq!(flows.values().sum::<u64>(), 2000, "{runtime}: flows add up");
+        let flows = flows.len();
         eprintln!("{runtime}: 2000 datagrams, {bytes} bytes, {flows} flows");
         stop(r);
     }
@@ -303,6 +313,7 @@ fn xdp_in_namespaces_counts_exactly_and_leaves_nothing_after_sigterm_or_sigkill(
             "the ping passed"
         );
         assert_eq!(sample(&text, "corepin_xsk_frame_mistakes_all_cores_total"), 0);
+        assert_eq!(sample(&text, "corepin_ingest_source_info{source=\"af_xdp\",mode=\"native\"}"), 1);
         eprintln!(
             "{runtime}: 3000 datagrams, {bytes} bytes, queue 0: {}, queue 1: {}",
             redirected("0"),

@@ -717,6 +717,18 @@ impl Collector for IngestCollector {
         for (name, help, field) in fields {
             per_core_counter(&mut enc, name, help, None, n, |c, _| CoreCounters::get(field(s.counters.core(c))))?;
         }
+        {
+            use corepin_core::metrics::prometheus_client::metrics::gauge::ConstGauge;
+            let mut m = enc.encode_descriptor(
+                "corepin_ingest_source_info",
+                "Where datagrams come from: af_xdp (with the XDP program's attach mode) or socket",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            let mode = s.attached().map_or("none".to_string(), |a| a.to_string());
+            let source = s.source_kind().to_string();
+            ConstGauge::new(1i64).encode(m.encode_family(&[("source", source.as_str()), ("mode", mode.as_str())])?)?;
+        }
         if let Some(queues) = s.verdicts() {
             let mut m = enc.encode_descriptor(
                 "corepin_xdp_packets",
