@@ -137,6 +137,7 @@ pub struct XdpSetup {
     queues: Vec<u32>,
     frames: u32,
     shrunk: Option<String>,
+    replaced: Option<u32>,
 }
 
 /// The socket side: one socket per worker, taken by its worker.
@@ -261,6 +262,7 @@ pub fn prepare(
         let (frames, shrunk) = crate::xsk::frames_for(queues.len(), cfg.frames);
         let program = IngestProgram::attach_with(interface, cfg.port, crate::xsk::MAX_PACKET as u32, mode)?;
         Ok(Source::Xdp(XdpSetup {
+            replaced: program.replaced(),
             attached: program.attached(),
             program: Mutex::new(Some(program)),
             interface: interface.to_string(),
@@ -393,6 +395,12 @@ impl Shared {
                     "source: AF_XDP on {} RX queue(s) {:?}, XDP program attached in {} mode (bpf_link), port {}",
                     x.interface, x.queues, x.attached, self.cfg.port
                 )];
+                if let Some(id) = x.replaced {
+                    v.push(format!(
+                        "replaced XDP program id {id} that an earlier run left on {} (attached through netlink)",
+                        x.interface
+                    ));
+                }
                 if let Some(s) = &x.shrunk {
                     v.push(s.clone());
                 } else {

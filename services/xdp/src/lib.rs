@@ -14,6 +14,7 @@
 
 pub mod flows;
 pub mod ingest;
+pub mod legacy;
 pub mod packet;
 pub mod pcap;
 pub mod program;

@@ -133,6 +133,35 @@ pub enum XdpError {
         /// The cause.
         source: aya::maps::MapError,
     },
+    /// Another XDP program is on the interface and is not to be replaced.
+    #[error(
+        "{interface} already has an XDP program (id {id}, {name:?}, {mode} mode): {}",
+        if *held { "a running process holds it through a bpf_link (another corepin xdp?)" }
+        else { "not corepin's; remove it with `ip link set dev <interface> xdp off` if it may go" }
+    )]
+    Occupied {
+        /// The interface.
+        interface: String,
+        /// The program's id.
+        id: u32,
+        /// The program's name.
+        name: String,
+        /// `native` or `generic`.
+        mode: &'static str,
+        /// A live bpf_link holds it.
+        held: bool,
+    },
+    /// Asking rtnetlink about the interface's XDP program failed.
+    #[error("rtnetlink on {interface}: {source}")]
+    Netlink {
+        /// The interface.
+        interface: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// No such interface in this network namespace.
+    #[error("no interface {0:?} (in this network namespace)")]
+    NoInterface(String),
     /// A queue beyond the maps' room.
     #[error("RX queue {0} is beyond the {MAX_QUEUES} queues the program has room for")]
     Queue(u32),
@@ -144,6 +173,7 @@ pub struct IngestProgram {
     interface: String,
     link: Option<XdpLinkId>,
     attached: Attached,
+    replaced: Option<u32>,
 }
 
 impl fmt::Debug for IngestProgram {
@@ -168,6 +198,7 @@ impl IngestProgram {
     /// Like [`attach`](Self::attach), passing to the kernel every frame of the port longer
     /// than `max_frame` bytes (the room of an AF_XDP frame; 0 for no limit).
     pub fn attach_with(interface: &str, port: u16, max_frame: u32, mode: AttachMode) -> Result<Self, XdpError> {
+        let replaced = replace_leftover(interface)?;
         let mut ebpf = EbpfLoader::new()
             .override_global("port", &port, true)
             .override_global("max_frame", &max_frame, true)
@@ -190,7 +221,13 @@ impl IngestProgram {
                 }
             },
         };
-        Ok(Self { ebpf, interface: interface.to_string(), link: Some(link), attached })
+        Ok(Self { ebpf, interface: interface.to_string(), link: Some(link), attached, replaced })
+    }
+
+    /// The id of a program of ours that an earlier run left attached through netlink and that
+    /// this one replaced.
+    pub fn replaced(&self) -> Option<u32> {
+        self.replaced
     }
 
     /// The mode the program runs in.
@@ -257,6 +294,38 @@ impl IngestProgram {
             .try_into()
             .map_err(|source| XdpError::Program { interface: interface.clone(), source })?;
         program.detach(link).map_err(|source| XdpError::Program { interface, source })
+    }
+}
+
+/// Removes a program of ours (by name) that an earlier run left on `interface` through
+/// netlink; refuses, naming it, any other program, or one a live process holds.
+fn replace_leftover(interface: &str) -> Result<Option<u32>, XdpError> {
+    let name = std::ffi::CString::new(interface).map_err(|_| XdpError::NoInterface(interface.to_string()))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(XdpError::NoInterface(interface.to_string()));
+    }
+    let netlink = |source| XdpError::Netlink { interface: interface.to_string(), source };
+    let Some(found) = crate::legacy::find(ifindex).map_err(netlink)? else { return Ok(None) };
+    let name = crate::legacy::program_name(found.id).unwrap_or_default();
+    let occupied = |held| XdpError::Occupied {
+        interface: interface.to_string(),
+        id: found.id,
+        name: name.clone(),
+        mode: if found.native { "native" } else { "generic" },
+        held,
+    };
+    if name != PROGRAM_NAME {
+        return Err(occupied(false));
+    }
+    match crate::legacy::remove(ifindex, &found) {
+        Ok(()) => {
+            tracing::warn!("replaced XDP program id {} that an earlier run left on {interface}", found.id);
+            Ok(Some(found.id))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(occupied(true)),
+        Err(e) => Err(netlink(e)),
     }
 }
 
