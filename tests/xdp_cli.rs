@@ -176,6 +176,23 @@ fn bad_arguments_and_refusals_give_one_line() {
             &["xdp", "--interface", "lo", "--port", "9", "--source", "xdp", "--queues", "5"],
         );
         assert!(e.contains("RX queue 5 is out of range"), "{e}");
+        // Loopback has no native XDP: the errno and a hint, in one line.
+        let e = common::one_error_line(
+            BIN,
+            &["xdp", "--interface", "lo", "--port", "9", "--source", "xdp", "--mode", "native", "--cores", "1"],
+        );
+        assert!(e.contains("Operation not supported (os error 95) (the driver has no native XDP"), "{e}");
+        // Without root: loading is refused, the errno and a hint, in one line.
+        let out = Command::new(BIN)
+            .args(["xdp", "--interface", "lo", "--port", "9", "--source", "xdp", "--cores", "1"])
+            .uid(65_534)
+            .gid(65_534)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+        assert!(e.contains("Operation not permitted (os error 1) (XDP programs need root"), "{e}");
     }
 }
 

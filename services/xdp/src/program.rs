@@ -111,27 +111,32 @@ impl fmt::Display for Attached {
     }
 }
 
-/// Loading or attaching failed.
+/// Loading or attaching failed. Each message holds the whole cause (aya's error chain,
+/// without its repetitions) and, for a known errno, what to check, so that it reads as one
+/// line; the causes are kept for callers that match on them.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
     /// The kernel refused the program or a map (no BPF support, no permission, verifier).
-    #[error("loading the XDP program: {0}")]
-    Load(#[from] aya::EbpfError),
+    #[error("loading the XDP program: {}", explain(cause))]
+    Load {
+        /// The cause.
+        cause: aya::EbpfError,
+    },
     /// Attaching, detaching or preparing the program failed.
-    #[error("XDP program on {interface}: {source}")]
+    #[error("XDP program on {interface}: {}", explain(cause))]
     Program {
         /// The interface.
         interface: String,
         /// The cause.
-        source: ProgramError,
+        cause: ProgramError,
     },
     /// Reading or writing one of the program's maps failed.
-    #[error("XDP map {map}: {source}")]
+    #[error("XDP map {map}: {}", explain(cause))]
     Map {
         /// The map's name.
         map: &'static str,
         /// The cause.
-        source: aya::maps::MapError,
+        cause: aya::maps::MapError,
     },
     /// Another XDP program is on the interface and is not to be replaced.
     #[error(
@@ -165,6 +170,52 @@ pub enum XdpError {
     /// A queue beyond the maps' room.
     #[error("RX queue {0} is beyond the {MAX_QUEUES} queues the program has room for")]
     Queue(u32),
+}
+
+impl From<aya::EbpfError> for XdpError {
+    fn from(cause: aya::EbpfError) -> Self {
+        XdpError::Load { cause }
+    }
+}
+
+/// `err` and its sources as one line, each part once (aya repeats its causes in its messages),
+/// with a hint for the errno at the bottom of the chain.
+fn explain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut errno = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let part = e.to_string();
+        // Keep only what this message adds to what is already said.
+        let mut tail = part.as_str();
+        while let Some(rest) = tail.split_once(": ") {
+            if text.contains(rest.0) {
+                tail = rest.1;
+            } else {
+                break;
+            }
+        }
+        if !tail.is_empty() && !text.contains(tail) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(tail);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            errno = io.raw_os_error();
+        }
+        cur = e.source();
+    }
+    let hint = match errno {
+        Some(libc::EPERM) | Some(libc::EACCES) => " (XDP programs need root: CAP_BPF and CAP_NET_ADMIN)",
+        Some(libc::ENOMEM) => " (locked memory: raise RLIMIT_MEMLOCK or run with CAP_IPC_LOCK)",
+        Some(libc::EOPNOTSUPP) => " (the driver has no native XDP: try --mode generic)",
+        Some(libc::EBUSY) | Some(libc::EEXIST) => " (another XDP program holds the interface)",
+        Some(libc::ENODEV) => " (no such interface)",
+        _ => "",
+    };
+    text.push_str(hint);
+    text
 }
 
 /// The ingest program, loaded and attached to one interface. Dropping it detaches it.
@@ -203,7 +254,7 @@ impl IngestProgram {
             .override_global("port", &port, true)
             .override_global("max_frame", &max_frame, true)
             .load(PROGRAM)?;
-        let err = |source| XdpError::Program { interface: interface.to_string(), source };
+        let err = |cause| XdpError::Program { interface: interface.to_string(), cause };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| err(ProgramError::UnexpectedProgramType))?
@@ -247,31 +298,31 @@ impl IngestProgram {
             return Err(XdpError::Queue(queue));
         }
         let mut map = self.xsks()?;
-        map.set(queue, socket.as_raw_fd(), 0).map_err(|source| XdpError::Map { map: "xsks", source })
+        map.set(queue, socket.as_raw_fd(), 0).map_err(|cause| XdpError::Map { map: "xsks", cause })
     }
 
     fn xsks(&mut self) -> Result<XskMap<&mut MapData>, XdpError> {
         let map = self
             .ebpf
             .map_mut("xsks")
-            .ok_or(XdpError::Map { map: "xsks", source: aya::maps::MapError::InvalidName { name: "xsks".into() } })?;
-        XskMap::try_from(map).map_err(|source| XdpError::Map { map: "xsks", source })
+            .ok_or(XdpError::Map { map: "xsks", cause: aya::maps::MapError::InvalidName { name: "xsks".into() } })?;
+        XskMap::try_from(map).map_err(|cause| XdpError::Map { map: "xsks", cause })
     }
 
     /// The counters of queues `0..queues`, each summed over CPUs.
     pub fn counters(&self, queues: u32) -> Result<Vec<QueueCounters>, XdpError> {
         let map = self.ebpf.map("counters").ok_or(XdpError::Map {
             map: "counters",
-            source: aya::maps::MapError::InvalidName { name: "counters".into() },
+            cause: aya::maps::MapError::InvalidName { name: "counters".into() },
         })?;
         let array: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| XdpError::Map { map: "counters", source })?;
+            PerCpuArray::try_from(map).map_err(|cause| XdpError::Map { map: "counters", cause })?;
         let mut out = Vec::with_capacity(queues.min(MAX_QUEUES) as usize);
         for q in 0..queues.min(MAX_QUEUES) {
             let mut c = QueueCounters::default();
             for (i, slot) in c.0.iter_mut().enumerate() {
                 let key = q * Verdict::ALL.len() as u32 + i as u32;
-                let per_cpu = array.get(&key, 0).map_err(|source| XdpError::Map { map: "counters", source })?;
+                let per_cpu = array.get(&key, 0).map_err(|cause| XdpError::Map { map: "counters", cause })?;
                 *slot = per_cpu.iter().sum();
             }
             out.push(c);
@@ -290,10 +341,10 @@ impl IngestProgram {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(XdpError::Program { interface: interface.clone(), source: ProgramError::UnexpectedProgramType })?
+            .ok_or(XdpError::Program { interface: interface.clone(), cause: ProgramError::UnexpectedProgramType })?
             .try_into()
-            .map_err(|source| XdpError::Program { interface: interface.clone(), source })?;
-        program.detach(link).map_err(|source| XdpError::Program { interface, source })
+            .map_err(|cause| XdpError::Program { interface: interface.clone(), cause })?;
+        program.detach(link).map_err(|cause| XdpError::Program { interface, cause })
     }
 }
 
