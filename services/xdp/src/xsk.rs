@@ -503,18 +503,23 @@ pub fn has_ipc_lock() -> bool {
 /// [`DEFAULT_FRAMES`], or fewer (a power of two, at least [`MIN_FRAMES`]) when
 /// `RLIMIT_MEMLOCK` binds; the second value says why it shrank.
 pub fn frames_for(sockets: usize, wanted: u32) -> (u32, Option<String>) {
-    let wanted = wanted.max(MIN_FRAMES).next_power_of_two();
-    if has_ipc_lock() {
-        return (wanted, None);
-    }
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `r` is a valid out-parameter.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
-        return (wanted, None);
-    }
-    let per_socket = r.rlim_cur / sockets.max(1) as u64;
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+        None
+    } else {
+        Some(r.rlim_cur)
+    };
+    frames_within(sockets, wanted, if has_ipc_lock() { None } else { limit })
+}
+
+/// [`frames_for`] with the limit given: `None` when locked memory is not limited.
+fn frames_within(sockets: usize, wanted: u32, limit: Option<u64>) -> (u32, Option<String>) {
+    let wanted = wanted.max(MIN_FRAMES).next_power_of_two();
+    let Some(limit) = limit else { return (wanted, None) };
+    let per_socket = limit / sockets.max(1) as u64;
     // Rings take a few pages besides the UMEM; keep a quarter aside.
-    let fit = (per_socket * 3 / 4 / FRAME_SIZE as u64) as u32;
+    let fit = (per_socket * 3 / 4 / FRAME_SIZE as u64).min(u64::from(u32::MAX)) as u32;
     if fit >= wanted {
         return (wanted, None);
     }
@@ -522,7 +527,7 @@ pub fn frames_for(sockets: usize, wanted: u32) -> (u32, Option<String>) {
     let why = format!(
         "UMEM shrunk to {frames} frames of {FRAME_SIZE} B per queue (from {wanted}): RLIMIT_MEMLOCK is {} KiB \
          for {sockets} socket(s) and the process has no CAP_IPC_LOCK",
-        r.rlim_cur / 1024
+        limit / 1024
     );
     (frames, Some(why))
 }
@@ -532,10 +537,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_are_a_power_of_two_and_at_least_the_minimum() {
-        let (f, _) = frames_for(3, 1000);
-        assert!(f.is_power_of_two() && f >= MIN_FRAMES, "{f}");
-        let (f, _) = frames_for(1, 1);
+    fn the_umem_shrinks_to_the_locked_memory_limit_and_says_so() {
+        // Unlimited (or CAP_IPC_LOCK): what was asked, rounded up to a power of two.
+        assert_eq!(frames_within(2, 4096, None), (4096, None));
+        assert_eq!(frames_within(2, 1000, None), (1024, None));
+        // 8 MiB for one socket: 3/4 of it is 3072 frames, so 2048, said so.
+        let (f, why) = frames_within(1, 4096, Some(8 << 20));
+        assert_eq!(f, 2048);
+        let why = why.expect("a reason");
+        assert!(why.contains("UMEM shrunk to 2048 frames") && why.contains("8192 KiB"), "{why}");
+        // 8 MiB for four sockets: 768 frames fit, so 512 each.
+        assert_eq!(frames_within(4, 4096, Some(8 << 20)).0, 512);
+        // Enough room: no shrinking.
+        assert_eq!(frames_within(1, 4096, Some(64 << 20)), (4096, None));
+        // Almost nothing: the minimum, still said.
+        let (f, why) = frames_within(8, 4096, Some(64 << 10));
         assert_eq!(f, MIN_FRAMES);
+        assert!(why.is_some());
     }
 }
