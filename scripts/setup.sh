@@ -7,7 +7,9 @@
 # XDP tests make their own network namespaces and veth pairs), python3 with pip, and Python's
 # aioquic (PyPI), the independent HTTP/3 client of the h3 tests. `scripts/setup.sh --test` also
 # installs Chromium (the browser test: HTTPS, Alt-Svc, then HTTP/3) and ngtcp2's client (a second
-# independent HTTP/3 client, which also changes its address mid-transfer), `--bench` the peers the
+# independent HTTP/3 client, which also changes its address mid-transfer), tcpdump (reads the
+# ingest service's pcap files), ping and ethtool (the XDP tests' other traffic and veth offloads),
+# `--bench` the peers the
 # benchmarks measure against (nginx, wrk, redis-server). Idempotent: does nothing when
 # everything is already there.
 set -euo pipefail
@@ -16,7 +18,7 @@ pkgs=(libhwloc-dev pkg-config build-essential curl openssl redis-tools clang lin
 python3 -m pip --version >/dev/null 2>&1 || pkgs+=(python3 python3-pip)
 for arg in "$@"; do
   case "$arg" in
-    --test) pkgs+=(chromium ngtcp2-client) ;;
+    --test) pkgs+=(chromium ngtcp2-client tcpdump iputils-ping ethtool) ;;
     --bench) pkgs+=(nginx wrk redis-server) ;;
     *) echo "usage: scripts/setup.sh [--test] [--bench]" >&2; exit 2 ;;
   esac

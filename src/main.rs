@@ -38,6 +38,10 @@ enum Command {
     /// Static file server over HTTP/3 (QUIC): one endpoint per core, GET/HEAD, ranges,
     /// validators; without --cert/--key a self-signed certificate for localhost.
     H3(H3Args),
+    /// UDP ingest: the datagrams for one port taken off an interface (AF_XDP with corepin's
+    /// XDP program, or one SO_REUSEPORT socket per core), counted per flow, optionally written
+    /// to pcap files.
+    Xdp(XdpArgs),
     /// Prints the topology, the chosen cores and each compiled backend's capability report.
     Caps(CommonArgs),
 }
@@ -181,6 +185,42 @@ struct FilesArgs {
     /// --tls-cert).
     #[arg(long)]
     h3: bool,
+}
+
+#[derive(Args)]
+struct XdpArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The interface to take datagrams from.
+    #[arg(long)]
+    interface: String,
+    /// The UDP port to take.
+    #[arg(long)]
+    port: u16,
+    /// RX queues to serve, one per worker in worker order (`0,1` or `0-3`; default: all of
+    /// the interface's, up to one per worker).
+    #[arg(long)]
+    queues: Option<String>,
+    /// `xdp` (AF_XDP; fails if it cannot be set up), `socket` (SO_REUSEPORT UDP sockets), or
+    /// `auto`: AF_XDP when possible, else sockets, saying why.
+    #[arg(long, default_value = "auto")]
+    source: String,
+    /// XDP attach mode: `auto` (native where the driver has it, else generic), `native` or
+    /// `generic`.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Write each core's datagrams to pcap files in this directory.
+    #[arg(long)]
+    pcap: Option<PathBuf>,
+    /// Start the next pcap file before one passes this many MiB.
+    #[arg(long, default_value_t = 100, requires = "pcap")]
+    pcap_rotate_mb: u64,
+    /// Flows each core keeps counters for; beyond it the least recently seen is evicted.
+    #[arg(long, default_value_t = 65_536)]
+    flows_per_core: usize,
+    /// Serve Prometheus metrics on this address (its own listener and thread).
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 #[derive(Args)]
@@ -835,6 +875,105 @@ fn run_h3(_args: H3Args) -> Result<()> {
     anyhow::bail!("this build has no HTTP/3; rebuild with `--features h3`")
 }
 
+/// Parses `--queues`: comma-separated queue numbers and inclusive ranges (`0,2-3`).
+fn parse_queues(list: &str) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow::anyhow!("--queues {list:?}: {part:?} is not a queue number or a range like 0-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("--queues {list:?} names no queue");
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(q) = out.iter().find(|q| !seen.insert(**q)) {
+        anyhow::bail!("--queues {list:?} names queue {q} twice");
+    }
+    Ok(out)
+}
+
+fn run_xdp(args: XdpArgs) -> Result<()> {
+    use corepin_xdp::{AttachMode, IngestConfig, PcapConfig, SourceChoice};
+    let signals = corepin::Signals::install()?;
+    let p = prepare(&args.common)?;
+    let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
+    let choice = match args.source.as_str() {
+        "auto" => SourceChoice::Auto,
+        "xdp" => SourceChoice::Xdp,
+        "socket" => SourceChoice::Socket,
+        other => anyhow::bail!("--source {other:?} is not one of: auto, xdp, socket"),
+    };
+    let mode = match args.mode.as_str() {
+        "auto" => AttachMode::Auto,
+        "native" => AttachMode::Native,
+        "generic" => AttachMode::Generic,
+        other => anyhow::bail!("--mode {other:?} is not one of: auto, native, generic"),
+    };
+    let queues = args.queues.as_deref().map(parse_queues).transpose()?;
+    if args.port == 0 {
+        anyhow::bail!("--port must be a UDP port from 1 to 65535");
+    }
+    let mut cfg = IngestConfig::new(args.port);
+    cfg.flow_capacity = args.flows_per_core.max(1);
+    if let Some(dir) = &args.pcap {
+        if args.pcap_rotate_mb == 0 {
+            anyhow::bail!("--pcap-rotate-mb must be at least 1");
+        }
+        cfg.pcap = Some(PcapConfig { dir: dir.clone(), rotate_bytes: args.pcap_rotate_mb.saturating_mul(1 << 20) });
+    }
+    let cpus: Vec<usize> = p.cpus.iter().map(|c| c.os).collect();
+    let prepared = corepin_xdp::ingest::prepare(&args.interface, &cfg, choice, mode, queues.as_deref(), &cpus)
+        .with_context(|| format!("cannot take UDP port {} on {}", args.port, args.interface))?;
+    let fallback = prepared.fallback.clone();
+    let app = corepin_xdp::Ingest::new(prepared, cfg, cpus.len(), corepin::datagram::Discard)
+        .context("cannot prepare the ingest service")?;
+    let shared = Arc::clone(app.shared());
+    let mut extra = vec![format!("interface: {}", args.interface)];
+    extra.extend(shared.describe());
+    if let Some(why) = fallback {
+        extra.push(format!("AF_XDP not used: {why}"));
+    } else if choice == SourceChoice::Socket {
+        extra.push("AF_XDP not used: --source socket".into());
+    }
+    if let Some(dir) = &args.pcap {
+        extra.push(format!("pcap: {} (one series per core, rotated at {} MiB)", dir.display(), args.pcap_rotate_mb));
+    }
+    let server = corepin::start(p.kind, &p.cfg, &p.cpus, Arc::new(app))?;
+    let ready = shared.wait_ready(Duration::from_secs(30));
+    let lines = match ready {
+        Ok(lines) => lines,
+        Err(e) => {
+            server.shutdown_handle().close();
+            let _ = server.wait();
+            let _ = shared.detach();
+            anyhow::bail!("the ingest service did not start: {e}");
+        }
+    };
+    extra.extend(lines);
+    let mut registry = corepin::metrics::registry_for(&server);
+    shared.register(&mut registry);
+    let metrics = serve_metrics(metrics_addr, registry, &mut extra)?;
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, args.port));
+    print_banner("xdp", addr, &p, &server, &extra);
+    let result = server.wait_with(signals);
+    drop(metrics);
+    if let Err(e) = shared.detach() {
+        tracing::warn!("detaching the XDP program: {e}");
+    }
+    result?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
 fn run_caps(c: CommonArgs) -> Result<()> {
     let p = prepare(&c)?;
     write_out(&format!("topology: {}\ncores: {}\n", p.topology, describe_cores(&p.cpus)));
@@ -896,6 +1035,7 @@ fn main() -> ExitCode {
         Command::Echo(a) => run_echo(a),
         Command::Files(a) => run_files(a),
         Command::H3(a) => run_h3(a),
+        Command::Xdp(a) => run_xdp(a),
         Command::Caps(c) => run_caps(c),
     };
     match result {

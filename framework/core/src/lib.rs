@@ -1,7 +1,7 @@
 //! corepin-core: the runtime-agnostic heart of corepin.
 //!
 //! Owned-buffer I/O ([`buf`], [`io`], [`copy`](mod@copy)), the contract every backend implements ([`runtime`]),
-//! the service abstraction ([`service`]), the thread-per-core launcher ([`launcher`],
+//! the service abstraction ([`service`]) and its datagram counterpart ([`datagram`]), the thread-per-core launcher ([`launcher`],
 //! [`topology`], [`worker`]), cross-core messaging ([`mesh`]), the capability report
 //! ([`caps`]), the metrics endpoint every service registers with ([`metrics`]) and a
 //! page-cache probe that keeps disk reads off the worker ([`pagecache`]).
@@ -12,6 +12,7 @@
 pub mod buf;
 pub mod caps;
 pub mod copy;
+pub mod datagram;
 pub mod engine;
 pub mod io;
 pub mod launcher;
@@ -31,6 +32,7 @@ pub mod worker;
 pub use buf::{BufResult, EitherBuf, IoBuf, IoBufMut, Slice};
 pub use caps::Capabilities;
 pub use copy::{copy, copy_bidirectional};
+pub use datagram::{Datagram, DatagramService, DatagramServiceFactory, DatagramSource};
 pub use io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, CancelToken};
 pub use launcher::{App, AppError, LaunchConfig, LaunchError, Server, ShutdownHandle, Signals};
 pub use mesh::{post_to, submit_to};

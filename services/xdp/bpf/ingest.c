@@ -25,6 +25,7 @@ enum verdict {
 	PASS_FRAGMENT,   /* an IP fragment: only the kernel can reassemble it */
 	PASS_MALFORMED,  /* truncated headers, an IPv4 header length below 5 */
 	PASS_NO_SOCKET,  /* our port, but no socket on this queue */
+	PASS_TOO_BIG,    /* our port, but longer than an AF_XDP frame holds */
 	VERDICTS,
 };
 
@@ -46,6 +47,10 @@ struct {
 
 /* The UDP port to take, host byte order; set by the loader before the program is loaded. */
 volatile const __u16 port = 0;
+
+/* The longest frame an AF_XDP socket's UMEM frame holds (0: no limit); set by the loader. A
+ * longer one would be dropped by the socket, so it goes to the kernel instead. */
+volatile const __u32 max_frame = 0;
 
 struct vlan {
 	__be16 tci;
@@ -110,6 +115,8 @@ int corepin_ingest(struct xdp_md *ctx)
 		return count(queue, PASS_MALFORMED);
 	if (udp->dest != bpf_htons(port))
 		return count(queue, PASS_OTHER_PORT);
+	if (max_frame && data + max_frame < end)
+		return count(queue, PASS_TOO_BIG);
 	if (!bpf_map_lookup_elem(&xsks, &queue))
 		return count(queue, PASS_NO_SOCKET);
 	count(queue, REDIRECTED);

@@ -1,17 +1,27 @@
-//! AF_XDP packet ingest, the kernel half: corepin's own XDP program and its loader.
+//! corepin's UDP ingest service: datagrams for one port taken off an interface and handed to
+//! a user's [`DatagramService`](corepin_core::DatagramService), counted per flow, optionally
+//! written to pcap files.
 //!
-//! Owns: the program (`bpf/ingest.c`, compiled for BPF by `build.rs` with clang and embedded
-//! in the binary), loading it with the UDP port to take, attaching it to an interface
-//! (native, generic, or whichever the driver allows) through a `bpf_link` that the kernel
-//! removes if the process dies, detaching it on drop, the map that receives each RX queue's
-//! AF_XDP socket, and reading its per-queue, per-CPU counters.
+//! Two sources deliver them the same way: AF_XDP sockets fed by corepin's own XDP program
+//! ([`program`]: C compiled for BPF by `build.rs` and embedded; attached through a `bpf_link`
+//! the kernel removes if the process dies; per-queue, per-CPU verdict counters), or, where
+//! AF_XDP is unavailable, one `SO_REUSEPORT` UDP socket per worker ([`socket`]).
 //!
-//! Must not: touch packets in user space (the AF_XDP sockets and their UMEM are the worker's
-//! business), or drop anything: whatever is not for the port, or for a queue without a socket,
-//! goes on to the kernel.
+//! Must not: drop anything in the kernel (whatever is not for the port, or for a queue without
+//! a socket, goes on to the kernel's stack), or name a runtime.
 
 #![warn(missing_docs)]
 
+pub mod flows;
+pub mod ingest;
+pub mod legacy;
+pub mod packet;
+pub mod pcap;
 pub mod program;
+pub mod socket;
+pub mod xsk;
 
+pub use flows::{FlowCollector, FlowCounter, FlowKey, FlowStats, FlowTable, Flows};
+pub use ingest::{Ingest, IngestConfig, IngestError, Prepared, Shared, Source, SourceChoice};
+pub use pcap::PcapConfig;
 pub use program::{AttachMode, Attached, IngestProgram, QueueCounters, Verdict, XdpError};

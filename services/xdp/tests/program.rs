@@ -164,3 +164,37 @@ fn generic_mode_passes_everything_not_taken_and_counts_it() {
         exercise(AttachMode::Generic, Attached::Generic);
     }
 }
+
+/// The id of the XDP program `ip link` shows on `dev` in `ns`.
+fn shown_id(ns: &str, dev: &str) -> Option<u32> {
+    let shown = Command::new("ip").args(["-n", ns, "link", "show", dev]).output().unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout).to_string();
+    text.split("prog/xdp id ").nth(1).and_then(|r| r.split_whitespace().next()).map(|id| id.parse().unwrap())
+}
+
+/// A program of ours left on the interface through netlink (as a loader without bpf_links, or
+/// `ip link set ... xdp obj`, leaves it) is replaced on attach, saying which; while ours is
+/// held by a live bpf_link, a second attach is refused with the reason and changes nothing.
+#[test]
+fn a_program_left_through_netlink_is_replaced_and_a_live_one_is_not() {
+    if !root() {
+        return;
+    }
+    let pair = Pair::new();
+    let object = concat!(env!("OUT_DIR"), "/ingest.o");
+    ip(&["-n", &pair.b, "link", "set", "dev", "vb", "xdpgeneric", "obj", object, "sec", "xdp"]);
+    let left = shown_id(&pair.b, "vb").expect("the leftover is attached");
+    let program = Pair::inside(&pair.b, || IngestProgram::attach("vb", PORT, AttachMode::Auto)).expect("attach");
+    assert_eq!(program.replaced(), Some(left), "the leftover named as replaced");
+    assert_eq!(program.attached(), Attached::Native, "native is free once the generic leftover is gone");
+    let ours = shown_id(&pair.b, "vb").expect("ours is attached");
+    assert_ne!(ours, left);
+    let second = Pair::inside(&pair.b, || IngestProgram::attach("vb", PORT, AttachMode::Auto));
+    match second {
+        Err(e @ corepin_xdp::XdpError::Occupied { held: true, .. }) => eprintln!("second attach: {e}"),
+        other => panic!("a second attach must be refused as held by a bpf_link: {other:?}"),
+    }
+    assert_eq!(shown_id(&pair.b, "vb"), Some(ours), "the live program is untouched");
+    program.detach().unwrap();
+    assert_eq!(shown_id(&pair.b, "vb"), None, "nothing left after detach");
+}
