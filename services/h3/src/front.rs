@@ -412,7 +412,7 @@ thread_local! {
     /// The `Date` value of the current second, per core: formatted once a second, and each
     /// response takes a reference-counted copy.
     static DATE: std::cell::RefCell<(u64, HeaderValue)> =
-        std::cell::RefCell::new((u64::MAX, HeaderValue::from_static("")));
+        const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
 }
 
 /// The `Date` field's value now.
