@@ -297,12 +297,13 @@ async fn serve_request<R: Runtime>(
     shared: &CoreShared,
     early: bool,
 ) -> Result<(), H3Error> {
-    let started = Instant::now();
+    let files = &shared.files;
+    // The clock is read only for the access log's duration.
+    let started = files.config().access_log.then(Instant::now);
     let (req, mut stream) = match timeout::<R, _>(shared.cfg.header_timeout, resolver.resolve_request()).await {
         Ok(r) => r?,
         Err(_) => return Err(H3Error::HeaderTimeout),
     };
-    let files = &shared.files;
     let safe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let plan = if early && !safe {
         CoreCounters::add(&shared.metrics.core(shared.worker.info().index).too_early, 1);
@@ -314,7 +315,7 @@ async fn serve_request<R: Runtime>(
     let counters = files.counters();
     let result = respond::<R>(files, &mut stream, plan, shared.cfg.send_timeout).await;
     counters.response(status);
-    if files.config().access_log {
+    if let Some(started) = started {
         tracing::info!(
             target: "corepin::access",
             "\"{} {} HTTP/3\" {} {}us",

@@ -687,7 +687,9 @@ pub fn migrating_clients_keep_their_connection<R: Runtime>() {
         });
         // The connection's end is counted on its core once the server sees the close.
         let t = Instant::now();
-        while total(&srv.metrics, |c| &c.migrated) == 0 && t.elapsed() < Duration::from_secs(10) {
+        while (total(&srv.metrics, |c| &c.migrated) == 0 || total(&srv.metrics, |c| &c.open) != 0)
+            && t.elapsed() < Duration::from_secs(10)
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
         let m = &srv.metrics;
@@ -700,6 +702,12 @@ pub fn migrating_clients_keep_their_connection<R: Runtime>() {
         );
         assert_eq!(total(m, |c| &c.handshakes), 1, "{steering:?}: one connection throughout");
         assert_eq!(total(m, |c| &c.migrated), 1, "{steering:?}: counted as migrated");
+        // 16 MiB and more went out in packets of at most about 1,400 bytes; quinn's own
+        // statistics, added when the connection ended. Loss on loopback is rare but allowed.
+        let (sent, lost) = (total(m, |c| &c.packets_sent), total(m, |c| &c.packets_lost));
+        assert!(sent > 12_000, "{steering:?}: packets sent counted ({sent})");
+        assert!(lost < sent / 10, "{steering:?}: packets lost {lost} of {sent}");
+        assert_eq!(total(m, |c| &c.open), 0, "{steering:?}: no connection open after the close");
         assert_eq!(out, inn, "{steering:?}: every datagram forwarded is received by its owner");
         match steering {
             Steering::Bpf => assert_eq!(out, 0, "the program delivered every datagram to its core"),
@@ -708,6 +716,57 @@ pub fn migrating_clients_keep_their_connection<R: Runtime>() {
         }
         srv.stop();
     }
+}
+
+/// The per-core connection limit: with `max_connections_per_core: 1` and one core, a first
+/// connection is served and open (the gauge says 1), a second is refused while it lives (the
+/// client sees the connection refused; counted as refused, not as a handshake), and once the
+/// first has closed a new one is served again.
+pub fn connections_over_the_core_limit_are_refused_and_counted<R: Runtime>() {
+    let site = site();
+    let launch = LaunchConfig {
+        cores: CoreSelection::Count(1),
+        drain_timeout: Duration::from_secs(5),
+        ..LaunchConfig::default()
+    };
+    let cpus = launch.plan().unwrap();
+    let factory = FilesFactory::new(FilesConfig::new(&site.root), cpus.len()).unwrap();
+    let (certs, made) = CertStore::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+    let cfg = H3Config { max_connections_per_core: 1, ..H3Config::default() };
+    let app = H3Server::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), factory, Arc::new(certs), cfg).unwrap();
+    let (addr, metrics) = (app.local_addr(), Arc::clone(app.metrics()));
+    let server = Server::start::<R, _>(&launch, &cpus, Arc::new(app)).unwrap();
+    let srv = Srv { server: Some(server), addr, cert_pem: made.cert_pem, metrics, steering: SteeringReport::OneCore };
+    let m = &srv.metrics;
+    client_rt().block_on(async {
+        let ep = client_endpoint(&srv.cert_pem);
+        let first = connect(&ep, srv.addr).await;
+        assert_eq!(get(&first.send, "/4k.bin").await.status, 200);
+        assert_eq!(total(m, |c| &c.open), 1, "the first connection is open");
+        let second = tokio::time::timeout(Duration::from_secs(10), ep.connect(srv.addr, "localhost").unwrap())
+            .await
+            .expect("a refusal is prompt");
+        match second {
+            Err(quinn::ConnectionError::ConnectionClosed(_)) => {}
+            other => panic!("the second connection is refused at the limit, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(total(m, |c| &c.refused), 1, "the refusal is counted");
+        first.conn.close(0u32.into(), b"done");
+        drop(first);
+        // Once the server has seen the close, the core has room again.
+        let t = Instant::now();
+        while total(m, |c| &c.open) != 0 && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(total(m, |c| &c.open), 0, "the first connection's end is counted");
+        let third = connect(&ep, srv.addr).await;
+        assert_eq!(get(&third.send, "/4k.bin").await.status, 200, "served again below the limit");
+        third.conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    });
+    assert_eq!(total(m, |c| &c.handshakes), 2, "two connections completed their handshake");
+    assert_eq!(total(m, |c| &c.refused), 1);
+    srv.stop();
 }
 
 /// 0-RTT: off by default (a resuming client cannot send early data); with `zero_rtt` a client
@@ -805,6 +864,7 @@ corepin::per_runtime_tests! {
     retry_validates_addresses_always_or_above_a_rate,
     zero_rtt_serves_get_and_tells_other_methods_too_early,
     migrating_clients_keep_their_connection,
+    connections_over_the_core_limit_are_refused_and_counted,
     fetches_every_size_over_concurrent_streams,
     ranges_and_conditional_requests,
     traversal_attempts_get_4xx,
