@@ -574,9 +574,20 @@ async fn run_socket<R: Runtime, S: DatagramService>(
             services.user.on_datagram(&d);
         }
         end_batch(&mut services, counters);
+        if !between_batches(worker).await {
+            break;
+        }
     }
     finish(&mut services);
     Ok(())
+}
+
+/// After a batch: lets the core's other tasks run (a source under a constant flood never
+/// waits for its descriptor, and must not keep the core to itself), and says whether to go
+/// on (not once the worker drains: a flood must not hold up a stop).
+async fn between_batches(worker: &Worker) -> bool {
+    corepin_core::task::yield_now().await;
+    !worker.is_draining()
 }
 
 fn end_batch<S: DatagramService>(s: &mut CoreServices<S>, counters: &IngestCounters) {
@@ -666,6 +677,9 @@ async fn run_xsk<R: Runtime, S: DatagramService>(
         xsk.release(&packets);
         end_batch(&mut services, counters);
         publish_frames(&xsk, counters);
+        if !between_batches(worker).await {
+            break;
+        }
     }
     finish(&mut services);
     publish_xsk(&xsk, counters);
