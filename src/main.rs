@@ -282,6 +282,10 @@ struct H3Args {
     /// Otherwise, send a Retry to attempts beyond this many per second on a core.
     #[arg(long, default_value_t = corepin_h3::DEFAULT_RETRY_ABOVE)]
     retry_above: u32,
+    /// Seconds each server connection ID is used before it is replaced by a new one (which
+    /// names the same core); 0 keeps them for the connection's life.
+    #[arg(long, default_value_t = corepin_h3::DEFAULT_CID_LIFETIME.as_secs_f64())]
+    cid_lifetime: f64,
 }
 
 struct Prepared {
@@ -790,6 +794,10 @@ fn h3_banner_lines(app: &corepin_h3::H3Server) -> Vec<String> {
         ),
         format!("h3: UDP offloads: {}", app.offloads()),
         format!("h3: connection steering: {}", app.steering()),
+        match app.cid_lifetime() {
+            Some(d) => format!("h3: connection IDs are replaced every {} s (--cid-lifetime)", d.as_secs_f64()),
+            None => "h3: connection IDs are kept for each connection's life (--cid-lifetime 0)".to_string(),
+        },
     ]
 }
 
@@ -829,6 +837,7 @@ fn run_h3(args: H3Args) -> Result<()> {
         steering,
         zero_rtt: args.zero_rtt,
         retry,
+        cid_lifetime: if args.cid_lifetime == 0.0 { None } else { Some(seconds("cid-lifetime", args.cid_lifetime)?) },
         max_concurrent_streams: args.max_streams.max(1),
         max_connections_per_core: args.max_connections_per_core.max(1),
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,

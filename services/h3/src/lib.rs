@@ -81,6 +81,11 @@ pub struct H3Config {
     pub zero_rtt: bool,
     /// When a client must prove its address with a Retry round trip before its handshake.
     pub retry: Retry,
+    /// How long each of the server's connection IDs is used before quinn issues a new one
+    /// and retires the old (RFC 9000 §5.1.2), so that a long connection cannot be followed
+    /// across address changes by one identifier; `None`: never retired. Every new ID names the
+    /// same core, so steering is unaffected.
+    pub cid_lifetime: Option<Duration>,
 }
 
 /// When to answer a new connection attempt with a Retry (RFC 9000 §8.1.2), which costs an
@@ -117,9 +122,13 @@ impl Default for H3Config {
             steering: Steering::default(),
             zero_rtt: false,
             retry: Retry::default(),
+            cid_lifetime: Some(DEFAULT_CID_LIFETIME),
         }
     }
 }
+
+/// How long a server connection ID is used by default before it is rotated.
+pub const DEFAULT_CID_LIFETIME: Duration = Duration::from_secs(600);
 
 /// Setting the server up failed.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +260,11 @@ impl H3Server {
         &self.steering
     }
 
+    /// How long each server connection ID lives before it is rotated (`None`: never).
+    pub fn cid_lifetime(&self) -> Option<Duration> {
+        self.cfg.cid_lifetime
+    }
+
     fn steers(&self) -> bool {
         matches!(self.steering, SteeringReport::Bpf | SteeringReport::Forward(_))
     }
@@ -356,9 +370,13 @@ impl App for H3Server {
         let mut socket = CoreUdpSocket::<R>::adopt(socket)
             .map_err(|e| AppError::msg(format!("adopting the UDP socket on core {}: {e}", worker.info().cpu)))?;
         let mut endpoint_config = self.endpoint_config.clone();
+        // Every mode uses this generator (its IDs name the core whether or not anything routes
+        // by them), so rotation and the count of issued IDs are the same in all of them.
+        let (workers, lifetime, metrics) = (self.workers, self.cfg.cid_lifetime, Arc::clone(&self.metrics));
+        endpoint_config.cid_generator(move || {
+            Box::new(steer::CoreCids::new(index, workers).with_lifetime(lifetime).counted(Arc::clone(&metrics)))
+        });
         if self.steers() {
-            let workers = self.workers;
-            endpoint_config.cid_generator(move || Box::new(steer::CoreCids::new(index, workers)));
             socket = socket
                 .with_forwarding(Forwarding {
                     core: index,

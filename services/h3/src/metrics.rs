@@ -35,6 +35,8 @@ pub struct CoreH3Counters {
     pub forwarded_out: AtomicU64,
     /// Datagrams other cores handed to this core.
     pub forwarded_in: AtomicU64,
+    /// Connection IDs this core issued (at each handshake, then one per rotation).
+    pub cids_issued: AtomicU64,
 }
 
 /// The counters of every core.
@@ -120,6 +122,14 @@ impl Collector for H3Collector {
             None,
             n,
             |c, _| get(&m.core(c).migrated),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_quic_connection_ids_issued",
+            "Connection IDs issued: at each handshake, then one per rotation (--cid-lifetime)",
+            None,
+            n,
+            |c, _| get(&m.core(c).cids_issued),
         )?;
         per_core_counter(
             &mut enc,

@@ -31,9 +31,14 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
+use corepin_core::worker::CoreCounters;
+
 use quinn::{ConnectionId, ConnectionIdGenerator};
+
+use crate::metrics::H3Metrics;
 
 /// Length of the server's connection IDs.
 pub const CID_LEN: usize = 8;
@@ -104,13 +109,34 @@ pub struct CoreCids {
     core: u8,
     cores: u16,
     rng: ring::rand::SystemRandom,
+    lifetime: Option<Duration>,
+    issued: Option<Arc<H3Metrics>>,
 }
 
 impl CoreCids {
-    /// The generator of core `core` of `cores` (`cores <= MAX_CORES`).
+    /// The generator of core `core` of `cores` (`cores <= MAX_CORES`); its IDs are never
+    /// retired.
     pub fn new(core: usize, cores: usize) -> Self {
         assert!((1..=MAX_CORES).contains(&cores) && core < cores, "core {core} of {cores}");
-        Self { core: core as u8, cores: cores as u16, rng: ring::rand::SystemRandom::new() }
+        Self {
+            core: core as u8,
+            cores: cores as u16,
+            rng: ring::rand::SystemRandom::new(),
+            lifetime: None,
+            issued: None,
+        }
+    }
+
+    /// Each ID is retired and replaced after `lifetime` (`None`: never).
+    pub fn with_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// Counts each ID made in the core's `cids_issued`.
+    pub fn counted(mut self, metrics: Arc<H3Metrics>) -> Self {
+        self.issued = Some(metrics);
+        self
     }
 }
 
@@ -125,6 +151,9 @@ impl ConnectionIdGenerator for CoreCids {
         let spread = MAX_CORES as u16 / cores; // choices of k with k * cores + core < 256
         let k = u16::from(bytes[0]) % spread;
         bytes[0] = (k * cores + u16::from(self.core)) as u8;
+        if let Some(m) = &self.issued {
+            CoreCounters::add(&m.core(usize::from(self.core)).cids_issued, 1);
+        }
         ConnectionId::new(&bytes)
     }
 
@@ -133,7 +162,7 @@ impl ConnectionIdGenerator for CoreCids {
     }
 
     fn cid_lifetime(&self) -> Option<Duration> {
-        None
+        self.lifetime
     }
 }
 

@@ -718,6 +718,50 @@ pub fn migrating_clients_keep_their_connection<R: Runtime>() {
     }
 }
 
+/// Connection-ID rotation: with a 150 ms lifetime, a connection kept busy for 2 s is issued a
+/// new ID again and again (the count grows by more than ten), every request on it is served,
+/// and with the BPF program steering on two cores no datagram needs forwarding: each new ID
+/// names the connection's core. Without a lifetime the count does not move after the
+/// handshake.
+pub fn connection_ids_rotate_and_still_reach_their_core<R: Runtime>() {
+    let site = site();
+    for lifetime in [None, Some(Duration::from_millis(150))] {
+        let cfg = H3Config {
+            cid_lifetime: lifetime,
+            steering: Steering::Bpf,
+            drain_timeout: Duration::from_secs(10),
+            ..H3Config::default()
+        };
+        let srv = serve_cfg::<R>(&site, cfg);
+        assert_eq!(srv.steering, SteeringReport::Bpf, "the program attaches here");
+        let m = &srv.metrics;
+        let (at_start, at_end) = client_rt().block_on(async {
+            let ep = client_endpoint(&srv.cert_pem);
+            let c = connect(&ep, srv.addr).await;
+            assert_eq!(get(&c.send, "/4k.bin").await.status, 200);
+            let at_start = total(m, |c| &c.cids_issued);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(2) {
+                let ans = get(&c.send, "/4k.bin").await;
+                assert_eq!(ans.status, 200, "{lifetime:?}: served while IDs rotate");
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            let at_end = total(m, |c| &c.cids_issued);
+            c.conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+            (at_start, at_end)
+        });
+        eprintln!("{}: lifetime {lifetime:?}: IDs issued {at_start} after the handshake, {at_end} after 2 s", R::NAME);
+        assert!(at_start > 0, "the handshake's IDs are counted");
+        match lifetime {
+            None => assert_eq!(at_end, at_start, "no rotation without a lifetime"),
+            Some(_) => assert!(at_end >= at_start + 10, "IDs rotated: {at_start} -> {at_end}"),
+        }
+        assert_eq!(total(m, |c| &c.forwarded_out), 0, "{lifetime:?}: every rotated ID reached its core");
+        srv.stop();
+    }
+}
+
 /// The per-core connection limit: with `max_connections_per_core: 1` and one core, a first
 /// connection is served and open (the gauge says 1), a second is refused while it lives (the
 /// client sees the connection refused; counted as refused, not as a handshake), and once the
@@ -865,6 +909,7 @@ corepin::per_runtime_tests! {
     zero_rtt_serves_get_and_tells_other_methods_too_early,
     migrating_clients_keep_their_connection,
     connections_over_the_core_limit_are_refused_and_counted,
+    connection_ids_rotate_and_still_reach_their_core,
     fetches_every_size_over_concurrent_streams,
     ranges_and_conditional_requests,
     traversal_attempts_get_4xx,
