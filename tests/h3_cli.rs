@@ -269,6 +269,73 @@ fn files_tls_h3_serves_https_and_http3_on_one_port_and_advertises_it() {
     }
 }
 
+/// `files --tls --h3` keeps one open-file cache (and one memory cache) per core for both
+/// protocols: on one core, a page fetched over HTTPS and then over HTTP/3 is looked up once
+/// as a miss; the HTTP/3 lookup finds the entry HTTPS made. With a cache per front end it
+/// would miss again.
+#[test]
+fn files_tls_h3_answers_both_protocols_from_one_cache_per_core() {
+    if !aioquic() {
+        eprintln!("SKIPPED: aioquic is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let lookups = |text: &str, result: &str| -> u64 {
+        let key = format!("corepin_file_open_cache_lookups_all_cores_total{{result=\"{result}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    for kind in corepin::RuntimeKind::compiled() {
+        let server = start_with(
+            &[
+                "files",
+                "--tls",
+                "--h3",
+                "--runtime",
+                kind.name(),
+                "--cores",
+                "0-0",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+                "--drain-timeout",
+                "5",
+            ],
+            "metrics: http://",
+        );
+        let port = server.addr.port();
+        let (pem, _) = self_signed(&server.banner);
+        let metrics = server.banner.lines().find_map(|l| l.strip_prefix("metrics: ")).unwrap().trim().to_string();
+        let scrape = || {
+            String::from_utf8_lossy(&Command::new("curl").args(["-s", &metrics]).output().unwrap().stdout).to_string()
+        };
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &pem, "-o", "/dev/null"])
+            .arg(format!("https://localhost:{port}/index.html"))
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "{kind}: curl: {}", String::from_utf8_lossy(&out.stderr));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("services/h3/tests/aioquic_client.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--ca", &pem, "/index.html"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.starts_with("/index.html 200 "),
+            "{kind}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = scrape();
+        assert_eq!(lookups(&m, "miss"), 1, "{kind}: the page is opened once for both protocols\n{m}");
+        // Found: a hit, or past the 1 s validity window (aioquic's start can take longer), then
+        // checked again; either way not a second miss.
+        let found = lookups(&m, "hit") + lookups(&m, "expired");
+        assert!(found >= 1, "{kind}: the HTTP/3 request found the entry HTTPS made\n{m}");
+        server.stop();
+    }
+}
+
 #[test]
 fn chromium_finds_http3_through_alt_svc_and_uses_it_on_the_next_load() {
     if !chromium() {

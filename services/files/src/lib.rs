@@ -42,6 +42,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::io;
 use std::path::PathBuf;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,10 +184,42 @@ impl FilesFactory {
             root: Arc::clone(&self.root),
             metrics: Arc::clone(&self.metrics),
             core: worker.info().index,
-            cache: RefCell::new(Cache::new(self.cfg.cache_bytes)),
-            open_files: self.open_files(worker.info().index),
+            caches: self.caches_for(worker.info().index),
         }
     }
+
+    /// This core's caches: made by the first front end built on the core from this factory
+    /// or a clone of it (they share the counters), and shared by the next ones, so HTTP/1.1
+    /// and HTTP/3 in one process (`files --tls --h3`) answer from one memory cache and one set
+    /// of open files instead of keeping every file twice.
+    fn caches_for(&self, core: usize) -> Rc<CoreCaches> {
+        thread_local! {
+            /// Caches of this thread, by the counters' address of the factory family that made
+            /// them. Weak: they go when the last front end using them does (a live entry keeps
+            /// its factory's counters alive, so an address is not reused while it is here).
+            static CORE_CACHES: RefCell<Vec<(usize, Weak<CoreCaches>)>> = const { RefCell::new(Vec::new()) };
+        }
+        let family = Arc::as_ptr(&self.metrics) as usize;
+        CORE_CACHES.with(|all| {
+            let mut all = all.borrow_mut();
+            all.retain(|(_, c)| c.strong_count() > 0);
+            if let Some(c) = all.iter().find(|(f, _)| *f == family).and_then(|(_, c)| c.upgrade()) {
+                return c;
+            }
+            let c = Rc::new(CoreCaches {
+                cache: RefCell::new(Cache::new(self.cfg.cache_bytes)),
+                open_files: self.open_files(core),
+            });
+            all.push((family, Rc::downgrade(&c)));
+            c
+        })
+    }
+}
+
+/// One core's memory cache of small files and its open-file cache.
+struct CoreCaches {
+    cache: RefCell<Cache>,
+    open_files: RefCell<OpenFiles>,
 }
 
 impl ServiceFactory for FilesFactory {
@@ -206,8 +239,7 @@ pub struct Files {
     root: Arc<Root>,
     metrics: Arc<FileMetrics>,
     core: usize,
-    cache: RefCell<Cache>,
-    open_files: RefCell<OpenFiles>,
+    caches: Rc<CoreCaches>,
 }
 
 impl Files {

@@ -546,13 +546,13 @@ impl Files {
     /// Keeps the body of the small file `meta` describes (read whole for a [`Body::Fill`]) in
     /// this core's memory cache.
     pub fn remember(&self, meta: &Metadata, data: Bytes) {
-        self.cache.borrow_mut().insert(meta, data);
+        self.caches.cache.borrow_mut().insert(meta, data);
     }
 
     /// The open file `rel` names beneath the root and its metadata: from this core's open-file
     /// cache when it holds the path (no system call), else opened, looked at and remembered.
     fn open_known(&self, rel: &str) -> Result<(Rc<File>, Metadata), OpenError> {
-        let mut cache = self.open_files.borrow_mut();
+        let mut cache = self.caches.open_files.borrow_mut();
         let now = cache.enabled().then(Instant::now);
         if let Some(now) = now {
             let before = cache.invalidated();
@@ -564,7 +564,7 @@ impl Files {
             }
             // Bodies of files found changed go too: an in-place rewrite can keep size and mtime.
             if let Some(changed) = cache.take_changed() {
-                let mut bodies = self.cache.borrow_mut();
+                let mut bodies = self.caches.cache.borrow_mut();
                 changed.for_each(|(dev, ino)| bodies.forget(dev, ino));
             }
             if let Some(known) = hit {
@@ -643,7 +643,7 @@ impl Files {
             _ => RangeAnswer::Whole,
         };
         let memory_max = self.cfg.memory_max;
-        let cached = (len <= memory_max).then(|| self.cache.borrow().get(&meta)).flatten();
+        let cached = (len <= memory_max).then(|| self.caches.cache.borrow().get(&meta)).flatten();
         let mime = ContentType::of(name);
         let (status, content_type, content_range, content_length, extent) = match answer {
             RangeAnswer::Whole => {
