@@ -734,6 +734,27 @@ class Receiver:
 
 def start_receiver(pair: VethPair, source: str, mode: str, backend: str, layout: list[str],
                    stack: contextlib.ExitStack) -> Receiver:
+    """Starts `corepin xdp` in the receiving namespace. The kernel releases a closed AF_XDP
+    socket's hold on its queue after the process is gone (deferred work), so binding the same
+    queue again at once can fail with EBUSY for a short while: that is retried for up to 5 s."""
+    started, retried = time.monotonic(), False
+    while True:
+        try:
+            recv = start_receiver_once(pair, source, mode, backend, layout, stack)
+        except RuntimeError as e:
+            if "Device or resource busy" not in str(e) or time.monotonic() - started > 5:
+                raise
+            retried = True
+            time.sleep(0.1)
+            continue
+        if retried:
+            print(f"  (corepin xdp: EBUSY on AF_XDP bind, a queue still held by the previous run's socket; "
+                  f"started after {time.monotonic() - started:.1f} s)", flush=True)
+        return recv
+
+
+def start_receiver_once(pair: VethPair, source: str, mode: str, backend: str, layout: list[str],
+                        stack: contextlib.ExitStack) -> Receiver:
     cmd = ["ip", "netns", "exec", pair.b, str(TARGET / "corepin"), "xdp", "--interface", "vb", "--port",
            str(INGEST_PORT), "--source", source, "--mode", mode, "--runtime", backend, "--metrics", "127.0.0.1:0",
            "--drain-timeout", "5"] + layout
