@@ -337,7 +337,8 @@ fn content_type(path: &Path) -> HeaderValue {
 /// The entity tag `corepin h3` gives the same file: `"len-mtime_ns-inode"` in hex.
 fn etag(meta: &std::fs::Metadata) -> HeaderValue {
     use std::os::unix::fs::MetadataExt;
-    let nanos = meta.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let nanos =
+        meta.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     HeaderValue::from_str(&format!("\"{:x}-{:x}-{:x}\"", meta.len(), nanos, meta.ino()))
         .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
