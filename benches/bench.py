@@ -850,7 +850,8 @@ def ingest_point(pair: VethPair, recv: Receiver, label: str, layout: str, size: 
     drops2 = drops(pair, m2)
     window = b[0] - a[0]
     got = int(b[4].get(total, 0) - a[1].get(total, 0))
-    batches = b[4].get("corepin_ingest_batches_all_cores_total", 0) - a[1].get("corepin_ingest_batches_all_cores_total", 0)
+    batches_total = "corepin_ingest_batches_all_cores_total"
+    batches = b[4].get(batches_total, 0) - a[1].get(batches_total, 0)
     per_worker = [b[4].get(f'corepin_ingest_datagrams_total{{core="{c}"}}', 0)
                   - a[1].get(f'corepin_ingest_datagrams_total{{core="{c}"}}', 0) for c in range(2)]
     taken = int(m2.get(total, 0) - m0.get(total, 0))
@@ -988,7 +989,8 @@ def ingest_markdown(results: list[dict], prof: Profile, backend: str) -> str:
                 split = " / ".join(f"{p / 1e6:.2f}" for p in r["pps_per_worker"][:2 if layout == "2 workers" else 1])
                 rows.append(f"| {layout} | {r['source']} | {size} B | {r['sent_pps'] / 1e6:.2f} M | "
                             f"{r['pps'] / 1e6:.2f} M ({split}) | {r['loss']:.1%} | "
-                            f"{r['datagrams_per_batch'] or 0:.1f} | {fmt_ns(r['corepin_ns_per_pkt'])}{spread(r)} | {ratio} | "
+                            f"{r['datagrams_per_batch'] or 0:.1f} | {fmt_ns(r['corepin_ns_per_pkt'])}{spread(r)} | "
+                            f"{ratio} | "
                             f"{fmt_ns(r['machine_ns_per_pkt'])} | {r['limit']} |")
             rows.append(f"| {layout} | {INGEST_URING} | {size} B | | not measured: not in corepin's socket source "
                         "yet (issue 11) | | | | | | |")
@@ -1000,9 +1002,10 @@ def ingest_markdown(results: list[dict], prof: Profile, backend: str) -> str:
             f"in the sender's measured window ({prof.ingest_secs:g} s, after {prof.warmup:g} s of warm-up), in "
             "millions; loss: sent but never taken, over the whole run. corepin CPU: its process's user + system "
             f"time per datagram (of {prof.ingest_reps} run{'s' if prof.ingest_reps > 1 else ''} per point, the one "
-            "with the median figure, the range in parentheses; every run in ingest.json); machine CPU: all CPUs' busy time (sender, kernel, softirqs, corepin; niced "
-            "processes left out) per datagram. datagrams per batch: how many a worker took per wake-up, on "
-            "average (at most 64). "
+            "with the median figure, the range in parentheses; every run in ingest.json); machine CPU: all "
+            "CPUs' busy time (sender, kernel, softirqs, corepin; niced processes left out) per datagram. "
+            "datagrams per batch: how many a worker took per wake-up, on average (at most 64). ⚠: other "
+            "processes took 5% or more of the CPUs. "
             "On veth the kernel's receive path (XDP program, copy into the UMEM or the socket buffer) runs in "
             "the sender's softirq, so it shows in the machine figure, not in corepin's. vs socket: corepin CPU "
             f"per datagram divided by that of the {INGEST_BASE} source in the same run.\n\n" + "\n".join(rows) + "\n")
