@@ -24,6 +24,11 @@ returns its results and its markdown, and register it):
          (corepin-peer-h3: the same files, TLS and transport settings) under `corepin-loadgen h3`:
          requests/s and server CPU per request for a 16 B and a 4 KiB body at 1/10/100
          connections, MB/s and server CPU per MB for a 100 MiB body on one connection.
+* ingest `corepin xdp` taking UDP datagrams off a 2-queue veth pair between two network
+         namespaces made for the run (root only; skipped otherwise): AF_XDP native and generic
+         against the SO_REUSEPORT + recvmmsg socket source, 64 B and 1472 B payloads, sent by
+         `corepin-loadgen udp` (sendmmsg from pinned threads): datagrams/s, loss, corepin's
+         and the whole machine's CPU per datagram. Also benches/results/ingest.{json,md}.
 
 Method. The server runs pinned to CPU 0 with one worker, the load generator on CPU 1 (on a
 2-core machine the generator saturates its own core from about 16 connections on, so
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -47,13 +53,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-TARGET = REPO / "target" / "release"
+# Where cargo puts the binaries: CARGO_TARGET_DIR when set (relative to the repository, where
+# build() runs cargo), else target/.
+TARGET = REPO / os.environ.get("CARGO_TARGET_DIR", "target") / "release"
 RESULTS = REPO / "benches" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -74,13 +83,17 @@ class Profile:
     h3_conns: list[int]
     h3_big_secs: float
     h3_reps: int
+    ingest_sizes: list[int]
+    ingest_layouts: list[str]
+    ingest_secs: float
+    ingest_reps: int
 
 
 PROFILES = {
     "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"], ["--size", "1024"],
-                       [1, 10, 100], 4.0, 3),
+                       [1, 10, 100], 4.0, 3, [64, 1472], ["2 workers", "1 worker"], 3.0, 3),
     "quick": Profile([1, 16], [64], 0.5, 0.2, 1000, ["--secs", "1", "--warmup", "0"],
-                     ["--size", "64", "--rate", "100M"], [10], 1.0, 1),
+                     ["--size", "64", "--rate", "100M"], [10], 1.0, 1, [64], ["2 workers"], 0.5, 1),
 }
 
 
@@ -173,6 +186,8 @@ def loadgen(args: list[str]) -> dict:
 class Outcome:
     results: list[dict] = field(default_factory=list)
     markdown: str = ""
+    # Why the workload could not run here (e.g. it needs root); reported, not a failure.
+    skipped: str = ""
 
 
 def echo_servers(args: argparse.Namespace) -> list[str]:
@@ -574,6 +589,428 @@ def h3_markdown(results: list[dict], servers: list[str], prof: Profile) -> str:
     return "\n".join(parts)
 
 
+# ---- ingest ------------------------------------------------------------------------------
+
+INGEST_PORT = 47400
+# The sender's and the receiver's addresses, each only inside its own namespace.
+INGEST_ADDRS = ("10.79.0.1", "10.79.0.2")
+INGEST_PREFIX = "corepin-bench-"
+# (label, --source, --mode) of each source measured; the last is the one the others are
+# compared with.
+INGEST_SOURCES = (("AF_XDP native", "xdp", "native"), ("AF_XDP generic", "xdp", "generic"),
+                  ("socket (recvmmsg)", "socket", "auto"))
+INGEST_BASE = INGEST_SOURCES[-1][0]
+INGEST_URING = "socket (io_uring multishot RECVMSG)"
+# Per layout: corepin's --cores and --queues, the sender threads' CPUs, and each TX queue's
+# CPUs for XPS (hex masks, queue 0 first) in the sender's namespace: the sender's TX queue is
+# the receiver's RX queue on veth, so this plays the part of a NIC's RSS + IRQ affinity.
+INGEST_LAYOUTS = {
+    "2 workers": (["--cores", "0-1", "--queues", "0,1"], [0, 1], ["1", "2"]),
+    "1 worker": (["--cores", "0-0", "--queues", "0"], [1], ["3", "0"]),
+}
+INGEST_SOURCE_PORTS = 64
+CLONE_NEWNET = 0x40000000
+
+
+def netns_call(ns: str, fn: Callable[[], object]) -> object:
+    """Runs `fn` on a thread that has entered network namespace `ns` (setns(2) changes only the
+    calling thread's namespace); returns its result or raises its exception."""
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/var/run/netns/{ns}") as f:
+                if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - carried to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("value")
+
+
+def ip(*args: str) -> str:
+    run = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if run.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {run.stderr.strip()}")
+    return run.stdout
+
+
+@dataclass
+class VethPair:
+    """Two network namespaces joined by a 2-queue veth pair: `va` (INGEST_ADDRS[0]) in `a`
+    sends, `vb` (INGEST_ADDRS[1]) in `b` receives."""
+    a: str
+    b: str
+
+    def remove(self) -> None:
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+    def set_xps(self, masks: list[str]) -> None:
+        writes = "; ".join(f"echo {m} > /sys/class/net/va/queues/tx-{q}/xps_cpus" for q, m in enumerate(masks))
+        ip("netns", "exec", self.a, "sh", "-c", writes)
+
+    def link_drops(self) -> tuple[int, int]:
+        """Packets the veth pair dropped: the sender side's TX drops (the receiving queue's ring
+        was full) and the receiver side's RX drops (with an XDP program: its redirects that
+        failed, e.g. into a full XSK RX ring)."""
+        out = []
+        for ns, dev, way in ((self.a, "va", "tx"), (self.b, "vb", "rx")):
+            link = json.loads(ip("-n", ns, "-s", "-j", "link", "show", dev))[0]
+            out.append(int(link["stats64"][way]["dropped"]))
+        return out[0], out[1]
+
+
+def remove_stale_namespaces() -> None:
+    """Removes the namespaces of earlier runs whose process is gone (killed before its cleanup)."""
+    for line in ip("netns", "list").splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if not name.startswith(INGEST_PREFIX):
+            continue
+        pid = name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def veth_pair(stack: contextlib.ExitStack) -> VethPair:
+    remove_stale_namespaces()
+    pid = os.getpid()
+    pair = VethPair(f"{INGEST_PREFIX}a-{pid}", f"{INGEST_PREFIX}b-{pid}")
+    stack.callback(pair.remove)  # before creating, so that a half-made pair goes too
+    ip("netns", "add", pair.a)
+    ip("netns", "add", pair.b)
+    ip("-n", pair.a, "link", "add", "va", "numtxqueues", "2", "numrxqueues", "2", "type", "veth", "peer", "name",
+       "vb", "numtxqueues", "2", "numrxqueues", "2", "netns", pair.b)
+    for ns, dev, addr in ((pair.a, "va", INGEST_ADDRS[0]), (pair.b, "vb", INGEST_ADDRS[1])):
+        ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+        ip("-n", ns, "link", "set", dev, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+    # Checksums finished by the sender, so that AF_XDP receives the frames a NIC would hand over.
+    subprocess.run(["ip", "netns", "exec", pair.a, "ethtool", "-K", "va", "tx", "off"], capture_output=True,
+                   timeout=30)
+    # Both neighbours resolved before the first datagram (unresolved, the sender's kernel
+    # queues a few and drops the rest).
+    ping = subprocess.run(["ip", "netns", "exec", pair.a, "ping", "-c", "1", "-W", "5", INGEST_ADDRS[1]],
+                          capture_output=True, text=True, timeout=30)
+    if ping.returncode != 0:
+        raise RuntimeError(f"ping across the veth pair failed: {ping.stdout.strip()} {ping.stderr.strip()}")
+    return pair
+
+
+@dataclass
+class Receiver:
+    proc: subprocess.Popen
+    metrics_port: int
+    banner: list[str]
+    ns: str
+
+    def scrape(self) -> dict[str, float]:
+        """The receiver's metrics (sample with labels -> value), read inside its namespace."""
+        def get() -> str:
+            with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=10) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+                chunks = []
+                while chunk := s.recv(1 << 16):
+                    chunks.append(chunk)
+            return b"".join(chunks).decode()
+
+        text = str(netns_call(self.ns, get))
+        out = {}
+        for line in text.split("\r\n\r\n", 1)[-1].splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
+
+
+def start_receiver(pair: VethPair, source: str, mode: str, backend: str, layout: list[str],
+                   stack: contextlib.ExitStack) -> Receiver:
+    """Starts `corepin xdp` in the receiving namespace. The kernel releases a closed AF_XDP
+    socket's hold on its queue after the process is gone (deferred work), so binding the same
+    queue again at once can fail with EBUSY for a short while: that is retried for up to 5 s."""
+    started, retried = time.monotonic(), False
+    while True:
+        try:
+            recv = start_receiver_once(pair, source, mode, backend, layout, stack)
+        except RuntimeError as e:
+            if "Device or resource busy" not in str(e) or time.monotonic() - started > 5:
+                raise
+            retried = True
+            time.sleep(0.1)
+            continue
+        if retried:
+            print(f"  (corepin xdp: EBUSY on AF_XDP bind, a queue still held by the previous run's socket; "
+                  f"started after {time.monotonic() - started:.1f} s)", flush=True)
+        return recv
+
+
+def start_receiver_once(pair: VethPair, source: str, mode: str, backend: str, layout: list[str],
+                        stack: contextlib.ExitStack) -> Receiver:
+    cmd = ["ip", "netns", "exec", pair.b, str(TARGET / "corepin"), "xdp", "--interface", "vb", "--port",
+           str(INGEST_PORT), "--source", source, "--mode", mode, "--runtime", backend, "--metrics", "127.0.0.1:0",
+           "--drain-timeout", "5"] + layout
+    # `ip netns exec` execs the command: the process measured is corepin itself.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.callback(Server("corepin xdp", proc, INGEST_PORT).stop)
+    assert proc.stdout is not None and proc.stderr is not None
+    banner: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"corepin xdp exited before its banner was complete ({' '.join(cmd)}): "
+                               f"{proc.stderr.read().strip()}")
+        banner.append(line.rstrip())
+        if line.strip().startswith("metrics: http://"):
+            port = int(line.strip().removeprefix("metrics: http://").split("/")[0].rsplit(":", 1)[1])
+            subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+            subprocess.Popen(["cat"], stdin=proc.stderr, stdout=subprocess.DEVNULL)
+            return Receiver(proc, port, banner, pair.b)
+    raise RuntimeError(f"corepin xdp printed no metrics address within 30 s: {' '.join(cmd)}")
+
+
+def cpu_times() -> dict[str, tuple[int, int, int]]:
+    """Per CPU line of /proc/stat ("cpu", "cpu0", ...): (busy, niced, total) in clock ticks.
+    Busy includes interrupts and softirqs but not niced processes (the benchmark's own run at
+    nice 0; niced ones are someone else's, e.g. a build)."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *vals = line.split()
+            v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+            out[name] = (sum(v) - v[1] - v[3] - v[4], v[1], sum(v))
+    return out
+
+
+def udp_drops(ns: str) -> int:
+    """The receiving namespace's UDP receive-buffer and checksum drops (/proc/net/snmp)."""
+    def read() -> int:
+        lines = [line.split() for line in open("/proc/thread-self/net/snmp") if line.startswith("Udp:")]
+        row = dict(zip(lines[0][1:], (int(x) for x in lines[1][1:])))
+        return row["RcvbufErrors"] + row["InCsumErrors"]
+    return int(netns_call(ns, read))  # type: ignore[arg-type]
+
+
+def drops(pair: VethPair, m: dict[str, float]) -> dict[str, int]:
+    """Where datagrams were dropped so far, by place."""
+    tx, rx = pair.link_drops()
+    xsk = sum(m.get(f"corepin_xsk_{k}_all_cores_total", 0) for k in ("rx_ring_full", "fill_ring_empty", "rx_dropped"))
+    return {"dropped_veth_tx": tx, "dropped_veth_rx": rx, "dropped_xsk": int(xsk),
+            "dropped_udp_socket": udp_drops(pair.b)}
+
+
+def ingest_point(pair: VethPair, recv: Receiver, label: str, layout: str, size: int, secs: float, warmup: float,
+                 sender_cpus: list[int]) -> dict:
+    """One measured run: the sender sends for `warmup` + `secs`; the receiver's counters and the
+    CPU times are read at the edges of the sender's measured window; loss is counted over the
+    whole run once the receiver has taken what was queued."""
+    m0 = recv.scrape()
+    drops0 = drops(pair, m0)
+    cmd = ["ip", "netns", "exec", pair.a, str(TARGET / "corepin-loadgen"), "udp", "--to",
+           f"{INGEST_ADDRS[1]}:{INGEST_PORT}", "--from", INGEST_ADDRS[0], "--size", str(size), "--ports",
+           str(INGEST_SOURCE_PORTS), "--cpus", ",".join(map(str, sender_cpus)), "--secs", str(secs), "--warmup",
+           str(warmup)]
+    gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert gen.stdout is not None and gen.stderr is not None
+        if "window" not in gen.stdout.readline():
+            gen.wait(30)
+            raise RuntimeError(f"the UDP sender failed ({' '.join(cmd)}): {gen.stderr.read().strip()}")
+        a = (time.monotonic(), recv.scrape(), cpu_ticks(recv.proc.pid), cpu_ticks(gen.pid), cpu_times())
+        line = gen.stdout.readline()
+        b = (time.monotonic(), cpu_times(), cpu_ticks(recv.proc.pid), cpu_ticks(gen.pid), recv.scrape())
+        if gen.wait(30) not in (0, 2) or not line.strip():
+            raise RuntimeError(f"the UDP sender failed ({' '.join(cmd)}): {gen.stderr.read().strip()}")
+    finally:
+        if gen.poll() is None:
+            gen.kill()
+            gen.wait()
+    sent = json.loads(line)
+    # Let the receiver take what is still queued: until its count stops moving.
+    total, last, stable_since = "corepin_ingest_datagrams_all_cores_total", -1.0, time.monotonic()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m2 = recv.scrape()
+        if m2.get(total, 0) != last:
+            last, stable_since = m2.get(total, 0), time.monotonic()
+        elif time.monotonic() - stable_since > 0.3:
+            break
+        time.sleep(0.05)
+    drops2 = drops(pair, m2)
+    window = b[0] - a[0]
+    got = int(b[4].get(total, 0) - a[1].get(total, 0))
+    batches_total = "corepin_ingest_batches_all_cores_total"
+    batches = b[4].get(batches_total, 0) - a[1].get(batches_total, 0)
+    per_worker = [b[4].get(f'corepin_ingest_datagrams_total{{core="{c}"}}', 0)
+                  - a[1].get(f'corepin_ingest_datagrams_total{{core="{c}"}}', 0) for c in range(2)]
+    taken = int(m2.get(total, 0) - m0.get(total, 0))
+    lost = max(sent["sent_total"] - taken, 0)
+    def share(name: str, i: int) -> float:
+        return (b[1][name][i] - a[4][name][i]) / max(b[1][name][2] - a[4][name][2], 1)
+
+    used = {name: share(name, 0) for name in b[1] if name != "cpu"}
+    machine_us = (b[1]["cpu"][0] - a[4]["cpu"][0]) * 1e6 / CLK_TCK
+    corepin_us = (b[2] - a[2]) * 1e6 / CLK_TCK
+    r = {"source": label, "layout": layout, "size": size, "secs": window, "sent_pps": sent["pps"],
+         "sent_total": sent["sent_total"], "sender_busy_calls": sent["busy"], "sender_refused_calls": sent["refused"],
+         "pps": got / window, "pps_per_worker": [n / window for n in per_worker], "datagrams": got,
+         "taken_total": taken, "lost": lost, "loss": lost / sent["sent_total"] if sent["sent_total"] else None,
+         **{k: drops2[k] - drops0[k] for k in drops2}, "datagrams_per_batch": got / batches if batches else None,
+         "corepin_ns_per_pkt": corepin_us * 1e3 / got if got else None,
+         "machine_ns_per_pkt": machine_us * 1e3 / got if got else None,
+         "sender_ns_per_pkt": (b[3] - a[3]) * 1e9 / CLK_TCK / got if got else None,
+         "corepin_cores_busy": corepin_us / (window * 1e6), "cpu_busy": used, "sender_cpus": sender_cpus}
+    # CPU time that is neither corepin's nor the sender's (whose process time includes the softirqs
+    # it ran): other processes competing for the CPUs, or ksoftirqd.
+    all_busy = b[1]["cpu"][0] + b[1]["cpu"][1] - a[4]["cpu"][0] - a[4]["cpu"][1]
+    r["other_cpu"] = max(all_busy - (b[2] - a[2]) - (b[3] - a[3]), 0) / max(b[1]["cpu"][2] - a[4]["cpu"][2], 1)
+    r["limit"] = ingest_limit(r)
+    return r
+
+
+# Where a datagram can be dropped on its way to corepin, as named in the table. A failed XDP
+# redirect (e.g. into a full XSK RX ring) is counted both by the XSK socket and as a veth RX drop.
+INGEST_DROPS = (("veth TX ring full", "dropped_veth_tx"), ("veth RX", "dropped_veth_rx"),
+                ("XSK rings", "dropped_xsk"), ("socket buffer", "dropped_udp_socket"))
+
+
+def ingest_limit(r: dict) -> str:
+    """What held the figure down, from the loss and where it happened and from how busy the CPUs
+    were; flagged when something else took a share of the CPUs."""
+    if r["other_cpu"] >= 0.05:
+        return f"⚠ other processes took {r['other_cpu']:.0%} of the CPUs; " + ingest_limit(r | {"other_cpu": 0})
+    if r["loss"] is not None and r["loss"] >= 0.01:
+        where = [f"{name} {r[key]:,}" for name, key in INGEST_DROPS if r[key]]
+        return "receiver: drops (" + (", ".join(where) or "not located") + ")"
+    sender = [f"cpu{c}" for c in sorted(set(r["sender_cpus"]))]
+    busy = [r["cpu_busy"].get(c, 0) for c in sender]
+    if busy and min(busy) >= 0.9:
+        shared = " (shared with corepin)" if r["layout"] == "2 workers" else " (sender + kernel receive path)"
+        return f"sender's CPU{'s' if len(sender) > 1 else ''} busy {min(busy):.0%}{shared}"
+    return f"not CPU-bound (sender's CPUs {', '.join(f'{b:.0%}' for b in busy)} busy)"
+
+
+def run_ingest(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    """UDP datagrams for one port taken off a veth pair by `corepin xdp`: AF_XDP with the XDP
+    program attached in native and in generic mode, and the SO_REUSEPORT + recvmmsg socket
+    source. The pair joins two network namespaces made for the run (removed afterwards, on
+    failure and on Ctrl-C or SIGTERM too); corepin runs in one, `corepin-loadgen udp` (sendmmsg
+    from pinned threads, 64 source ports) in the other. Two layouts: two workers (CPUs 0 and 1)
+    with one sender thread on each CPU, and one worker on CPU 0 with the sender on CPU 1. The
+    figures: datagrams/s corepin took in the sender's measured window, corepin's CPU per
+    datagram (user + system of its process), the whole machine's CPU per datagram (sender,
+    kernel and corepin, softirqs included), and the loss over the whole run."""
+    if os.geteuid() != 0:
+        return Outcome(skipped=f"needs root (network namespaces, XDP, AF_XDP); euid is {os.geteuid()}")
+    for tool in ("ip", "ping"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            return Outcome(skipped=f"`{tool}` not found (iproute2, iputils-ping)")
+    backend = "monoio" if "monoio" in args.backends else args.backends[0]
+    out = Outcome()
+    old_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)  # so that the namespaces are removed on the way out
+    try:
+        with contextlib.ExitStack() as local:
+            pair = veth_pair(local)
+            runs: dict[tuple[str, str, int], list[dict]] = {}
+            # Each round visits every point, so that a machine that slows down for a while (a
+            # shared VM) moves every source's figures alike, not one source's.
+            for rnd in range(prof.ingest_reps):
+                for layout in prof.ingest_layouts:
+                    cores, sender_cpus, xps = INGEST_LAYOUTS[layout]
+                    pair.set_xps(xps)
+                    for label, source, mode in INGEST_SOURCES:
+                        with contextlib.ExitStack() as run:
+                            recv = start_receiver(pair, source, mode, backend, cores, run)
+                            for size in prof.ingest_sizes:
+                                # A short untimed run first: pages touched, flows in the tables.
+                                ingest_point(pair, recv, label, layout, size, 0.2, 0.0, sender_cpus)
+                                r = ingest_point(pair, recv, label, layout, size, prof.ingest_secs, prof.warmup,
+                                                 sender_cpus)
+                                r |= {"backend": backend, "banner": recv.banner}
+                                runs.setdefault((layout, label, size), []).append(r)
+                                print(f"  ingest {rnd + 1}/{prof.ingest_reps} {layout:<9} {label:<18} {size:>5} B  "
+                                      f"sent {r['sent_pps']:>10,.0f}/s  taken {r['pps']:>10,.0f}/s  "
+                                      f"corepin {fmt_ns(r['corepin_ns_per_pkt'])}/pkt  "
+                                      f"machine {fmt_ns(r['machine_ns_per_pkt'])}/pkt  loss {r['loss']:.2%}  "
+                                      f"{r['datagrams_per_batch'] or 0:.1f}/batch  [{r['limit']}]", flush=True)
+            # Per point, the run with the median corepin CPU per datagram; the others' figures beside it.
+            for rs in runs.values():
+                rs.sort(key=lambda x: x["corepin_ns_per_pkt"] or float("inf"))
+                r = rs[len(rs) // 2]
+                r["runs"] = [{k: x[k] for k in ("pps", "loss", "corepin_ns_per_pkt", "machine_ns_per_pkt", "other_cpu")}
+                             for x in rs]
+                out.results.append(r)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    out.markdown = ingest_markdown(out.results, prof, backend)
+    results = Path(args.out)
+    (results / "ingest.json").write_text(json.dumps({"meta": machine(), "ingest": out.results}, indent=1))
+    (results / "ingest.md").write_text(out.markdown)
+    return out
+
+
+def fmt_ns(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.0f} ns"
+
+
+def spread(r: dict) -> str:
+    """The range of corepin's CPU per datagram over the runs of a point, when there were several."""
+    cpu = [x["corepin_ns_per_pkt"] for x in r.get("runs", []) if x["corepin_ns_per_pkt"] is not None]
+    return f" ({min(cpu):,.0f}–{max(cpu):,.0f})" if len(cpu) > 1 else ""
+
+
+def ingest_markdown(results: list[dict], prof: Profile, backend: str) -> str:
+    rows = ["| layout | source | payload | sent/s | taken/s (per worker) | loss | datagrams per batch | "
+            "corepin CPU/datagram | vs socket | machine CPU/datagram | what limited it |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for layout in prof.ingest_layouts:
+        for size in prof.ingest_sizes:
+            base = next((r for r in results if r["layout"] == layout and r["size"] == size
+                         and r["source"] == INGEST_BASE), None)
+            for r in (x for x in results if x["layout"] == layout and x["size"] == size):
+                ratio = (f"{r['corepin_ns_per_pkt'] / base['corepin_ns_per_pkt']:.2f}"
+                         if base and base.get("corepin_ns_per_pkt") and r.get("corepin_ns_per_pkt") else "n/a")
+                split = " / ".join(f"{p / 1e6:.2f}" for p in r["pps_per_worker"][:2 if layout == "2 workers" else 1])
+                rows.append(f"| {layout} | {r['source']} | {size} B | {r['sent_pps'] / 1e6:.2f} M | "
+                            f"{r['pps'] / 1e6:.2f} M ({split}) | {r['loss']:.1%} | "
+                            f"{r['datagrams_per_batch'] or 0:.1f} | {fmt_ns(r['corepin_ns_per_pkt'])}{spread(r)} | "
+                            f"{ratio} | "
+                            f"{fmt_ns(r['machine_ns_per_pkt'])} | {r['limit']} |")
+            rows.append(f"| {layout} | {INGEST_URING} | {size} B | | not measured: not in corepin's socket source "
+                        "yet (issue 11) | | | | | | |")
+    return (f"UDP datagrams for one port taken off a 2-queue veth pair between two network namespaces by "
+            f"`corepin xdp` ({backend}); `corepin-loadgen udp` sends from the other namespace (sendmmsg, "
+            f"{INGEST_SOURCE_PORTS} source ports, one pinned thread per sender CPU). 2 workers: corepin on CPUs 0 "
+            "and 1, a sender thread on each, XPS sending CPU n's datagrams through TX queue n (= RX queue n); "
+            "1 worker: corepin on CPU 0 with queue 0, the sender on CPU 1. taken/s: datagrams corepin counted "
+            f"in the sender's measured window ({prof.ingest_secs:g} s, after {prof.warmup:g} s of warm-up), in "
+            "millions; loss: sent but never taken, over the whole run. corepin CPU: its process's user + system "
+            f"time per datagram (of {prof.ingest_reps} run{'s' if prof.ingest_reps > 1 else ''} per point, the one "
+            "with the median figure, the range in parentheses; every run in ingest.json); machine CPU: all "
+            "CPUs' busy time (sender, kernel, softirqs, corepin; niced processes left out) per datagram. "
+            "datagrams per batch: how many a worker took per wake-up, on average (at most 64). ⚠: other "
+            "processes took 5% or more of the CPUs. "
+            "On veth the kernel's receive path (XDP program, copy into the UMEM or the socket buffer) runs in "
+            "the sender's softirq, so it shows in the machine figure, not in corepin's. vs socket: corepin CPU "
+            f"per datagram divided by that of the {INGEST_BASE} source in the same run.\n\n" + "\n".join(rows) + "\n")
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack], Outcome]] = {
     "echo": run_echo,
     "files": run_files,
@@ -583,6 +1020,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace, Profile, contextlib.ExitStack
     "crosscore": run_crosscore,
     "kv": run_kv,
     "h3": run_h3,
+    "ingest": run_ingest,
 }
 
 
@@ -711,13 +1149,18 @@ def main() -> int:
         for w in only:
             print(f"== {w}", flush=True)
             outcome = WORKLOADS[w](args, prof, stack)
+            if outcome.skipped:
+                print(f"  skipped: {outcome.skipped}", flush=True)
+                report.setdefault("skipped", {})[w] = outcome.skipped
+                md.append(f"### {w}\n\nSkipped: {outcome.skipped}.\n")
+                continue
             report[w] = outcome.results
             md.append(f"### {w}\n\n{outcome.markdown}")
     report["meta"]["seconds"] = round(time.monotonic() - started, 1)
     (out_dir / "latest.json").write_text(json.dumps(report, indent=1))
     (out_dir / "latest.md").write_text("\n".join(md))
     plots = out_dir / "plots"
-    if {"echo", "files", "https", "h3"} & set(only):
+    if {"echo", "files", "https", "h3", "ingest"} & set(report):
         subprocess.run([str(TARGET / "corepin-plot"), "--input", str(out_dir / "latest.json"), "--out-dir", str(plots)],
                        check=True)
     print("\n".join(md))

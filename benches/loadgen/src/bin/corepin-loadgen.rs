@@ -12,17 +12,22 @@
 //!   N connections with K requests in flight each; requests/s, body bytes/s,
 //!   latency, and with `--server-pid` the server's CPU per request and per MB.
 //!   Prints one JSON object on stdout at the end.
+//! * `udp`: open-loop UDP datagrams from several pinned threads and many source
+//!   ports through `sendmmsg`, as fast as the kernel takes them; prints
+//!   `{"window": "start"}` after the warm-up and one JSON object at the end.
 //!
 //! Exit codes: 0 on success; 1 on a setup failure (bad arguments, connect
-//! failure, cannot pin, ...); 2 for `echo` and `h3` when the run completed but
-//! is not clean (errors > 0 or nothing measured) — the JSON is printed anyway.
+//! failure, cannot pin, ...); 2 for `echo`, `h3` and `udp` when the run completed
+//! but is not clean (errors > 0 or nothing measured) — the JSON is printed anyway.
 
 #[path = "../h3load.rs"]
 mod h3load;
+#[path = "../udpsend.rs"]
+mod udpsend;
 
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -126,6 +131,33 @@ enum Cmd {
         #[arg(long)]
         server_pid: Option<u32>,
     },
+    /// Open-loop UDP datagrams through sendmmsg from pinned threads; prints JSON.
+    Udp {
+        /// Destination, IP:PORT.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Source address to bind the sockets to (default: the unspecified address).
+        #[arg(long)]
+        from: Option<IpAddr>,
+        /// UDP payload bytes per datagram.
+        #[arg(long)]
+        size: usize,
+        /// Source ports (one connected socket each), spread over the threads.
+        #[arg(long, default_value_t = 64)]
+        ports: usize,
+        /// One sender thread per entry, pinned to that CPU (`0,1,0,1` for two per CPU).
+        #[arg(long, value_delimiter = ',', required = true)]
+        cpus: Vec<usize>,
+        /// Datagrams per sendmmsg call.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Measured duration in seconds (after the warm-up).
+        #[arg(long)]
+        secs: f64,
+        /// Warm-up in seconds: sent, counted in `sent_total` only.
+        #[arg(long, default_value_t = 0.5)]
+        warmup: f64,
+    },
 }
 
 fn main() {
@@ -158,6 +190,9 @@ fn main() {
             server_name,
             server_pid,
         }),
+        Cmd::Udp { to, from, size, ports, cpus, batch, secs, warmup } => {
+            udpsend::run(udpsend::Opts { to, from, size, ports, cpus, batch, secs, warmup })
+        }
     };
     match res {
         Ok(code) => std::process::exit(code),

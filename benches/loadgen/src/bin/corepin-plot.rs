@@ -10,7 +10,10 @@
 //!   relative to nginx's, by request kind),
 //!   h3_cpu_vs_quinn.svg (from "h3": [{"server", "size", "conns", "server_cpu_us_per_req",
 //!   "server_cpu_us_per_mb", ...}]: server CPU per request, or per MB for bodies of 1 MiB and
-//!   more, relative to the "quinn-tokio" peer's).
+//!   more, relative to the "quinn-tokio" peer's),
+//!   ingest_cpu_vs_socket.svg and ingest_pps.svg (from "ingest": [{"source", "layout", "size",
+//!   "corepin_ns_per_pkt", "pps", ...}]: corepin's CPU per datagram relative to the socket
+//!   source's, and datagrams/s taken, per layout and payload size).
 //! Prints the path of every file written. Plots that cannot be drawn are
 //! skipped with a note on stderr. Bad input: one error line, exit 1.
 
@@ -38,6 +41,8 @@ const H: u32 = 560;
 const PREFERRED_CDF_CONNS: u64 = 128;
 /// The server the `h3` plot divides by: quinn + h3 on tokio (benches/peers, corepin-peer-h3).
 const H3_REFERENCE: &str = "quinn-tokio";
+/// The source the `ingest` plot divides by: corepin's own SO_REUSEPORT + recvmmsg sockets.
+const INGEST_REFERENCE: &str = "socket (recvmmsg)";
 
 /// One echo result, reduced to what the plots use.
 #[derive(Clone, Debug)]
@@ -253,6 +258,35 @@ fn load_h3(root: &Value) -> VsNginx {
     out
 }
 
+/// The `ingest` results of `root`, grouped by layout and payload size: each source's `key`
+/// figure, times `scale`.
+fn load_ingest(root: &Value, key: &str, scale: f64) -> VsNginx {
+    let mut out: VsNginx = Vec::new();
+    let Some(rows) = root.get("ingest").and_then(Value::as_array) else { return out };
+    for (i, r) in rows.iter().enumerate() {
+        let (Some(source), Some(layout), Some(size)) =
+            (r.get("source").and_then(Value::as_str), r.get("layout").and_then(Value::as_str), uint(r, "size"))
+        else {
+            note(format!("ingest[{i}]: missing \"source\", \"layout\" or \"size\"; skipped"));
+            continue;
+        };
+        let Some(v) = num(r, key) else {
+            note(format!("ingest[{i}]: no \"{key}\"; skipped"));
+            continue;
+        };
+        let kind = format!("{layout}, {}", size_label(size));
+        let at = match out.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                out.push((kind, Vec::new()));
+                out.len() - 1
+            }
+        };
+        out[at].1.push((source.to_string(), v * scale));
+    }
+    out
+}
+
 /// Grouped bars: per request kind, each server's CPU divided by that of `reference` (the
 /// line at 1.0). Kinds without a `reference` result are left out.
 fn plot_relative(
@@ -263,7 +297,7 @@ fn plot_relative(
     y_desc: &str,
     groups: &VsNginx,
 ) -> Result<Option<PathBuf>> {
-    let ratios: Vec<(String, Vec<(String, f64)>)> = groups
+    let ratios: VsNginx = groups
         .iter()
         .filter_map(|(kind, servers)| {
             let base = servers.iter().find(|(s, _)| s == reference).map(|(_, v)| *v).filter(|v| *v > 0.0)?;
@@ -274,8 +308,21 @@ fn plot_relative(
         note(format!("{stem}: no request kind has a {reference} result; {stem}.svg skipped"));
         return Ok(None);
     }
+    plot_grouped(dir, stem, title, y_desc, &ratios, Some(1.0))
+}
+
+/// Grouped bars: per kind, one bar per series (in the order first seen), and a horizontal
+/// line at `line` when given.
+fn plot_grouped(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    y_desc: &str,
+    ratios: &VsNginx,
+    line: Option<f64>,
+) -> Result<Option<PathBuf>> {
     let mut servers: Vec<String> = Vec::new();
-    for (_, rs) in &ratios {
+    for (_, rs) in ratios {
         for (s, _) in rs {
             if !servers.contains(s) {
                 servers.push(s.clone());
@@ -283,7 +330,12 @@ fn plot_relative(
         }
     }
     let g = ratios.len() as f64;
-    let ymax = ratios.iter().flat_map(|(_, rs)| rs.iter().map(|(_, v)| *v)).fold(1.0f64, f64::max) * 1.2;
+    let ymax = ratios
+        .iter()
+        .flat_map(|(_, rs)| rs.iter().map(|(_, v)| *v))
+        .fold(line.unwrap_or(0.0), f64::max)
+        .max(f64::MIN_POSITIVE)
+        * 1.2;
     let path = dir.join(format!("{stem}.svg"));
     {
         let root = SVGBackend::new(&path, (W, H)).into_drawing_area();
@@ -332,7 +384,9 @@ fn plot_relative(
                 .label(server.as_str())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
-        chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (g, 1.0)], BLACK.stroke_width(1))).map_err(plot_err)?;
+        if let Some(y) = line {
+            chart.draw_series(LineSeries::new(vec![(0.0, y), (g, y)], BLACK.stroke_width(1))).map_err(plot_err)?;
+        }
         draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(plot_err)?;
     }
@@ -375,6 +429,23 @@ fn run(cli: &Cli) -> Result<usize> {
         emit(
             plot_relative(&cli.out_dir, "h3_cpu_vs_quinn", title, H3_REFERENCE, y_desc, &h3),
             "h3 against quinn".into(),
+        );
+    }
+    let cpu = load_ingest(&root, "corepin_ns_per_pkt", 1.0);
+    if !cpu.is_empty() {
+        let title = "UDP ingest: corepin CPU per datagram vs the socket source (lower is better)";
+        let y_desc = "corepin CPU per datagram / the socket source's";
+        emit(
+            plot_relative(&cli.out_dir, "ingest_cpu_vs_socket", title, INGEST_REFERENCE, y_desc, &cpu),
+            "ingest against sockets".into(),
+        );
+    }
+    let pps = load_ingest(&root, "pps", 1e-6);
+    if !pps.is_empty() {
+        let title = "UDP ingest on veth: datagrams taken per second (higher is better)";
+        emit(
+            plot_grouped(&cli.out_dir, "ingest_pps", title, "million datagrams per second", &pps, None),
+            "ingest datagrams/s".into(),
         );
     }
     Ok(written)
