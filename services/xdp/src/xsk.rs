@@ -51,6 +51,10 @@ pub enum XskError {
     NoInterface(String),
 }
 
+/// How long a bind that meets EBUSY (a queue still held by a socket being torn down) is
+/// retried.
+const BIND_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn hint(call: &str, e: &io::Error) -> &'static str {
     match (call, e.raw_os_error()) {
         (_, Some(libc::EPERM)) | (_, Some(libc::EACCES)) => " (AF_XDP needs CAP_NET_RAW and CAP_BPF, i.e. root)",
@@ -59,7 +63,7 @@ fn hint(call: &str, e: &io::Error) -> &'static str {
             " (locked memory: raise RLIMIT_MEMLOCK (ulimit -l) or run with CAP_IPC_LOCK)"
         }
         ("bind", Some(libc::EINVAL)) => " (queue out of range for the interface? see ethtool -l)",
-        ("bind", Some(libc::EBUSY)) => " (another AF_XDP socket is bound to this queue)",
+        ("bind", Some(libc::EBUSY)) => " (another AF_XDP socket is bound to this queue, for longer than 2 s)",
         ("bind", Some(libc::ENODEV)) => " (the interface is gone or down)",
         _ => "",
     }
@@ -350,16 +354,28 @@ impl XskSocket {
             sxdp_queue_id: queue,
             sxdp_shared_umem_fd: 0,
         };
-        // SAFETY: `addr` is a live sockaddr_xdp of the length passed.
-        let rc = unsafe {
-            libc::bind(
-                rawfd,
-                (&addr as *const libc::sockaddr_xdp).cast(),
-                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(sys("bind")(io::Error::last_os_error()));
+        // A queue an AF_XDP socket of an exited process was bound to stays busy until the
+        // kernel has finished tearing that socket down, which it does after the process is
+        // gone: a restart right after a stop can meet EBUSY for a moment. So EBUSY is retried
+        // for up to BIND_BUSY_WAIT before it is reported.
+        let started = std::time::Instant::now();
+        loop {
+            // SAFETY: `addr` is a live sockaddr_xdp of the length passed.
+            let rc = unsafe {
+                libc::bind(
+                    rawfd,
+                    (&addr as *const libc::sockaddr_xdp).cast(),
+                    std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) || started.elapsed() >= BIND_BUSY_WAIT {
+                return Err(sys("bind")(e));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let opts = getsockopt(rawfd, libc::XDP_OPTIONS, libc::xdp_options { flags: 0 })
             .map_err(sys("getsockopt(XDP_OPTIONS)"))?;
