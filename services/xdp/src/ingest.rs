@@ -574,7 +574,7 @@ async fn run_socket<R: Runtime, S: DatagramService>(
             services.user.on_datagram(&d);
         }
         end_batch(&mut services, counters);
-        if !between_batches(worker).await {
+        if !between_batches(worker, n == shared.cfg.batch).await {
             break;
         }
     }
@@ -582,11 +582,15 @@ async fn run_socket<R: Runtime, S: DatagramService>(
     Ok(())
 }
 
-/// After a batch: lets the core's other tasks run (a source under a constant flood never
-/// waits for its descriptor, and must not keep the core to itself), and says whether to go
-/// on (not once the worker drains: a flood must not hold up a stop).
-async fn between_batches(worker: &Worker) -> bool {
-    corepin_core::task::yield_now().await;
+/// After a batch: when it was full (more are likely waiting: under a constant flood the
+/// source would never wait for its descriptor) lets the core's other tasks run first, so the
+/// source cannot keep the core to itself; and says whether to go on (not once the worker
+/// drains: a flood must not hold up a stop). A batch that was not full ends in the wait for
+/// the descriptor anyway, which yields.
+async fn between_batches(worker: &Worker, full: bool) -> bool {
+    if full {
+        corepin_core::task::yield_now().await;
+    }
     !worker.is_draining()
 }
 
@@ -674,10 +678,11 @@ async fn run_xsk<R: Runtime, S: DatagramService>(
             }
             services.user.on_datagram(&d);
         }
+        let full = packets.len() == shared.cfg.batch;
         xsk.release(&packets);
         end_batch(&mut services, counters);
         publish_frames(&xsk, counters);
-        if !between_batches(worker).await {
+        if !between_batches(worker, full).await {
             break;
         }
     }
