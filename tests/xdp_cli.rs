@@ -147,6 +147,18 @@ fn socket_source_on_loopback_counts_every_datagram_and_says_why_not_af_xdp() {
         assert_eq!(flows.values().sum::<u64>(), 2000, "{runtime}: flows add up");
         let flows = flows.len();
         eprintln!("{runtime}: 2000 datagrams, {bytes} bytes, {flows} flows");
+        // A second ingest on the same port is refused (SO_REUSEPORT would share the datagrams
+        // between the two without a word), and the first one's port is untouched.
+        // Run as the same user: as another, bind itself refuses (reuseport groups are per user).
+        let mut second = Command::new(BIN);
+        second.args(["xdp", "--source", "socket", "--cores", "1", "--interface", "lo", "--port", &port]);
+        if let Some(uid) = uid {
+            second.uid(uid);
+        }
+        let out = second.output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && e.trim().lines().count() == 1, "{runtime}: one line: {e}");
+        assert!(e.contains("address already in use"), "{runtime}: {e}");
         stop(r);
     }
 }

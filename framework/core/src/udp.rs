@@ -1392,9 +1392,8 @@ pub fn reuseport_group(
     n: usize,
     buffer: Option<usize>,
 ) -> Result<Vec<std::net::UdpSocket>, crate::tcp::ListenError> {
-    use crate::tcp::{foreign_socket, socket_inode, ListenError, SocketTable};
+    use crate::tcp::ListenError;
     use socket2::{Domain, Protocol, Socket, Type};
-    use std::os::fd::AsRawFd;
 
     let wrap = |source: io::Error| {
         if source.kind() == io::ErrorKind::AddrInUse {
@@ -1423,12 +1422,52 @@ pub fn reuseport_group(
         }
         out.push(socket);
     }
-    let ours: Vec<u64> = out.iter().filter_map(|s| socket_inode(s.as_raw_fd())).collect();
-    if let Some(other) = foreign_socket(SocketTable::UdpBound, bind_addr, &ours) {
-        tracing::debug!(bound = %bind_addr, inode = other, "another UDP socket is already bound to this port");
+    refuse_shared_port(addr, &out)?;
+    Ok(out)
+}
+
+/// Refuses a port that a UDP socket other than `ours` (a reuseport group just bound, any
+/// address family) is already bound to in this network namespace: `SO_REUSEPORT` would
+/// otherwise share its datagrams with another process without a word. `addr` is what was
+/// asked for (for the error); the port is read from `ours`.
+pub fn refuse_shared_port(addr: SocketAddr, ours: &[std::net::UdpSocket]) -> Result<(), crate::tcp::ListenError> {
+    use crate::tcp::{foreign_socket, socket_inode, ListenError, SocketTable};
+    use std::os::fd::AsRawFd;
+    let Some(bound) = ours.first().and_then(|s| s.local_addr().ok()) else { return Ok(()) };
+    let inodes: Vec<u64> = ours.iter().filter_map(|s| socket_inode(s.as_raw_fd())).collect();
+    if let Some(other) = foreign_socket(SocketTable::UdpBound, bound, &inodes) {
+        tracing::debug!(%bound, inode = other, "another UDP socket is already bound to this port");
         return Err(ListenError::InUse { addr });
     }
-    Ok(out)
+    Ok(())
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the same on x86, Arm and RISC-V).
+const SO_ATTACH_REUSEPORT_CBPF: c_int = 51;
+
+/// Attaches the classic BPF program `code` to the reuseport group `socket` belongs to (any
+/// member will do: the program is the group's). It sees each datagram's payload at offset 0
+/// and returns the index of the group's socket to deliver it to; the kernel falls back to its
+/// hash when the index is out of range. Needs no `CAP_BPF`.
+pub fn attach_reuseport_cbpf(socket: &impl std::os::fd::AsRawFd, code: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(code.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "classic BPF program too long"))?;
+    let prog = libc::sock_fprog { len, filter: code.as_ptr().cast_mut() };
+    // SAFETY: `prog` points at `code`, `len` live instructions, for the duration of the call;
+    // the kernel only reads and copies them; the option length is the size of `prog`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

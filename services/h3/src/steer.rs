@@ -186,9 +186,6 @@ pub fn owner(datagram: &[u8], cores: usize) -> Option<usize> {
     Some(usize::from(routing) % cores)
 }
 
-/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the same on x86, Arm and RISC-V).
-const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
-
 /// The classic BPF program: `A = first byte; A = byte at (A & 0x80 ? 6 : 1); return A % cores`.
 /// The socket index it returns is the core (sockets are bound in core order). A load past the
 /// end of a short datagram ends the program with 0, which sends it to core 0's socket.
@@ -214,22 +211,7 @@ fn program(cores: usize) -> [libc::sock_filter; 6] {
 pub fn attach_cbpf(socket: &impl AsRawFd, cores: usize) -> io::Result<()> {
     let mut code: Vec<libc::sock_filter> = program(cores).to_vec();
     code.push(libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 });
-    let prog = libc::sock_fprog { len: code.len() as u16, filter: code.as_mut_ptr() };
-    // SAFETY: `prog` points at `code`, a live array of `len` instructions, for the duration of
-    // the call (the kernel copies the program); the option length is the size of `prog`.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    corepin_core::udp::attach_reuseport_cbpf(socket, &code)
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ pub enum IngestError {
     #[error(transparent)]
     Xsk(#[from] XskError),
     /// The sockets of the socket source could not be bound.
-    #[error("binding UDP port {port} on {interface}: {source}")]
+    #[error("binding UDP port {port} on {interface}")]
     Bind {
         /// The port.
         port: u16,
@@ -296,8 +296,13 @@ fn bind_sockets(interface: &str, cfg: &IngestConfig, cpus: &[usize]) -> Result<S
     let err = |source| IngestError::Bind { port: cfg.port, interface: interface.to_string(), source };
     let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), cfg.port);
     let (sockets, steering) = crate::socket::bind_group(any6, Some(interface), cpus, Some(cfg.socket_buffer))
-        .or_else(|_| {
-            // No IPv6 on this host: IPv4 only.
+        .or_else(|e| {
+            // No IPv6 on this host: IPv4 only. Any other failure (a port in use above all)
+            // stands: an IPv4 socket beside another process's dual-stack one would share its
+            // datagrams.
+            if !matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)) {
+                return Err(e);
+            }
             let any4 = SocketAddr::from(([0, 0, 0, 0], cfg.port));
             crate::socket::bind_group(any4, Some(interface), cpus, Some(cfg.socket_buffer))
         })

@@ -10,8 +10,6 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use corepin_core::udp::{decode_recv, recv_msghdr, ControlBuf, RecvMeta, RecvTruncated, RECV_FLAGS};
 
-/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the same on x86, Arm and RISC-V).
-const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 /// Classic BPF ancillary loads start here (`SKF_AD_OFF`, linux/filter.h) ...
 const SKF_AD_OFF: i32 = -0x1000;
 /// ... and the current CPU is at this offset from it (`SKF_AD_CPU`).
@@ -36,24 +34,7 @@ pub fn steering_program(cpus: &[usize]) -> Vec<libc::sock_filter> {
 
 /// Attaches [`steering_program`] to the reuseport group of `socket`.
 pub fn attach_steering(socket: &impl AsRawFd, cpus: &[usize]) -> io::Result<()> {
-    let mut code = steering_program(cpus);
-    let len = u16::try_from(code.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many workers"))?;
-    let prog = libc::sock_fprog { len, filter: code.as_mut_ptr() };
-    // SAFETY: `prog` points at `code`, `len` live instructions, for the duration of the call
-    // (the kernel copies the program); the option length is the size of `prog`.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    corepin_core::udp::attach_reuseport_cbpf(socket, &steering_program(cpus))
 }
 
 /// How datagrams reach the workers' sockets.
@@ -115,6 +96,9 @@ pub fn bind_group(
         corepin_core::udp::enable_cmsgs_with(socket.as_raw_fd(), false)?;
         sockets.push(socket);
     }
+    // As every corepin listener: a port another process already has is refused, not shared.
+    corepin_core::udp::refuse_shared_port(addr, &sockets)
+        .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, e.to_string()))?;
     let steering = if cpus.len() <= 1 {
         SocketSteering::OneWorker
     } else {
