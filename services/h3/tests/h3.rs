@@ -702,13 +702,14 @@ pub fn migrating_clients_keep_their_connection<R: Runtime>() {
         );
         assert_eq!(total(m, |c| &c.handshakes), 1, "{steering:?}: one connection throughout");
         assert_eq!(total(m, |c| &c.migrated), 1, "{steering:?}: counted as migrated");
-        // 16 MiB and more went out in packets of at most about 1,400 bytes; quinn's own
+        // 16.6 MB went out (16 x 1 MiB + 16 x 40 KiB); quinn's own
         // statistics, added when the connection ended. Packets in flight to the old address at
         // each of the sixteen moves are declared lost (2,296 of 14,769 in one run), so the bound
         // only says the two counters are not mixed up.
         let (sent, lost) = (total(m, |c| &c.packets_sent), total(m, |c| &c.packets_lost));
         eprintln!("{}: {steering:?}: packets sent {sent}, lost {lost}", R::NAME);
-        assert!(sent > 12_000, "{steering:?}: packets sent counted ({sent})");
+        // At most 1,452 bytes per packet (quinn's largest UDP payload here): 11,400 at least.
+        assert!(sent > 11_000, "{steering:?}: packets sent counted ({sent})");
         assert!(lost < sent / 2, "{steering:?}: packets lost {lost} of {sent}");
         assert_eq!(total(m, |c| &c.open), 0, "{steering:?}: no connection open after the close");
         assert_eq!(out, inn, "{steering:?}: every datagram forwarded is received by its owner");
