@@ -529,12 +529,20 @@ struct Args {
     /// costs; `benches/bench.py --only kv` uses it.
     #[arg(long)]
     local_keys: bool,
+    /// How long an idle worker's inbox keeps looking for cross-core calls before it sleeps
+    /// (`LaunchConfig::inbox_poll`), in microseconds; 0 sleeps at once.
+    #[arg(long, default_value_t = 0)]
+    inbox_poll_us: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let kind: RuntimeKind = args.runtime.parse()?;
-    let cfg = LaunchConfig { cores: args.cores.parse()?, ..LaunchConfig::default() };
+    let cfg = LaunchConfig {
+        cores: args.cores.parse()?,
+        inbox_poll: std::time::Duration::from_micros(args.inbox_poll_us),
+        ..LaunchConfig::default()
+    };
     let cpus = cfg.plan()?;
     let addr = args.listen.parse().with_context(|| format!("bad --listen {:?}", args.listen))?;
     let factory = if args.local_keys { KvFactory::new().local_keys() } else { KvFactory::new() };

@@ -119,9 +119,11 @@ struct EchoArgs {
     /// Address to listen on (one SO_REUSEPORT listener per core).
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
-    /// Read buffer per connection, in bytes.
-    #[arg(long, default_value_t = 16 * 1024)]
-    buffer_size: usize,
+    /// Give each connection a read buffer of its own, of this many bytes. Without it, each
+    /// read borrows a buffer from the core when data arrives (the engine's provided-buffer ring
+    /// where it has one, see the capability report), so an idle connection holds none.
+    #[arg(long)]
+    buffer_size: Option<usize>,
     /// Serve Prometheus metrics on this address (its own listener and thread).
     #[arg(long)]
     metrics: Option<String>,
@@ -372,7 +374,7 @@ fn run_echo(args: EchoArgs) -> Result<()> {
     let p = prepare(&args.common)?;
     let listen = parse_addr("listen", &args.listen)?;
     let metrics_addr = args.metrics.as_deref().map(|m| parse_addr("metrics", m)).transpose()?;
-    if args.buffer_size == 0 {
+    if args.buffer_size == Some(0) {
         anyhow::bail!("--buffer-size must be at least 1");
     }
     let factory = corepin_echo::EchoFactory { buffer_size: args.buffer_size };

@@ -16,6 +16,8 @@ thread_local! {
     static CLAIMED: Cell<bool> = const { Cell::new(false) };
     static REPORT: RefCell<Option<Capabilities>> = const { RefCell::new(None) };
     static YIELD: Cell<Option<fn(&Waker)>> = const { Cell::new(None) };
+    /// The report's `buffer_rings.used`, kept apart for a check without a clone.
+    static RING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// This thread's claim on running an engine. Dropping it (normally or while unwinding) frees
@@ -53,6 +55,7 @@ impl EngineGuard {
     /// Records the capability report of the engine built on this thread.
     pub fn set_capabilities(&self, caps: Capabilities) {
         tracing::debug!("{caps}");
+        RING.with(|r| r.set(caps.buffer_rings.used));
         REPORT.with(|r| *r.borrow_mut() = Some(caps));
     }
 }
@@ -60,6 +63,7 @@ impl EngineGuard {
 impl Drop for EngineGuard {
     fn drop(&mut self) {
         REPORT.with(|r| r.borrow_mut().take());
+        RING.with(|r| r.set(false));
         YIELD.with(|y| y.set(None));
         CLAIMED.with(|c| c.set(false));
     }
@@ -68,6 +72,13 @@ impl Drop for EngineGuard {
 /// The capability report of the engine running on this thread (`None` outside one).
 pub fn current_capabilities() -> Option<Capabilities> {
     REPORT.with(|r| r.borrow().clone())
+}
+
+/// Whether `read_pooled` on this thread's engine reads into its provided-buffer ring, so a
+/// read waiting for data holds no buffer (the capability report's `buffer_rings`, without
+/// cloning the report). `false` outside an engine.
+pub fn lends_ring_buffers() -> bool {
+    RING.with(Cell::get)
 }
 
 /// Wakes `waker` so that its task runs after the tasks already ready on this core (see

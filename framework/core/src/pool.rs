@@ -1,37 +1,107 @@
-//! The core's pool of receive buffers: what [`TcpStream::read_pooled`](crate::runtime::TcpStream::read_pooled)
-//! lends when an engine has no provided-buffer ring of its own. One pool per thread (so per
-//! core), no locks; a buffer dropped on another thread joins that thread's pool.
+//! The core's receive buffers for [`TcpStream::read_pooled`](crate::runtime::TcpStream::read_pooled):
+//! either a buffer an engine lent from its provided-buffer ring (picked by the kernel when data
+//! arrives, so a waiting connection holds none), or, where an engine has no ring, one from this
+//! core's pool, taken when the read starts. One pool per thread (so per core), no locks; a
+//! buffer dropped on another thread joins that thread's pool, and a lent one goes back to its
+//! engine's ring.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::Deref;
 
-use crate::buf::{BufResult, IoBuf, IoBufMut};
+use crate::buf::{BufResult, IoBuf};
 use crate::io::AsyncReadRent;
 
-/// Bytes in each pooled buffer: one read's worth for request heads and echo messages.
+/// Bytes in each buffer of the core's own pool: one read's worth for request heads and echo
+/// messages.
 pub const POOLED_BUF_SIZE: usize = 16 * 1024;
 /// Buffers a pool keeps for reuse; beyond this, returned buffers are freed.
 pub const POOL_KEEP: usize = 256;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Buffers handed out on this thread and not yet dropped, of both kinds.
+    static OUT: Cell<usize> = const { Cell::new(0) };
 }
 
-/// A buffer lent by this core's pool; it goes back to the pool when dropped.
+/// A buffer an engine lent from its provided-buffer ring, holding the bytes of one read.
+/// Dropping it gives the memory back to the ring. Implemented by backends (the framework
+/// names no engine); the bytes must stay where they are until the value is dropped.
+pub trait LentBuf: 'static {
+    /// The bytes the read delivered.
+    fn bytes(&self) -> &[u8];
+}
+
+enum Store {
+    /// From this core's pool (the fallback).
+    Own(Vec<u8>),
+    /// From the engine's ring.
+    Lent(Box<dyn LentBuf>),
+}
+
+/// The bytes of one pooled read. Dropping it returns the memory to where it came from: the
+/// engine's ring, or this core's pool. An empty buffer is end of stream.
 pub struct PooledBuf {
-    buf: Vec<u8>,
+    store: Store,
+}
+
+fn out_add(n: isize) {
+    // `try_with`: during thread teardown the counter may already be gone.
+    let _ = OUT.try_with(|o| o.set(o.get().wrapping_add_signed(n)));
+}
+
+impl PooledBuf {
+    fn own(buf: Vec<u8>) -> Self {
+        out_add(1);
+        Self { store: Store::Own(buf) }
+    }
+
+    /// The empty buffer that reports end of stream.
+    pub fn end_of_stream() -> Self {
+        Self::own(Vec::new())
+    }
+
+    /// Wraps a buffer an engine lent from its ring (used by backends with provided-buffer
+    /// rings). One small allocation holds the engine's handle.
+    pub fn lent(buf: impl LentBuf) -> Self {
+        out_add(1);
+        Self { store: Store::Lent(Box::new(buf)) }
+    }
+
+    /// The bytes read.
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.store {
+            Store::Own(v) => v,
+            Store::Lent(b) => b.bytes(),
+        }
+    }
+
+    /// Whether the bytes sit in a buffer lent from the engine's provided-buffer ring (rather
+    /// than in one of the core's pool).
+    pub fn is_lent(&self) -> bool {
+        matches!(self.store, Store::Lent(_))
+    }
+
+    /// Keeps the bytes as a plain vector: the pool's buffer itself, or a copy of a lent one
+    /// (which then goes back to its ring).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        match &mut self.store {
+            Store::Own(v) => std::mem::take(v),
+            Store::Lent(b) => b.bytes().to_vec(),
+        }
+    }
 }
 
 /// Takes an empty buffer of [`POOLED_BUF_SIZE`] bytes from this thread's pool.
-pub fn take() -> PooledBuf {
-    let buf = FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(POOLED_BUF_SIZE));
-    PooledBuf { buf }
+fn take() -> Vec<u8> {
+    FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(POOLED_BUF_SIZE))
 }
 
-/// The core's fallback for `read_pooled` where an engine has no provided-buffer ring: a
-/// buffer from this core's pool, taken when the read starts. An empty buffer is end of stream.
+/// The core's fallback for `read_pooled` where an engine has no provided-buffer ring (or its
+/// ring is empty): a buffer from this core's pool, taken when the read starts. An empty
+/// buffer is end of stream.
 pub async fn read_fallback<S: AsyncReadRent + ?Sized>(stream: &mut S) -> std::io::Result<PooledBuf> {
     let BufResult(res, buf) = stream.read(take()).await;
+    let buf = PooledBuf::own(buf);
     res.map(|_| buf)
 }
 
@@ -40,36 +110,34 @@ pub fn idle() -> usize {
     FREE.with(|f| f.borrow().len())
 }
 
-impl PooledBuf {
-    /// The bytes read.
-    pub fn as_slice(&self) -> &[u8] {
-        &self.buf
-    }
-    /// Keeps the buffer out of the pool, as a plain vector.
-    pub fn into_vec(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf)
-    }
+/// Pooled buffers handed out on this thread and not dropped yet, lent or from the pool.
+pub fn outstanding() -> usize {
+    OUT.with(Cell::get)
 }
 
 impl Deref for PooledBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf
+        self.as_slice()
     }
 }
 
 impl std::fmt::Debug for PooledBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBuf").field("len", &self.buf.len()).finish()
+        f.debug_struct("PooledBuf").field("len", &self.len()).field("lent", &self.is_lent()).finish()
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        if self.buf.capacity() != POOLED_BUF_SIZE {
+        out_add(-1);
+        let Store::Own(buf) = &mut self.store else {
+            return; // a lent buffer goes back to its ring when the box drops
+        };
+        if buf.capacity() != POOLED_BUF_SIZE {
             return; // taken out with into_vec, or not ours
         }
-        let mut buf = std::mem::take(&mut self.buf);
+        let mut buf = std::mem::take(buf);
         buf.clear();
         // `try_with`: during thread teardown the pool may already be gone; then just free.
         let _ = FREE.try_with(|f| {
@@ -81,29 +149,19 @@ impl Drop for PooledBuf {
     }
 }
 
-// SAFETY: forwards to Vec<u8>, whose heap pointer is stable across moves of the PooledBuf and
-// whose `len` bytes are initialised.
+// SAFETY: the bytes live in the Vec's heap memory or in the lent buffer, which `LentBuf`
+// requires to stay in place until the value is dropped; neither moves with the PooledBuf, and
+// all `len` bytes are initialised. The total is the initialised length: a PooledBuf is only
+// ever written from, never read into.
 unsafe impl IoBuf for PooledBuf {
     fn stable_ptr(&self) -> *const u8 {
-        self.buf.as_ptr()
+        self.as_slice().as_ptr()
     }
     fn bytes_init(&self) -> usize {
-        self.buf.len()
+        self.as_slice().len()
     }
     fn bytes_total(&self) -> usize {
-        self.buf.capacity()
-    }
-}
-
-// SAFETY: as above; the Vec's capacity is writable memory of `bytes_total` bytes.
-unsafe impl IoBufMut for PooledBuf {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.buf.as_mut_ptr()
-    }
-    unsafe fn set_init(&mut self, pos: usize) {
-        // SAFETY: the caller guarantees the first `pos` bytes are initialised and `pos` is
-        // within the capacity.
-        unsafe { self.buf.set_len(pos) }
+        self.as_slice().len()
     }
 }
 
@@ -114,17 +172,46 @@ mod tests {
     #[test]
     fn dropped_buffers_return_to_the_pool_and_come_back_empty() {
         let before = idle();
-        let mut b = take();
-        assert_eq!(b.bytes_total(), POOLED_BUF_SIZE);
-        b.buf.extend_from_slice(b"hello");
+        let mut v = take();
+        assert_eq!(v.capacity(), POOLED_BUF_SIZE);
+        v.extend_from_slice(b"hello");
+        let b = PooledBuf::own(v);
+        assert_eq!(outstanding(), 1);
+        assert_eq!(&*b, b"hello");
+        assert!(!b.is_lent());
         let ptr = b.stable_ptr();
         drop(b);
-        assert_eq!(idle(), before + 1);
-        let again = take();
+        assert_eq!((idle(), outstanding()), (before + 1, 0));
+        let again = PooledBuf::own(take());
         assert_eq!(again.stable_ptr(), ptr, "the same memory is reused");
         assert!(again.is_empty());
         let v = again.into_vec();
         assert_eq!(v.capacity(), POOLED_BUF_SIZE);
         assert_eq!(idle(), before, "a buffer kept with into_vec does not return");
+    }
+
+    struct Ring(std::rc::Rc<Cell<usize>>, Vec<u8>);
+    impl LentBuf for Ring {
+        fn bytes(&self) -> &[u8] {
+            &self.1
+        }
+    }
+    impl Drop for Ring {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    #[test]
+    fn lent_buffers_go_back_to_their_ring_not_the_pool() {
+        let returned = std::rc::Rc::new(Cell::new(0));
+        let before = idle();
+        let b = PooledBuf::lent(Ring(returned.clone(), b"from the ring".to_vec()));
+        assert!(b.is_lent());
+        assert_eq!((&*b, b.bytes_init(), outstanding()), (&b"from the ring"[..], 13, 1));
+        drop(b);
+        assert_eq!((returned.get(), idle(), outstanding()), (1, before, 0));
+        let v = PooledBuf::lent(Ring(returned.clone(), b"copied".to_vec())).into_vec();
+        assert_eq!((v.as_slice(), returned.get()), (&b"copied"[..], 2));
     }
 }

@@ -621,6 +621,33 @@ fn echo_once(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
     got
 }
 
+/// The echo service answers byte for byte both ways it reads: with buffers borrowed per read
+/// (the default: the engine's ring where it has one) and with a small buffer of its own per
+/// connection (`buffer_size`), many concurrent connections each, more bytes than any buffer.
+pub fn echo_answers_exactly_with_borrowed_and_owned_buffers<R: Runtime>() {
+    for buffer_size in [None, Some(100)] {
+        let cfg = LaunchConfig { drain_timeout: Duration::from_secs(5), ..launch_cfg(CoreSelection::Count(2)) };
+        let cpus = cfg.plan().unwrap();
+        let factory = corepin_echo::EchoFactory { buffer_size };
+        let app = TcpServer::bind("127.0.0.1:0".parse().unwrap(), cpus.len(), factory).unwrap();
+        let addr = app.local_addr();
+        let server = Server::start::<R, _>(&cfg, &cpus, Arc::new(app)).unwrap();
+        let clients: Vec<_> = (0..8u8)
+            .map(|i| {
+                thread::spawn(move || {
+                    let payload = pattern(300_000 + usize::from(i) * 7_919, i);
+                    assert!(echo_once(addr, &payload) == payload, "{buffer_size:?}: connection {i} got other bytes");
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        server.shutdown_handle().drain();
+        within(Duration::from_secs(30), "drain", move || server.wait()).unwrap();
+    }
+}
+
 /// A pair of apps runs both on every worker: two echo servers on two ports in one server,
 /// each answering exactly, and both stopping when the server drains.
 pub fn a_pair_of_apps_runs_both_on_every_worker<R: Runtime>() {
@@ -1006,8 +1033,9 @@ pub fn udp_control_messages_carry_ecn_destination_and_segments<R: Runtime>() {
 }
 
 /// The optional mechanisms' API shape works on every backend, natively or through the core's
-/// fallback: `read_pooled` lends a buffer from the core's pool (empty at end of stream) that
-/// goes back when dropped, and `write_zc` sends like `write`.
+/// fallback: `read_pooled` lends a buffer (from the engine's provided-buffer ring where the
+/// capability report says it is used, else from the core's pool), empty at end of stream, that
+/// goes back when dropped; and `write_zc` sends like `write`.
 pub fn pooled_reads_and_zero_copy_writes_move_the_same_bytes<R: Runtime>() {
     let payload = pattern(100_000, 3);
     let expect = payload.clone();
@@ -1020,15 +1048,20 @@ pub fn pooled_reads_and_zero_copy_writes_move_the_same_bytes<R: Runtime>() {
     });
     run::<R, _>(|| async move {
         let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let ring = R::capabilities().is_some_and(|c| c.buffer_rings.used);
         let mut got = Vec::new();
         while got.len() < 10 {
             let b = s.read_pooled().await.unwrap();
             assert!(!b.is_empty(), "end of stream before the greeting");
+            assert_eq!(b.is_lent(), ring, "the buffer comes from the ring exactly when the report says rings are used");
+            assert_eq!(corepin::pool::outstanding(), 1);
             got.extend_from_slice(&b);
         }
         assert_eq!(got, b"hello pool");
-        let idle = corepin::pool::idle();
-        assert!(idle >= 1, "the dropped pooled buffer went back to this core's pool");
+        assert_eq!(corepin::pool::outstanding(), 0, "every pooled buffer was given back");
+        if !ring {
+            assert!(corepin::pool::idle() >= 1, "the dropped pooled buffer went back to this core's pool");
+        }
         let mut buf = payload;
         let mut sent = 0;
         while sent < buf.len() {
@@ -1045,6 +1078,58 @@ pub fn pooled_reads_and_zero_copy_writes_move_the_same_bytes<R: Runtime>() {
         assert!(!m.used || (m.kernel && caps.driver == Driver::IoUring), "{name}: used without kernel or ring");
         assert_eq!(m.used, m.fallback.is_empty(), "{name}: a fallback is named exactly when not used");
     }
+}
+
+/// Holding more pooled buffers than the engine's ring has does not stop reads: once the ring
+/// is lent out, reads take buffers of the core's pool, and every byte arrives in order. Every
+/// buffer is given back when dropped.
+pub fn pooled_reads_go_on_when_the_ring_is_lent_out<R: Runtime>() {
+    // More than a provided-buffer ring of 512 buffers of 8 KiB holds.
+    let payload = pattern(6 << 20, 11);
+    let expect = payload.clone();
+    let (addr, peer) = std_peer(move |mut s| {
+        s.write_all(&payload).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    run::<R, _>(|| async move {
+        let ring = R::capabilities().is_some_and(|c| c.buffer_rings.used);
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let mut held = Vec::new();
+        loop {
+            let b = s.read_pooled().await.unwrap();
+            if b.is_empty() {
+                break;
+            }
+            held.push(b);
+        }
+        assert_eq!(corepin::pool::outstanding(), held.len());
+        let lent = held.iter().filter(|b| b.is_lent()).count();
+        if ring {
+            assert!(lent > 0 && lent < held.len(), "{lent} of {} reads from the ring: it should run out", held.len());
+        } else {
+            assert_eq!(lent, 0, "no ring, so nothing is lent from one");
+        }
+        let got: Vec<u8> = held.iter().flat_map(|b| b.iter().copied()).collect();
+        assert!(got == expect, "{} bytes arrived of {}, or out of order", got.len(), expect.len());
+        drop(held);
+        assert_eq!(corepin::pool::outstanding(), 0, "every pooled buffer was given back");
+        // The ring has its buffers back: the next connection's reads are lent from it again.
+        if ring {
+            let payload = pattern(1000, 12);
+            let expect = payload.clone();
+            let (addr, peer) = std_peer(move |mut s| s.write_all(&payload).unwrap());
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < expect.len() {
+                let b = s.read_pooled().await.unwrap();
+                assert!(b.is_lent(), "a read after the buffers came back is lent from the ring");
+                got.extend_from_slice(&b);
+            }
+            assert!(got == expect);
+            peer.join().unwrap();
+        }
+    });
+    peer.join().unwrap();
 }
 
 /// An engine claims its thread: a second engine nested on it is refused with a clear error,
@@ -1638,6 +1723,8 @@ corepin::per_runtime_tests! {
     fd_watch_waits_for_room_to_write,
     udp_readiness_is_level_triggered,
     pooled_reads_and_zero_copy_writes_move_the_same_bytes,
+    pooled_reads_go_on_when_the_ring_is_lent_out,
+    echo_answers_exactly_with_borrowed_and_owned_buffers,
     an_engine_owns_its_thread_until_it_ends,
     an_acceptor_shapes_the_stream_a_service_sees,
     writev_gathers_buffers_of_different_kinds,

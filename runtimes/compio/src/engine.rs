@@ -29,11 +29,10 @@ pub(crate) const NATIVE: Native = Native {
     registered_buffers: Support::Absent("compio 0.19 has no READ_FIXED/WRITE_FIXED for caller-owned buffers"),
     multishot_accept: Support::Native,
     multishot_recv: Support::Absent(
-        "compio's multishot receive lends its own BufferRef, which corepin's PooledBuf cannot carry without a copy",
+        "read_pooled arms one receive per read (a multishot receive would keep delivering into ring buffers \
+         while the service is not reading, so an idle-but-chatty connection could drain the core's ring)",
     ),
-    buffer_rings: Support::Absent(
-        "compio's BufferPool lends its own BufferRef, which corepin's PooledBuf cannot carry without a copy",
-    ),
+    buffer_rings: Support::Native,
 };
 
 /// The capability report of a compio engine with `accepted` flags and `entries` SQ entries.
@@ -65,10 +64,17 @@ fn build_error(settings: &EngineSettings, reason: impl Into<String>) -> EngineEr
     EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: reason.into() }
 }
 
+/// Buffers in the core's provided-buffer ring (`read_pooled`): 512 of
+/// [`RING_BUF_LEN`](crate::net::RING_BUF_LEN) bytes, 4 MiB per core whatever the number of
+/// connections. A read finding the ring empty takes the core pool's fallback.
+const RING_BUFS: std::num::NonZero<u16> = std::num::NonZero::new(512).unwrap();
+
 /// compio's proactor builder with `entries` and the setup flags of `flags`.
 fn proactor(entries: u32, flags: &RingFlags) -> compio_driver::ProactorBuilder {
     let mut b = compio_driver::ProactorBuilder::new();
     b.capacity(entries)
+        .buffer_pool_size(RING_BUFS)
+        .buffer_pool_buffer_len(crate::net::RING_BUF_LEN)
         .single_issuer(flags.single_issuer)
         .defer_taskrun(flags.defer_taskrun)
         .coop_taskrun(flags.coop_taskrun);

@@ -45,12 +45,13 @@ use std::task::{ready, Context, Poll, Waker};
 
 use compio_driver::op::AcceptMulti;
 use compio_driver::{SharedFd, ToSharedFd};
-use compio_io::{AsyncRead as _, AsyncWrite as _, AsyncWriteZerocopy as _};
+use compio_io::{AsyncRead as _, AsyncReadManaged as _, AsyncWrite as _, AsyncWriteZerocopy as _};
 use compio_runtime::fd::PollFd;
 use compio_runtime::SubmitMulti;
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::caps::KernelSupport;
 use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
+use corepin_core::pool::{LentBuf, PooledBuf};
 use corepin_core::runtime as contract;
 use futures_util::stream::FusedStream as _;
 use futures_util::StreamExt as _;
@@ -257,6 +258,19 @@ async fn read_cancelable<B: IoBufMut>(
     }
 }
 
+/// Bytes in each buffer of the core's provided-buffer ring.
+pub(crate) const RING_BUF_LEN: usize = 8 * 1024;
+
+/// A buffer of compio's provided-buffer ring, lent by `read_pooled`; dropping it puts it back
+/// in the ring.
+struct RingBuf(compio_driver::BufferRef);
+
+impl LentBuf for RingBuf {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 async fn read<B: IoBufMut>(stream: &compio_net::TcpStream, buf: B) -> BufResult<usize, B> {
     let mut reader = stream;
     back(reader.read(Owned(buf)).await)
@@ -410,6 +424,24 @@ impl contract::TcpStream for TcpStream {
         // A one-shot io_uring POLL_ADD: it checks the socket's state when armed, so it is
         // level-triggered and never reports a stale readiness.
         self.inner.to_poll_fd()?.write_ready().await
+    }
+
+    /// A receive with `IOSQE_BUFFER_SELECT` on the runtime's provided-buffer ring: the kernel
+    /// picks a buffer only when data arrives, so a waiting connection holds none. When every
+    /// buffer of the ring is lent out (`ENOBUFS`, which compio reports as `ResourceBusy`;
+    /// nothing was consumed), the read takes the core pool's fallback.
+    async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
+        let mut reader = &self.inner;
+        match reader.read_managed(RING_BUF_LEN).await {
+            Ok(Some(buf)) => Ok(PooledBuf::lent(RingBuf(buf))),
+            // No buffer taken: the receive returned 0, end of stream.
+            Ok(None) => Ok(PooledBuf::end_of_stream()),
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
+                tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool");
+                corepin_core::pool::read_fallback(self).await
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -10,22 +10,20 @@ use corepin_core::{
 };
 
 /// Builds one [`Echo`] per core.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EchoFactory {
-    /// Read buffer size per connection.
-    pub buffer_size: usize,
-}
-
-impl Default for EchoFactory {
-    fn default() -> Self {
-        Self { buffer_size: 16 * 1024 }
-    }
+    /// `None` (the default): every read borrows a buffer from the core only when data arrives
+    /// (`read_pooled`: the engine's provided-buffer ring where it has one, otherwise the core's
+    /// pool), and the write sends that same buffer back, so on an engine with a ring an idle
+    /// connection holds no buffer at all. `Some(n)`: each connection owns an `n`-byte buffer
+    /// for its whole life, moved into every read and write.
+    pub buffer_size: Option<usize>,
 }
 
 /// The per-core echo service.
 #[derive(Debug)]
 pub struct Echo {
-    buffer_size: usize,
+    buffer_size: Option<usize>,
 }
 
 impl ServiceFactory for EchoFactory {
@@ -41,9 +39,20 @@ impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Echo {
     type Error = io::Error;
 
     async fn call(&self, mut conn: Connection<R, S>) -> io::Result<()> {
+        let Some(size) = self.buffer_size else {
+            // Borrowed buffers: the bytes read are written back from the buffer they arrived
+            // in, which returns to the core when the write is done.
+            loop {
+                let buf = conn.stream.read_pooled().await?;
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                conn.stream.write_all(buf).await.0?;
+            }
+        };
         // One buffer per connection, allocated on this core; it moves into each read and each
         // write and comes back every time.
-        let mut buf = Vec::with_capacity(self.buffer_size);
+        let mut buf = Vec::with_capacity(size);
         loop {
             let BufResult(res, b) = conn.stream.read(buf).await;
             let n = match res {

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use corepin_core::task::{read_timeout, read_timeout_or};
+use corepin_core::task::{read_timeout, read_timeout_or, Either};
 use corepin_core::{BufResult, ConnStream, Connection, IoBuf, Runtime};
 
 use crate::http::{self, Head, HeadWriter, Parsed};
@@ -133,6 +133,36 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
         }
     }
 
+    /// Waits for the next request (nothing is buffered) holding no buffer, on engines whose
+    /// `read_pooled` reads into the core's provided-buffer ring: the connection's own buffers
+    /// are given back, the
+    /// kernel picks a ring buffer only when bytes arrive, and they are copied into a fresh
+    /// input buffer (a request head is small) before the ring buffer goes back. An idle
+    /// keep-alive connection then costs its task and its socket. (On engines without a ring,
+    /// the pool's fallback would hold a bigger buffer than the connection's own while waiting,
+    /// so `fill` keeps reading into the connection's buffer there.)
+    ///
+    /// A read dropped by the idle timeout or the drain may take bytes with it, which is fine:
+    /// the connection closes either way.
+    async fn fill_idle(&mut self) -> Result<(), End> {
+        self.inbuf = Vec::new();
+        self.head = Vec::new();
+        let timeout = self.cfg().idle_timeout;
+        let worker = self.c.worker.clone();
+        let read = corepin_core::task::timeout::<R, _>(timeout, self.c.stream.read_pooled());
+        match corepin_core::task::race(read, worker.draining()).await {
+            Either::Left(Ok(Ok(buf))) if buf.is_empty() => Err(End::Closed),
+            Either::Left(Ok(Ok(buf))) => {
+                self.inbuf.reserve(buf.len().max(4096));
+                self.inbuf.extend_from_slice(&buf);
+                Ok(())
+            }
+            Either::Left(Ok(Err(e))) => Err(e.into()),
+            Either::Left(Err(_elapsed)) => Err(End::Timeout),
+            Either::Right(()) => Err(End::Closed),
+        }
+    }
+
     /// Closes without losing the answer just sent. Closing a socket that still holds unread
     /// input makes the kernel send a reset, and a reset that reaches the client before it has
     /// read the answer destroys it (the client sees "connection reset" instead of its 413). So
@@ -188,7 +218,7 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                 discard -= n;
                 if discard > 0 {
                     let d = *head_deadline.get_or_insert_with(|| Instant::now() + self.cfg().header_timeout);
-                    self.fill(Some(d)).await?;
+                    Box::pin(self.fill(Some(d))).await?;
                     continue;
                 }
             }
@@ -199,7 +229,13 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                 if self.c.worker.is_draining() {
                     return Ok(());
                 }
-                self.fill(None).await?;
+                if corepin_core::engine::lends_ring_buffers() {
+                    self.fill_idle().await?;
+                } else {
+                    // Boxed, so that the idle wait on a ring (above) is what an idle
+                    // connection's task is sized for.
+                    Box::pin(self.fill(None)).await?;
+                }
                 continue;
             }
             let started = Instant::now();
@@ -225,7 +261,9 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     head_deadline = None;
                     let status = plan.status;
                     let stay = keep_alive && !self.c.worker.is_draining();
-                    let result = self.respond(plan, keep_alive, minor).await;
+                    // Boxed: the send's state (transfer, timeouts) is large and lives only while
+                    // a response is under way, so an idle connection's task does not carry it.
+                    let result = Box::pin(self.respond(plan, keep_alive, minor)).await;
                     self.counters.response(status);
                     let sent = self.tx.sent();
                     corepin_core::worker::CoreCounters::add(&self.counters.bytes_sent, sent);
@@ -245,18 +283,18 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     result?;
                     if !stay {
                         if self.input_pending(discard) {
-                            self.linger().await;
+                            Box::pin(self.linger()).await;
                         }
                         return Ok(());
                     }
                 }
                 Err(None) => {
                     let d = *head_deadline.get_or_insert_with(|| Instant::now() + self.cfg().header_timeout);
-                    match self.fill(Some(d)).await {
+                    match Box::pin(self.fill(Some(d))).await {
                         Err(End::Timeout) => {
                             // The head did not arrive in time: say so (best effort), then close.
-                            if self.respond(Plan::error(408), false, 1).await.is_ok() {
-                                self.linger().await;
+                            if Box::pin(self.respond(Plan::error(408), false, 1)).await.is_ok() {
+                                Box::pin(self.linger()).await;
                             }
                             self.counters.response(408);
                             return Err(End::Timeout);
@@ -266,9 +304,9 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                 }
                 Err(Some(reject)) => {
                     tracing::debug!(peer = %self.c.peer, "refused request: {}", reject.why);
-                    self.respond(Plan::error(reject.status), false, 1).await?;
+                    Box::pin(self.respond(Plan::error(reject.status), false, 1)).await?;
                     self.counters.response(reject.status);
-                    self.linger().await;
+                    Box::pin(self.linger()).await;
                     return Ok(());
                 }
             }
