@@ -7,6 +7,7 @@
 //! corepin's (SO_REUSEADDR, backlog 4096, non-blocking), with TCP_NODELAY on each accepted
 //! socket and one `--buffer-size` buffer per connection. Only the I/O path differs.
 
+mod aux_ring;
 mod glommio;
 mod monoio;
 mod sys;
@@ -44,6 +45,9 @@ enum Engine {
     TokioMt,
     /// A hand-written io_uring event loop (the floor).
     Uring,
+    /// Monoio hosting an auxiliary io_uring that does each connection's I/O with multishot
+    /// receive into a provided-buffer ring (issue 11's experiment, docs/aux-ring.md).
+    MonoioAux,
 }
 
 /// TCP echo server on one pinned core, written directly against one engine.
@@ -86,6 +90,7 @@ fn run(args: Args) -> Result<()> {
         Engine::TokioUring => tokio_uring::run(listener, size),
         Engine::TokioMt => tokio_mt::run(listener, args.cpu, size),
         Engine::Uring => uring::run(listener, size),
+        Engine::MonoioAux => aux_ring::run(listener),
     }
 }
 
