@@ -29,6 +29,7 @@ use std::task::{Context as TaskContext, Poll, Waker};
 
 use anyhow::{Context, Result};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
 
 /// The provided-buffer group the RECVs select from.
@@ -50,7 +51,15 @@ const OP_SEND: u64 = 2;
 /// `user_data` of ASYNC_CANCEL entries (their own completions are ignored).
 const CANCEL: u64 = u64::MAX;
 
-pub(crate) fn run(listener: std::net::TcpListener) -> Result<()> {
+/// Where the SENDs go: the aux ring (everything on it), or the host's ring (Monoio's own
+/// `write_all` of the received buffer; the aux ring only receives).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sends {
+    Aux,
+    Host,
+}
+
+pub(crate) fn run(listener: std::net::TcpListener, sends: Sends) -> Result<()> {
     let mut rt = crate::monoio::build()?;
     rt.block_on(async move {
         let aux = Rc::new(Aux::new()?);
@@ -63,8 +72,10 @@ pub(crate) fn run(listener: std::net::TcpListener) -> Result<()> {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    let conn = aux.register(stream);
-                    drop(monoio::spawn(echo(conn)));
+                    match sends {
+                        Sends::Aux => drop(monoio::spawn(echo(aux.register(stream, true)))),
+                        Sends::Host => drop(monoio::spawn(echo_host_sends(aux.register(stream, false)))),
+                    }
                 }
                 Err(e) => {
                     if crate::accept_failed(&e) {
@@ -92,6 +103,21 @@ async fn echo(conn: Conn) {
                 Ok(n) if n > 0 => off += n,
                 _ => return,
             }
+        }
+    }
+}
+
+/// The same service with the SENDs on Monoio's ring: `write_all` of the received buffer.
+async fn echo_host_sends(mut conn: Conn) {
+    loop {
+        let chunk = match conn.recv().await {
+            Ok(Some(chunk)) => chunk,
+            _ => return,
+        };
+        let Some(stream) = conn.stream.as_mut() else { return };
+        let (res, _chunk) = stream.write_all(chunk).await;
+        if res.is_err() {
+            return;
         }
     }
 }
@@ -192,7 +218,11 @@ enum Send {
 }
 
 struct Slot {
-    /// Keeps the socket open until the slot's last operation has completed; None when free.
+    /// In use (by a connection, or by its operations still in the kernel's hands).
+    live: bool,
+    /// With SENDs on the aux ring, keeps the socket open until the slot's last operation has
+    /// completed. (With host SENDs the task owns the stream; the kernel holds its own
+    /// reference to the socket for an armed RECV until the cancel completes.)
     stream: Option<TcpStream>,
     fd: RawFd,
     /// Received chunks (buffer id, length) not yet taken by the task.
@@ -253,13 +283,16 @@ impl Aux {
         })
     }
 
-    /// Takes over a connection and arms its multishot RECV.
-    fn register(self: &Rc<Self>, stream: TcpStream) -> Conn {
+    /// Takes over a connection and arms its multishot RECV. `keep`: the slot keeps the stream
+    /// (SENDs on the aux ring), else the returned handle does.
+    fn register(self: &Rc<Self>, stream: TcpStream, keep: bool) -> Conn {
         let fd = stream.as_raw_fd();
+        let (kept, handed) = if keep { (Some(stream), None) } else { (None, Some(stream)) };
         let id = {
             let mut st = self.st.borrow_mut();
             let slot = Slot {
-                stream: Some(stream),
+                live: true,
+                stream: kept,
                 fd,
                 chunks: VecDeque::new(),
                 recv: Recv::Armed,
@@ -280,7 +313,7 @@ impl Aux {
             }
         };
         self.push(recv_entry(fd, id));
-        Conn { aux: self.clone(), id }
+        Conn { aux: self.clone(), id, stream: handed }
     }
 
     /// Queues an SQE and makes sure a flush runs this round. A full SQ is submitted at once.
@@ -373,7 +406,7 @@ impl Aux {
             }
             rearm.retain(|&i| {
                 let slot = &mut st.slots[i];
-                let ok = slot.stream.is_some() && !slot.owner_gone && slot.recv != Recv::Armed;
+                let ok = slot.live && !slot.owner_gone && slot.recv != Recv::Armed;
                 if ok {
                     slot.recv = Recv::Armed;
                 }
@@ -506,8 +539,9 @@ impl State {
     fn maybe_free(&mut self, i: usize) {
         let slot = &mut self.slots[i];
         let busy = slot.recv == Recv::Armed || matches!(slot.send, Send::InFlight { .. });
-        if slot.owner_gone && !busy && slot.stream.is_some() {
-            slot.stream = None; // closes the socket
+        if slot.owner_gone && !busy && slot.live {
+            slot.live = false;
+            slot.stream = None; // closes the socket (when the slot kept it)
             slot.chunks.clear();
             self.free.push(i);
         }
@@ -523,10 +557,12 @@ fn recv_entry(fd: RawFd, i: usize) -> squeue::Entry {
 }
 
 /// A connection's handle, held by its task. Dropping it cancels the RECV; the slot (and the
-/// socket) go once the last completion is in.
+/// socket, when the slot keeps it) go once the last completion is in.
 struct Conn {
     aux: Rc<Aux>,
     id: usize,
+    /// The stream, when SENDs go through the host (dropped after `Drop for Conn` has run).
+    stream: Option<TcpStream>,
 }
 
 impl Conn {
@@ -539,7 +575,8 @@ impl Conn {
         let mut st = self.aux.st.borrow_mut();
         let slot = &mut st.slots[self.id];
         if let Some((bid, len)) = slot.chunks.pop_front() {
-            return Poll::Ready(Ok(Some(Chunk { aux: self.aux.clone(), bid, len })));
+            let ptr = st.bufs.buf(bid);
+            return Poll::Ready(Ok(Some(Chunk { aux: self.aux.clone(), bid, len, ptr })));
         }
         match slot.recv {
             Recv::Ended(0) => Poll::Ready(Ok(None)),
@@ -563,7 +600,7 @@ impl Conn {
         };
         let base = self.aux.st.borrow().bufs.buf(bid);
         // SAFETY: `off < len` <= BUF_SIZE, so the range is inside buffer `bid`.
-        let ptr = unsafe { base.add(off) };
+        let ptr = unsafe { base.add(off) }.cast_const();
         let entry = opcode::Send::new(types::Fd(fd), ptr, len - off as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
@@ -586,7 +623,8 @@ impl Conn {
         })
         .await;
         guard.armed = false;
-        let chunk = Chunk { aux: self.aux.clone(), bid, len };
+        let ptr = self.aux.st.borrow().bufs.buf(bid);
+        let chunk = Chunk { aux: self.aux.clone(), bid, len, ptr };
         let res = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
         (res, chunk)
     }
@@ -647,6 +685,20 @@ struct Chunk {
     aux: Rc<Aux>,
     bid: u16,
     len: u32,
+    /// Start of buffer `bid`.
+    ptr: *mut u8,
+}
+
+// SAFETY: the bytes at `ptr..ptr + len` were written by the kernel's RECV and stay valid and
+// unchanged while the chunk exists: the buffer goes back to the ring only in `Drop`, and the
+// memory is never freed. Moving the chunk does not move them.
+unsafe impl monoio::buf::IoBuf for Chunk {
+    fn read_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    fn bytes_init(&self) -> usize {
+        self.len as usize
+    }
 }
 
 impl Chunk {
