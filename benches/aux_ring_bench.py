@@ -17,6 +17,8 @@ the min-max spread.
         connections that each echoed one 64 B message and then went quiet (a server that reads
         into a buffer of its own has touched it by then; a provided-buffer server has given
         the buffer back).
+* syscalls  system calls (of which io_uring_enter and read) and context switches of the server
+        per echo message, counted by `perf stat -p` during one run per point.
 
 Uses the binaries already built in $CARGO_TARGET_DIR/release (or target/release).
 """
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -66,6 +69,42 @@ def run_echo(args: argparse.Namespace) -> list[dict]:
                     results.append(r)
                     print(f"  rep {rep} {name:<16} {conns:>5} conns  {r['msgs_per_sec']:>9,.0f} msg/s  "
                           f"{r['server_cpu_us_per_msg']:.2f} µs CPU/msg  errors {r['errors']}", flush=True)
+    return results
+
+
+PERF_EVENTS = ("raw_syscalls:sys_enter", "syscalls:sys_enter_io_uring_enter", "syscalls:sys_enter_read",
+               "context-switches")
+
+
+def run_syscalls(args: argparse.Namespace) -> list[dict]:
+    """System calls and context switches of the server per echo message (perf stat on its
+    process during one loadgen run); counts, so far less noisy than CPU time."""
+    results = []
+    for name in args.servers:
+        with contextlib.ExitStack() as local:
+            server = bench.start_server(name, local)
+            for conns in args.conns:
+                common = ["echo", "--addr", f"127.0.0.1:{server.port}", "--conns", str(conns), "--size",
+                          str(args.size), "--cpu", str(bench.CLIENT_CPU)]
+                bench.loadgen(common + ["--secs", str(args.warmup), "--warmup", "0"])
+                perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(PERF_EVENTS), "-p",
+                                         str(server.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+                time.sleep(0.2)
+                r = bench.loadgen(common + ["--secs", str(args.secs), "--warmup", "0"])
+                perf.send_signal(signal.SIGINT)
+                _, err = perf.communicate(timeout=10)
+                counts = {}
+                for line in err.splitlines():
+                    f = line.split(",")
+                    if len(f) > 2 and f[2] in PERF_EVENTS and f[0].strip().isdigit():
+                        counts[f[2]] = int(f[0])
+                m = r["messages"] or 1
+                row = {"server": name, "conns": conns, "messages": r["messages"], "errors": r["errors"]}
+                row |= {e: counts.get(e, 0) / m for e in PERF_EVENTS}
+                results.append(row)
+                print(f"  syscalls {name:<20} {conns:>5} conns: " +
+                      ", ".join(f"{e.split(':')[-1]} {row[e]:.2f}" for e in PERF_EVENTS) + " per message", flush=True)
     return results
 
 
@@ -156,10 +195,10 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict]) -> str:
+def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict], syscalls: list[dict]) -> str:
     parts = []
     if echo:
-        parts.append(f"Echo {args.size} B, server CPU per message, median (min–max) of {args.reps} runs:\n")
+        parts.append(f"Echo {args.size} B, server CPU per message in µs, median (min–max) of {args.reps} runs:\n")
         parts.append("| server | " + " | ".join(f"{c} conns" for c in args.conns) + " |")
         parts.append("|---|" + "---:|" * len(args.conns))
         for s in args.servers:
@@ -167,8 +206,28 @@ def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict]) -> st
             for c in args.conns:
                 v = [r["server_cpu_us_per_msg"] for r in echo if r["server"] == s and r["conns"] == c]
                 errs = sum(r["errors"] for r in echo if r["server"] == s and r["conns"] == c)
-                cells.append((spread(v, "{:.2f}") + " µs" if v else "") + (f" ⚠ {errs} errors" if errs else ""))
+                cells.append((spread(v, "{:.2f}") if v else "") + (f" ⚠ {errs} errors" if errs else ""))
             parts.append(f"| {s} | " + " | ".join(cells) + " |")
+        if args.baseline in args.servers:
+            parts.append(f"\nCPU per message divided by that of `{args.baseline}` in the same repetition (paired, so "
+                         "drifts of the shared machine between repetitions cancel), median (min–max):\n")
+            parts.append("| server | " + " | ".join(f"{c} conns" for c in args.conns) + " |")
+            parts.append("|---|" + "---:|" * len(args.conns))
+            for s in args.servers:
+                if s == args.baseline:
+                    continue
+                cells = []
+                for c in args.conns:
+                    v = []
+                    for r in echo:
+                        if r["server"] != s or r["conns"] != c:
+                            continue
+                        b = next((x for x in echo if x["server"] == args.baseline and x["conns"] == c
+                                  and x["rep"] == r["rep"]), None)
+                        if b and b["server_cpu_us_per_msg"] and r["server_cpu_us_per_msg"]:
+                            v.append(r["server_cpu_us_per_msg"] / b["server_cpu_us_per_msg"])
+                    cells.append(spread(v, "{:.2f}") if v else "")
+                parts.append(f"| {s} | " + " | ".join(cells) + " |")
         parts.append("\nMessages/s, median (min–max):\n")
         parts.append("| server | " + " | ".join(f"{c} conns" for c in args.conns) + " |")
         parts.append("|---|" + "---:|" * len(args.conns))
@@ -179,18 +238,26 @@ def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict]) -> st
                 cells.append(spread(v, "{:,.0f}") if v else "")
             parts.append(f"| {s} | " + " | ".join(cells) + " |")
         parts.append("")
+    if syscalls:
+        parts.append(f"Per echo message ({args.size} B), counted by perf stat on the server process "
+                     "(system calls, of which io_uring_enter and read, and context switches):\n")
+        parts.append("| server | conns | syscalls | io_uring_enter | read | context switches |")
+        parts.append("|---|---:|---:|---:|---:|---:|")
+        for r in syscalls:
+            parts.append(f"| {r['server']} | {r['conns']} | " + " | ".join(f"{r[e]:.2f}" for e in PERF_EVENTS) + " |")
+        parts.append("")
     if idle:
         parts.append(f"Resident memory per idle connection ({args.idle_conns:,} connections), median (min–max) of "
                      f"{args.idle_reps} runs; RSS before = after an 8-connection warm-up:\n")
-        parts.append("| server | cold: per connection | warm: per connection | RSS before (cold) |")
+        parts.append("| server | cold: KiB per connection | warm: KiB per connection | RSS before (cold), MiB |")
         parts.append("|---|---:|---:|---:|")
         for s in args.servers:
             cells = []
             for mode in ("cold", "warm"):
                 v = [r["bytes_per_conn"] / 1024 for r in idle if r["server"] == s and r["mode"] == mode]
-                cells.append(spread(v, "{:.2f}") + " KiB" if v else "")
+                cells.append(spread(v, "{:.2f}") if v else "")
             base = [r["rss_base_kib"] / 1024 for r in idle if r["server"] == s and r["mode"] == "cold"]
-            cells.append(spread(base, "{:.1f}") + " MiB" if base else "")
+            cells.append(spread(base, "{:.1f}") if base else "")
             parts.append(f"| {s} | " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts)
@@ -198,7 +265,7 @@ def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict]) -> st
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="echo,idle", help="echo, idle or both")
+    ap.add_argument("--only", default="echo,idle,syscalls", help="any of echo, idle, syscalls")
     ap.add_argument("--servers", default=",".join(SERVERS), help="corepin-<backend> or peer engine names")
     ap.add_argument("--conns", default="16,128,1000")
     ap.add_argument("--size", type=int, default=64)
@@ -207,6 +274,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--idle-conns", type=int, default=19000)
     ap.add_argument("--idle-reps", type=int, default=3)
+    ap.add_argument("--report", help="only rewrite the tables from this aux_ring.json (same options)")
+    ap.add_argument("--baseline", default="monoio", help="server the paired ratios divide by")
     ap.add_argument("--out", required=True, help="results directory (aux_ring.json, aux_ring.md)")
     args = ap.parse_args()
     args.servers = [s for s in args.servers.split(",") if s]
@@ -217,10 +286,15 @@ def main() -> int:
     meta = bench.machine() | {"args": {k: v for k, v in vars(args).items()}}
     print(f"server on CPU {bench.SERVER_CPU}, load generator on CPU {bench.CLIENT_CPU}; kernel {meta['kernel']}",
           flush=True)
-    echo = run_echo(args) if "echo" in only else []
-    idle = run_idle(args) if "idle" in only else []
-    md = markdown(args, echo, idle)
-    (out / "aux_ring.json").write_text(json.dumps({"meta": meta, "echo": echo, "idle": idle}, indent=1))
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        echo, idle, syscalls = data["echo"], data["idle"], data.get("syscalls", [])
+    else:
+        echo = run_echo(args) if "echo" in only else []
+        idle = run_idle(args) if "idle" in only else []
+        syscalls = run_syscalls(args) if "syscalls" in only else []
+    md = markdown(args, echo, idle, syscalls)
+    (out / "aux_ring.json").write_text(json.dumps({"meta": meta, "echo": echo, "idle": idle, "syscalls": syscalls}, indent=1))
     (out / "aux_ring.md").write_text(md)
     print(md)
     return 0

@@ -6,16 +6,16 @@
 //! nothing of Monoio's internals is touched.
 //!
 //! Where the system calls happen (per scheduler round of the host):
-//! * `flush` (the only place the aux ring is entered): one `io_uring_enter(GETEVENTS)` that
-//!   submits every SQE queued since the last flush and runs the ring's deferred completions,
-//!   then the completions are dispatched (wakers of the connection tasks) and the eventfd is
-//!   drained with one `read(2)` when anything was reaped (the completions just posted signal it).
-//! * `flush_task` runs `flush` when an SQE was queued: the first push of a round wakes it, and a
-//!   woken Monoio task goes to the back of the run queue, so it runs after the connection tasks
-//!   of that round and submits all their SENDs at once.
-//! * `reap_task` runs `flush` when the eventfd turns readable (data arrived while the host was
-//!   parked); re-awaiting it queues one POLL_ADD SQE in Monoio's ring, submitted by Monoio's own
-//!   `io_uring_enter` when it parks, so arming the wait costs no system call of its own.
+//! * `reap_task` awaits the eventfd (one POLL_ADD queued in Monoio's ring, submitted by
+//!   Monoio's own `io_uring_enter` when it parks: arming the wait costs no system call), then
+//!   `reap`s: one `io_uring_enter(GETEVENTS)` on the aux ring runs its deferred completions
+//!   (DEFER_TASKRUN), they wake the connection tasks, and one `read(2)` drains the eventfd
+//!   (skipped when more completions are already pending: the next round reaps them).
+//! * `flush_task` `submit`s: one `io_uring_enter` without GETEVENTS for every SQE queued this
+//!   round. The first push of a round wakes it, and a woken Monoio task goes to the back of the
+//!   run queue, so it runs after the connection tasks woken by `reap` and submits all their
+//!   SENDs at once. Their completions are posted inline, signal the eventfd, and are collected
+//!   by the next round's `reap` (as Monoio's own write completions are, by its next park).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -142,7 +142,7 @@ async fn reap_task(aux: Rc<Aux>, watch: monoio::net::udp::UdpSocket) {
             eprintln!("corepin-peer-echo: waiting on the aux ring's eventfd: {e}");
             std::process::exit(1);
         }
-        aux.flush(true);
+        aux.reap();
     }
 }
 
@@ -156,7 +156,7 @@ async fn flush_task(aux: Rc<Aux>) {
             Poll::Pending
         })
         .await;
-        aux.flush(false);
+        aux.submit();
     }
 }
 
@@ -169,15 +169,17 @@ struct Aux {
     /// An SQE is queued and `flush_task` should run.
     flush_wanted: Cell<bool>,
     flusher: RefCell<Option<Waker>>,
-    /// Counters (for the write-up), printed every 2^16 flushes when `AUX_STATS` is set.
+    /// Counters (for the write-up), printed every 2^16 reaps when `AUX_STATS` is set.
     stats: Stats,
     print_stats: bool,
 }
 
 #[derive(Default)]
 struct Stats {
-    flushes: Cell<u64>,
-    reaper_flushes: Cell<u64>,
+    reaps: Cell<u64>,
+    submits: Cell<u64>,
+    resignals: Cell<u64>,
+    kept_readable: Cell<u64>,
     enters: Cell<u64>,
     evfd_reads: Cell<u64>,
     cqes: Cell<u64>,
@@ -340,59 +342,73 @@ impl Aux {
         }
     }
 
-    /// Submits what is queued, runs and dispatches the ring's completions, wakes the tasks they
-    /// concern. `from_eventfd`: the eventfd fired, so it is drained whatever was reaped.
-    fn flush(&self, from_eventfd: bool) {
+    /// The reaper's half (the eventfd fired): one `io_uring_enter(GETEVENTS)` that submits what
+    /// is queued and runs the ring's deferred completions, their dispatch (wakers of the
+    /// connection tasks), then one `read(2)` that drains the eventfd, which the completions just
+    /// posted have signalled again.
+    fn reap(&self) {
         let s = &self.stats;
-        s.flushes.set(s.flushes.get() + 1);
-        if from_eventfd {
-            s.reaper_flushes.set(s.reaper_flushes.get() + 1);
-        }
+        s.reaps.set(s.reaps.get() + 1);
         let mut wakers = Vec::new();
         let mut reaped = 0u64;
-        for _ in 0..8 {
+        // One enter; a second only when re-arms or cancels were queued by the dispatch.
+        for _ in 0..4 {
             self.queue_pending();
             let mut ring = self.ring.borrow_mut();
-            let to_submit = ring.submission().len() as u32;
-            s.enters.set(s.enters.get() + 1);
-            // SAFETY: a plain io_uring_enter on our own ring, with no argument struct.
-            match unsafe { ring.submitter().enter::<libc::sigset_t>(to_submit, 0, ENTER_GETEVENTS, None) } {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR | libc::EAGAIN)) => {}
-                Err(e) => {
-                    eprintln!("corepin-peer-echo: aux io_uring_enter: {e}");
-                    std::process::exit(1);
-                }
-            }
+            self.enter(&mut ring, ENTER_GETEVENTS);
             let mut st = self.st.borrow_mut();
             for cqe in ring.completion() {
                 reaped += 1;
                 st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &mut wakers, s);
             }
-            let again = !st.rearm.is_empty() || !st.cancel.is_empty() || ring.submission().taskrun();
-            drop(st);
-            drop(ring);
-            if !again {
+            if st.rearm.is_empty() && st.cancel.is_empty() {
                 break;
             }
         }
         s.cqes.set(s.cqes.get() + reaped);
-        if from_eventfd || reaped > 0 {
-            self.drain_eventfd();
-            // Work the kernel queued after our enter signalled the eventfd, and that signal may
-            // just have been drained: IORING_SQ_TASKRUN says so (set before the signal).
-            if self.ring.borrow_mut().submission().taskrun() {
-                self.flush_wanted.set(true);
-                if let Some(w) = self.flusher.borrow_mut().take() {
-                    wakers.push(w);
-                }
-            }
+        // IORING_SQ_TASKRUN: the kernel queued completions after our enter (it sets the flag,
+        // then signals the eventfd). Then the eventfd is left readable, so the next round reaps
+        // them, and the read is saved. Else it is drained, and the flag checked once more: work
+        // queued between the check and the read had its signal drained, so signal again.
+        if self.ring.borrow_mut().submission().taskrun() {
+            s.kept_readable.set(s.kept_readable.get() + 1);
+        } else if self.drain_eventfd() && self.ring.borrow_mut().submission().taskrun() {
+            s.resignals.set(s.resignals.get() + 1);
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a u64 we own to our eventfd.
+            unsafe { libc::write(self.evfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
         for w in wakers {
             w.wake();
         }
-        if self.print_stats && s.flushes.get() % (1 << 16) == 0 {
+        if self.print_stats && s.reaps.get() % (1 << 16) == 0 {
             self.print_stats();
+        }
+    }
+
+    /// The flusher's half: one `io_uring_enter` without GETEVENTS that submits every SQE queued
+    /// this round. SENDs that complete inline post their completions now; those signal the
+    /// eventfd, so the next round's `reap` collects them with whatever arrived meanwhile.
+    fn submit(&self) {
+        self.stats.submits.set(self.stats.submits.get() + 1);
+        self.queue_pending();
+        let mut ring = self.ring.borrow_mut();
+        self.enter(&mut ring, 0);
+    }
+
+    fn enter(&self, ring: &mut IoUring, flags: u32) {
+        let s = &self.stats;
+        s.enters.set(s.enters.get() + 1);
+        let to_submit = ring.submission().len() as u32;
+        // SAFETY: a plain io_uring_enter on our own ring, with no argument struct; every queued
+        // entry's memory stays valid until its completion (see `push`).
+        match unsafe { ring.submitter().enter::<libc::sigset_t>(to_submit, 0, flags, None) } {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR | libc::EAGAIN)) => {}
+            Err(e) => {
+                eprintln!("corepin-peer-echo: aux io_uring_enter: {e}");
+                std::process::exit(1);
+            }
         }
     }
 
@@ -431,11 +447,13 @@ impl Aux {
         }
     }
 
-    fn drain_eventfd(&self) {
+    /// Empties the eventfd's counter; true (always) so it chains in a condition.
+    fn drain_eventfd(&self) -> bool {
         self.stats.evfd_reads.set(self.stats.evfd_reads.get() + 1);
         let mut n = 0u64;
         // SAFETY: reads 8 bytes into a u64 we own; the eventfd is non-blocking (EAGAIN is fine).
         unsafe { libc::read(self.evfd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        true
     }
 
     /// Hands buffer `bid` back to the kernel.
@@ -454,9 +472,11 @@ impl Aux {
     fn print_stats(&self) {
         let s = &self.stats;
         eprintln!(
-            "aux stats: flushes {} (from eventfd {}), enters {}, eventfd reads {}, cqes {}, recv chunks {}, sends {}, enobufs {}",
-            s.flushes.get(),
-            s.reaper_flushes.get(),
+            "aux stats: reaps {}, submits {}, resignals {}, kept readable {}, enters {}, eventfd reads {}, cqes {}, recv chunks {}, sends {}, enobufs {}",
+            s.reaps.get(),
+            s.submits.get(),
+            s.resignals.get(),
+            s.kept_readable.get(),
             s.enters.get(),
             s.evfd_reads.get(),
             s.cqes.get(),
