@@ -14,7 +14,7 @@ the min-max spread.
         message from /proc/<pid>/stat around the measured window, messages/s, errors.
 * idle  resident memory (VmRSS) per idle connection, two ways: `cold`, connections that never
         sent anything (corepin-loadgen hold, as bench.py's scale workload), and `warm`,
-        connections that each echoed one 64 B message and then went quiet (a server that reads
+        connections that each echoed one message (64 B, or --warm-size) and then went quiet (a server that reads
         into a buffer of its own has touched it by then; a provided-buffer server has given
         the buffer back).
 * syscalls  system calls (of which io_uring_enter and read) and context switches of the server
@@ -150,7 +150,7 @@ def open_warm(port: int, n: int, size: int) -> list[socket.socket]:
     return socks
 
 
-def idle_point(name: str, n: int, warm: bool) -> dict:
+def idle_point(name: str, n: int, warm: bool, warm_size: int) -> dict:
     with contextlib.ExitStack() as local:
         server = bench.start_server(name, local)
         addr = f"127.0.0.1:{server.port}"
@@ -159,7 +159,7 @@ def idle_point(name: str, n: int, warm: bool) -> dict:
         time.sleep(0.3)
         base = bench.rss_kib(server.proc.pid)
         if warm:
-            socks = open_warm(server.port, n, 64)
+            socks = open_warm(server.port, n, warm_size)
             local.callback(lambda: [s.close() for s in socks])
             held = len(socks)
         else:
@@ -181,9 +181,9 @@ def run_idle(args: argparse.Namespace) -> list[dict]:
     results = []
     for rep in range(args.idle_reps):
         order = args.servers[rep % len(args.servers):] + args.servers[:rep % len(args.servers)]
-        for warm in (False, True):
+        for warm in (False, True) if not args.warm_only else (True,):
             for name in order:
-                r = idle_point(name, args.idle_conns, warm)
+                r = idle_point(name, args.idle_conns, warm, args.warm_size)
                 r["rep"] = rep
                 results.append(r)
                 print(f"  rep {rep} idle {r['mode']:<4} {name:<16} {r['conns']} conns: RSS {r['rss_base_kib']} -> "
@@ -247,8 +247,9 @@ def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict], sysca
             parts.append(f"| {r['server']} | {r['conns']} | " + " | ".join(f"{r[e]:.2f}" for e in PERF_EVENTS) + " |")
         parts.append("")
     if idle:
-        parts.append(f"Resident memory per idle connection ({args.idle_conns:,} connections), median (min–max) of "
-                     f"{args.idle_reps} runs; RSS before = after an 8-connection warm-up:\n")
+        parts.append(f"Resident memory per idle connection ({args.idle_conns:,} connections; warm ones echoed "
+                     f"{args.warm_size} B once), median (min–max) of {args.idle_reps} runs; RSS before = after an "
+                     "8-connection warm-up:\n")
         parts.append("| server | cold: KiB per connection | warm: KiB per connection | RSS before (cold), MiB |")
         parts.append("|---|---:|---:|---:|")
         for s in args.servers:
@@ -274,6 +275,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--idle-conns", type=int, default=19000)
     ap.add_argument("--idle-reps", type=int, default=3)
+    ap.add_argument("--warm-size", type=int, default=64, help="bytes each warm idle connection echoes once")
+    ap.add_argument("--warm-only", action="store_true", help="idle: only the warm connections")
     ap.add_argument("--report", help="only rewrite the tables from this aux_ring.json (same options)")
     ap.add_argument("--baseline", default="monoio", help="server the paired ratios divide by")
     ap.add_argument("--out", required=True, help="results directory (aux_ring.json, aux_ring.md)")

@@ -212,11 +212,19 @@ enum Recv {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Send {
+enum SendState {
     Idle,
     /// A SEND of buffer `bid` (`len` bytes received into it) is in the kernel's hands.
-    InFlight { bid: u16, len: u32, abandoned: bool },
-    Done { bid: u16, len: u32, res: i32 },
+    InFlight {
+        bid: u16,
+        len: u32,
+        abandoned: bool,
+    },
+    Done {
+        bid: u16,
+        len: u32,
+        res: i32,
+    },
 }
 
 struct Slot {
@@ -231,7 +239,7 @@ struct Slot {
     chunks: VecDeque<(u16, u32)>,
     recv: Recv,
     recv_waker: Option<Waker>,
-    send: Send,
+    send: SendState,
     send_waker: Option<Waker>,
     owner_gone: bool,
 }
@@ -299,7 +307,7 @@ impl Aux {
                 chunks: VecDeque::new(),
                 recv: Recv::Armed,
                 recv_waker: None,
-                send: Send::Idle,
+                send: SendState::Idle,
                 send_waker: None,
                 owner_gone: false,
             };
@@ -324,7 +332,7 @@ impl Aux {
         // SAFETY (for every push): each entry's memory is valid until its completion: RECVs point
         // at no memory of ours (the kernel picks a provided buffer, which we hand back only after
         // the task is done with it), SENDs point into a provided buffer that the slot holds as
-        // `Send::InFlight` until the SEND completes, and ASYNC_CANCEL points at nothing.
+        // `SendState::InFlight` until the SEND completes, and ASYNC_CANCEL points at nothing.
         while unsafe { ring.submission().push(&entry) }.is_err() {
             self.stats.enters.set(self.stats.enters.get() + 1);
             if let Err(e) = ring.submit() {
@@ -381,7 +389,7 @@ impl Aux {
         for w in wakers {
             w.wake();
         }
-        if self.print_stats && s.reaps.get() % (1 << 16) == 0 {
+        if self.print_stats && s.reaps.get().is_multiple_of(1 << 16) {
             self.print_stats();
         }
     }
@@ -534,13 +542,13 @@ impl State {
         } else if op == OP_SEND {
             s.sends.set(s.sends.get() + 1);
             let slot = &mut self.slots[i];
-            if let Send::InFlight { bid, len, abandoned } = slot.send {
+            if let SendState::InFlight { bid, len, abandoned } = slot.send {
                 if abandoned {
-                    slot.send = Send::Idle;
+                    slot.send = SendState::Idle;
                     self.give_back(bid);
                     self.maybe_free(i);
                 } else {
-                    slot.send = Send::Done { bid, len, res };
+                    slot.send = SendState::Done { bid, len, res };
                     if let Some(w) = slot.send_waker.take() {
                         wakers.push(w);
                     }
@@ -558,7 +566,7 @@ impl State {
     /// Frees slot `i` once its connection is gone and the kernel holds nothing of it.
     fn maybe_free(&mut self, i: usize) {
         let slot = &mut self.slots[i];
-        let busy = slot.recv == Recv::Armed || matches!(slot.send, Send::InFlight { .. });
+        let busy = slot.recv == Recv::Armed || matches!(slot.send, SendState::InFlight { .. });
         if slot.owner_gone && !busy && slot.live {
             slot.live = false;
             slot.stream = None; // closes the socket (when the slot kept it)
@@ -615,7 +623,7 @@ impl Conn {
         let fd = {
             let mut st = self.aux.st.borrow_mut();
             let slot = &mut st.slots[self.id];
-            slot.send = Send::InFlight { bid, len, abandoned: false };
+            slot.send = SendState::InFlight { bid, len, abandoned: false };
             slot.fd
         };
         let base = self.aux.st.borrow().bufs.buf(bid);
@@ -631,8 +639,8 @@ impl Conn {
             let mut st = self.aux.st.borrow_mut();
             let slot = &mut st.slots[self.id];
             match slot.send {
-                Send::Done { bid, len, res } => {
-                    slot.send = Send::Idle;
+                SendState::Done { bid, len, res } => {
+                    slot.send = SendState::Idle;
                     Poll::Ready((res, bid, len))
                 }
                 _ => {
@@ -664,12 +672,12 @@ impl Drop for SendGuard<'_> {
         let mut st = self.conn.aux.st.borrow_mut();
         let slot = &mut st.slots[self.conn.id];
         match slot.send {
-            Send::InFlight { bid, len, .. } => slot.send = Send::InFlight { bid, len, abandoned: true },
-            Send::Done { bid, .. } => {
-                slot.send = Send::Idle;
+            SendState::InFlight { bid, len, .. } => slot.send = SendState::InFlight { bid, len, abandoned: true },
+            SendState::Done { bid, .. } => {
+                slot.send = SendState::Idle;
                 st.give_back(bid);
             }
-            Send::Idle => {}
+            SendState::Idle => {}
         }
     }
 }
@@ -750,8 +758,7 @@ impl BufRing {
         if ring.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        let bufs: &'static mut [MaybeUninit<u8>] =
-            Box::leak(Box::new_uninit_slice(usize::from(BUF_COUNT) * BUF_SIZE));
+        let bufs: &'static mut [MaybeUninit<u8>] = Box::leak(Box::new_uninit_slice(usize::from(BUF_COUNT) * BUF_SIZE));
         Self { ring, bufs: bufs.as_mut_ptr().cast(), tail: 0 }
     }
 
