@@ -6,7 +6,13 @@
 //! Every engine serves from one thread pinned to `--cpu`, on a listener made the same way as
 //! corepin's (SO_REUSEADDR, backlog 4096, non-blocking), with TCP_NODELAY on each accepted
 //! socket and one `--buffer-size` buffer per connection. Only the I/O path differs.
+//!
+//! `monoio-aux` and `monoio-aux-hostsend` are issue 11's experiment (docs/aux-ring.md): Monoio
+//! hosting an auxiliary io_uring that receives with multishot RECV into a per-core
+//! provided-buffer ring (fixed size, `--buffer-size` unused), with the sends on the aux ring or
+//! on Monoio's own.
 
+mod aux_ring;
 mod glommio;
 mod monoio;
 mod sys;
@@ -44,6 +50,11 @@ enum Engine {
     TokioMt,
     /// A hand-written io_uring event loop (the floor).
     Uring,
+    /// Monoio hosting an auxiliary io_uring that does each connection's I/O with multishot
+    /// receive into a provided-buffer ring (issue 11's experiment, docs/aux-ring.md).
+    MonoioAux,
+    /// The same, with the sends on Monoio's own ring (the aux ring only receives).
+    MonoioAuxHostsend,
 }
 
 /// TCP echo server on one pinned core, written directly against one engine.
@@ -86,6 +97,8 @@ fn run(args: Args) -> Result<()> {
         Engine::TokioUring => tokio_uring::run(listener, size),
         Engine::TokioMt => tokio_mt::run(listener, args.cpu, size),
         Engine::Uring => uring::run(listener, size),
+        Engine::MonoioAux => aux_ring::run(listener, aux_ring::Sends::Aux),
+        Engine::MonoioAuxHostsend => aux_ring::run(listener, aux_ring::Sends::Host),
     }
 }
 

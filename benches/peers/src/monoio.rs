@@ -35,7 +35,7 @@ pub(crate) fn run(listener: std::net::TcpListener, buffer_size: usize) -> Result
     })
 }
 
-fn build() -> Result<Runtime<IoUringDriver>> {
+pub(crate) fn build() -> Result<Runtime<IoUringDriver>> {
     let mut urb = io_uring::IoUring::builder();
     urb.setup_single_issuer().setup_defer_taskrun();
     let fast = RuntimeBuilder::<IoUringDriver>::new().with_entries(crate::RING_ENTRIES).uring_builder(urb).build();
