@@ -149,8 +149,12 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
         self.head = Vec::new();
         let timeout = self.cfg().idle_timeout;
         let worker = self.c.worker.clone();
-        let read = corepin_core::task::timeout::<R, _>(timeout, self.c.stream.read_pooled());
-        match corepin_core::task::race(read, worker.draining()).await {
+        // Built in place: a `let` for the read would keep a second copy of it in this future.
+        let read = corepin_core::task::race(
+            corepin_core::task::timeout::<R, _>(timeout, self.c.stream.read_pooled()),
+            worker.draining(),
+        );
+        match read.await {
             Either::Left(Ok(Ok(buf))) if buf.is_empty() => Err(End::Closed),
             Either::Left(Ok(Ok(buf))) => {
                 self.inbuf.reserve(buf.len().max(4096));
