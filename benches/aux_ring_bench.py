@@ -163,15 +163,7 @@ def idle_point(name: str, n: int, warm: bool, warm_size: int) -> dict:
             local.callback(lambda: [s.close() for s in socks])
             held = len(socks)
         else:
-            hold = subprocess.Popen(["taskset", "-c", str(bench.CLIENT_CPU), str(bench.TARGET / "corepin-loadgen"),
-                                     "hold", "--addr", addr, "--conns", str(n), "--secs", "120"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            local.callback(lambda: (hold.kill(), hold.wait()))
-            assert hold.stdout is not None
-            line = hold.stdout.readline()
-            if not line:
-                raise RuntimeError(f"hold failed against {name}: {hold.stderr.read() if hold.stderr else ''}")
-            held = json.loads(line)["held"]
+            held = bench.hold_idle(addr, n, name, local)
         total = wait_stable(server.proc.pid)
         return {"server": name, "mode": "warm" if warm else "cold", "conns": held, "rss_base_kib": base,
                 "rss_kib": total, "bytes_per_conn": (total - base) * 1024 / held}
@@ -195,19 +187,25 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
+def per_server_table(args: argparse.Namespace, echo: list[dict], key: str, fmt: str, errors: bool = False) -> list[str]:
+    """A row per server, a column per connection count: the median (min–max) of `key`."""
+    rows = ["| server | " + " | ".join(f"{c} conns" for c in args.conns) + " |",
+            "|---|" + "---:|" * len(args.conns)]
+    for s in args.servers:
+        cells = []
+        for c in args.conns:
+            v = [r[key] for r in echo if r["server"] == s and r["conns"] == c]
+            errs = sum(r["errors"] for r in echo if r["server"] == s and r["conns"] == c) if errors else 0
+            cells.append((spread(v, fmt) if v else "") + (f" ⚠ {errs} errors" if errs else ""))
+        rows.append(f"| {s} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict], syscalls: list[dict]) -> str:
     parts = []
     if echo:
         parts.append(f"Echo {args.size} B, server CPU per message in µs, median (min–max) of {args.reps} runs:\n")
-        parts.append("| server | " + " | ".join(f"{c} conns" for c in args.conns) + " |")
-        parts.append("|---|" + "---:|" * len(args.conns))
-        for s in args.servers:
-            cells = []
-            for c in args.conns:
-                v = [r["server_cpu_us_per_msg"] for r in echo if r["server"] == s and r["conns"] == c]
-                errs = sum(r["errors"] for r in echo if r["server"] == s and r["conns"] == c)
-                cells.append((spread(v, "{:.2f}") if v else "") + (f" ⚠ {errs} errors" if errs else ""))
-            parts.append(f"| {s} | " + " | ".join(cells) + " |")
+        parts += per_server_table(args, echo, "server_cpu_us_per_msg", "{:.2f}", errors=True)
         if args.baseline in args.servers:
             parts.append(f"\nCPU per message divided by that of `{args.baseline}` in the same repetition (paired, so "
                          "drifts of the shared machine between repetitions cancel), median (min–max):\n")
@@ -229,14 +227,7 @@ def markdown(args: argparse.Namespace, echo: list[dict], idle: list[dict], sysca
                     cells.append(spread(v, "{:.2f}") if v else "")
                 parts.append(f"| {s} | " + " | ".join(cells) + " |")
         parts.append("\nMessages/s, median (min–max):\n")
-        parts.append("| server | " + " | ".join(f"{c} conns" for c in args.conns) + " |")
-        parts.append("|---|" + "---:|" * len(args.conns))
-        for s in args.servers:
-            cells = []
-            for c in args.conns:
-                v = [r["msgs_per_sec"] for r in echo if r["server"] == s and r["conns"] == c]
-                cells.append(spread(v, "{:,.0f}") if v else "")
-            parts.append(f"| {s} | " + " | ".join(cells) + " |")
+        parts += per_server_table(args, echo, "msgs_per_sec", "{:,.0f}")
         parts.append("")
     if syscalls:
         parts.append(f"Per echo message ({args.size} B), counted by perf stat on the server process "

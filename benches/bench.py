@@ -247,6 +247,21 @@ def run_cold(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStac
     return run_script("cold_files.py", "cold_files.json", "Small-file latency", prof.cold_args, args)
 
 
+def hold_idle(addr: str, conns: int, name: str, stack: contextlib.ExitStack) -> int:
+    """Opens `conns` idle connections to `addr` with `corepin-loadgen hold` on the client CPU,
+    kept open until `stack` closes (hold closes them at EOF on its stdin, so stdin stays a
+    pipe); returns how many it holds."""
+    hold = subprocess.Popen(["taskset", "-c", str(CLIENT_CPU), str(TARGET / "corepin-loadgen"), "hold",
+                             "--addr", addr, "--conns", str(conns), "--secs", "120"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.callback(lambda: (hold.kill(), hold.wait()))
+    assert hold.stdout is not None
+    line = hold.stdout.readline()
+    if not line:
+        raise RuntimeError(f"hold failed against {name}: {hold.stderr.read() if hold.stderr else ''}")
+    return int(json.loads(line)["held"])
+
+
 def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
     out = Outcome()
     for name in echo_servers(args):
@@ -258,15 +273,7 @@ def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitSta
                      "--cpu", str(CLIENT_CPU)])
             time.sleep(0.2)
             base = rss_kib(server.proc.pid)
-            hold = subprocess.Popen(["taskset", "-c", str(CLIENT_CPU), str(TARGET / "corepin-loadgen"), "hold",
-                                     "--addr", addr, "--conns", str(prof.scale_conns), "--secs", "120"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            local.callback(lambda: (hold.kill(), hold.wait()))
-            assert hold.stdout is not None
-            line = hold.stdout.readline()
-            if not line:
-                raise RuntimeError(f"hold failed against {name}: {hold.stderr.read() if hold.stderr else ''}")
-            held = json.loads(line)["held"]
+            held = hold_idle(addr, prof.scale_conns, name, local)
             # Wait until the server has accepted everything (its RSS stops growing).
             last, stable_since = -1, time.monotonic()
             deadline = time.monotonic() + 30
