@@ -16,8 +16,6 @@ thread_local! {
     static CLAIMED: Cell<bool> = const { Cell::new(false) };
     static REPORT: RefCell<Option<Capabilities>> = const { RefCell::new(None) };
     static YIELD: Cell<Option<fn(&Waker)>> = const { Cell::new(None) };
-    /// The report's `buffer_rings.used`, kept apart for a check without a clone.
-    static RING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// This thread's claim on running an engine. Dropping it (normally or while unwinding) frees
@@ -55,7 +53,6 @@ impl EngineGuard {
     /// Records the capability report of the engine built on this thread.
     pub fn set_capabilities(&self, caps: Capabilities) {
         tracing::debug!("{caps}");
-        RING.with(|r| r.set(caps.buffer_rings.used));
         REPORT.with(|r| *r.borrow_mut() = Some(caps));
     }
 }
@@ -63,7 +60,6 @@ impl EngineGuard {
 impl Drop for EngineGuard {
     fn drop(&mut self) {
         REPORT.with(|r| r.borrow_mut().take());
-        RING.with(|r| r.set(false));
         YIELD.with(|y| y.set(None));
         CLAIMED.with(|c| c.set(false));
     }
@@ -75,10 +71,10 @@ pub fn current_capabilities() -> Option<Capabilities> {
 }
 
 /// Whether `read_pooled` on this thread's engine reads into its provided-buffer ring, so a
-/// read waiting for data holds no buffer (the capability report's `buffer_rings`, without
-/// cloning the report). `false` outside an engine.
+/// read waiting for data holds no buffer (the capability report's `buffer_rings`, read in
+/// place: no clone of the report). `false` outside an engine.
 pub fn lends_ring_buffers() -> bool {
-    RING.with(Cell::get)
+    REPORT.with(|r| r.borrow().as_ref().is_some_and(|caps| caps.buffer_rings.used))
 }
 
 /// Wakes `waker` so that its task runs after the tasks already ready on this core (see
