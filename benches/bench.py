@@ -140,9 +140,12 @@ def echo_command(server: str, port: int) -> list[str]:
     """The command line of an echo server, by name (`corepin-<backend>` or a peer engine)."""
     listen = f"127.0.0.1:{port}"
     if server.startswith("corepin-"):
-        backend = server.removeprefix("corepin-")
+        # `corepin-<backend>:own`: each connection reads into a 16 KiB buffer of its own
+        # (`--buffer-size`) instead of borrowing one per read (`read_pooled`, the default).
+        backend, _, variant = server.removeprefix("corepin-").partition(":")
+        own = ["--buffer-size", "16384"] if variant == "own" else []
         return [str(TARGET / "corepin"), "echo", "--runtime", backend, "--cores", f"{SERVER_CPU}-{SERVER_CPU}",
-                "--listen", listen]
+                "--listen", listen] + own
     return [str(TARGET / "corepin-peer-echo"), server, "--listen", listen, "--cpu", str(SERVER_CPU)]
 
 

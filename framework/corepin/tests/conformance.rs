@@ -1132,6 +1132,54 @@ pub fn pooled_reads_go_on_when_the_ring_is_lent_out<R: Runtime>() {
     peer.join().unwrap();
 }
 
+/// A pooled read dropped before it completes (a deadline, the idle timeout of a keep-alive
+/// connection) leaves nothing behind: the buffer a late completion took goes back to the ring,
+/// so after more abandoned reads than the ring has buffers, reads are still lent from it, and
+/// the stream still reads to its end. (Bytes a dropped read took are lost, as with any
+/// dropped read: docs/cancellation.md; `read_cancelable` is the lossless way.)
+pub fn dropped_pooled_reads_give_their_buffers_back<R: Runtime>() {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let (addr, peer) = std_peer(move |mut s| {
+        // A byte every 2 ms, as long as the reader's 1 ms deadlines run, so that
+        // some reads complete just as their deadline drops them; then a last message and the
+        // end of the stream.
+        let mut i = 0u8;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            if s.write_all(&[i]).is_err() {
+                return;
+            }
+            i = i.wrapping_add(1);
+            thread::sleep(Duration::from_millis(2));
+        }
+        let _ = s.write_all(b"last");
+    });
+    run::<R, _>(|| async move {
+        let ring = R::capabilities().is_some_and(|c| c.buffer_rings.used);
+        let mut s = R::TcpStream::connect(addr).await.unwrap();
+        let mut dropped = 0;
+        while dropped < 700 {
+            match corepin::task::timeout::<R, _>(Duration::from_millis(1), s.read_pooled()).await {
+                Err(_) => dropped += 1,
+                Ok(b) => assert!(!b.unwrap().is_empty(), "end of stream before the peer is done"),
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(corepin::pool::outstanding(), 0, "no buffer is left with a dropped read");
+        let mut tail = Vec::new();
+        loop {
+            let b = s.read_pooled().await.unwrap();
+            if b.is_empty() {
+                break;
+            }
+            assert_eq!(b.is_lent(), ring, "{dropped} dropped reads later, reads are lent from the ring iff it is used");
+            tail.extend_from_slice(&b);
+        }
+        assert!(tail.ends_with(b"last"), "the stream reads to its end after the dropped reads");
+    });
+    peer.join().unwrap();
+}
+
 /// An engine claims its thread: a second engine nested on it is refused with a clear error,
 /// and a panic in the engine's main frees the thread for the next one.
 pub fn an_engine_owns_its_thread_until_it_ends<R: Runtime>() {
@@ -1724,6 +1772,7 @@ corepin::per_runtime_tests! {
     udp_readiness_is_level_triggered,
     pooled_reads_and_zero_copy_writes_move_the_same_bytes,
     pooled_reads_go_on_when_the_ring_is_lent_out,
+    dropped_pooled_reads_give_their_buffers_back,
     echo_answers_exactly_with_borrowed_and_owned_buffers,
     an_engine_owns_its_thread_until_it_ends,
     an_acceptor_shapes_the_stream_a_service_sees,

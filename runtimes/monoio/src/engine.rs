@@ -8,6 +8,7 @@ use std::future::Future;
 use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
 use corepin_core::engine::EngineGuard;
 use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
+use corepin_uring::aux::{AuxError, AuxRing};
 
 /// The backend's name in reports.
 pub(crate) const NAME: &str = "monoio";
@@ -15,15 +16,25 @@ pub(crate) const NAME: &str = "monoio";
 type UringRt = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
 type LegacyRt = monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>;
 
-/// What Monoio 0.2 does natively among the optional mechanisms.
-const NATIVE: Native = Native {
-    splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
-    send_zc: Support::Absent("monoio 0.2 has no SEND_ZC op"),
-    registered_buffers: Support::Absent("monoio 0.2 exposes no fixed buffers"),
-    multishot_accept: Support::Absent("monoio 0.2 has no multishot accept"),
-    multishot_recv: Support::Absent("monoio 0.2 has no multishot receive"),
-    buffer_rings: Support::Absent("monoio 0.2 has no provided-buffer rings"),
-};
+/// What Monoio 0.2 does among the optional mechanisms, with corepin's auxiliary ring
+/// (`corepin_uring::aux`, docs/aux-ring.md) for the provided-buffer receives behind
+/// `read_pooled`; `no_aux` says why there is none on this engine.
+fn native(no_aux: Option<&'static str>) -> Native {
+    Native {
+        splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
+        send_zc: Support::Absent("monoio 0.2 has no SEND_ZC op"),
+        registered_buffers: Support::Absent("monoio 0.2 exposes no fixed buffers"),
+        multishot_accept: Support::Absent("monoio 0.2 has no multishot accept"),
+        multishot_recv: Support::Absent(
+            "read_pooled arms one receive per read on the auxiliary ring: a multishot receive would keep filling \
+             ring buffers while the service is not reading (docs/aux-ring.md)",
+        ),
+        buffer_rings: match no_aux {
+            None => Support::Native,
+            Some(why) => Support::Absent(why),
+        },
+    }
+}
 
 fn build_uring(settings: &EngineSettings) -> Result<(UringRt, RingFlags), String> {
     let mut last = String::new();
@@ -44,7 +55,12 @@ fn build_uring(settings: &EngineSettings) -> Result<(UringRt, RingFlags), String
     Err(last)
 }
 
-fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -> Capabilities {
+fn report(
+    driver: Driver,
+    settings: &EngineSettings,
+    flags: Option<RingFlags>,
+    no_aux: Option<&'static str>,
+) -> Capabilities {
     let uring = driver == Driver::IoUring;
     Capabilities::derive(
         EngineReport {
@@ -53,7 +69,7 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
             ring_flags_requested: settings.ring_flags,
             ring_flags: flags,
             ring_entries: settings.ring_entries.max(256),
-            native: NATIVE,
+            native: native(no_aux),
             fd_readiness: if uring { "io_uring POLL_ADD (native)" } else { "epoll (native)" },
             file_transfer: if uring {
                 "sendfile(2), waiting for room with io_uring POLL_ADD"
@@ -66,7 +82,11 @@ fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>) -
                 "pread(2) on the worker: a page-cache miss blocks the core (the epoll driver has no async file I/O)"
             },
             rent_copies: false,
-            notes: Vec::new(),
+            notes: if no_aux.is_none() {
+                vec!["provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into()]
+            } else {
+                Vec::new()
+            },
         },
         KernelSupport::get(),
     )
@@ -94,8 +114,21 @@ where
     let reason = match unavailable {
         None => match build_uring(settings) {
             Ok((r, flags)) => {
-                guard.set_capabilities(report(Driver::IoUring, settings, Some(flags)));
-                return Ok(run_on(r, async move { main().await }));
+                // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
+                let aux = AuxRing::new().map_err(|e| no_aux(settings.cpu, &e));
+                // Stops the aux ring once the engine is gone (also on unwinding).
+                let _stop = AuxStop;
+                let claimed = &guard;
+                return Ok(run_on(r, async move {
+                    let missing = match aux {
+                        Ok(aux) => aux.install::<crate::MonoioRuntime>().err().map(|e| no_aux(settings.cpu, &e)),
+                        Err(why) => Some(why),
+                    };
+                    claimed.set_capabilities(report(Driver::IoUring, settings, Some(flags), missing));
+                    let out = main().await;
+                    corepin_uring::aux::stop::<crate::MonoioRuntime>().await;
+                    out
+                }));
             }
             Err(reason) => {
                 tracing::warn!(
@@ -112,8 +145,23 @@ where
         .enable_timer()
         .build()
         .map_err(|e| EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: format!("epoll driver: {e}") })?;
-    guard.set_capabilities(report(Driver::Epoll { reason }, settings, None));
+    guard.set_capabilities(report(Driver::Epoll { reason }, settings, None, Some("the epoll driver has no io_uring")));
     Ok(run_on(r, async move { main().await }))
+}
+
+/// Logs why the aux ring is missing on core `cpu`, and says so for the report (once per engine).
+fn no_aux(cpu: usize, e: &AuxError) -> &'static str {
+    tracing::warn!(cpu, "{e}; read_pooled takes buffers of the core's pool");
+    Box::leak(format!("{e}").into_boxed_str())
+}
+
+/// Stops this thread's aux ring when dropped.
+struct AuxStop;
+
+impl Drop for AuxStop {
+    fn drop(&mut self) {
+        corepin_uring::aux::uninstall();
+    }
 }
 
 /// Monoio polls a task that woke itself during its poll again before any other (it goes to the

@@ -8,7 +8,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, is_cancelled, AsyncReadRent, AsyncWriteRent, CancelToken};
+use corepin_core::pool::PooledBuf;
 use corepin_core::runtime as rt;
+use corepin_uring::aux::{self, Received};
 use monoio::io::{AsyncReadRent as _, AsyncWriteRent as _};
 
 use crate::buf::{back, IoVecs, Owned};
@@ -156,6 +158,24 @@ impl rt::TcpStream for TcpStream {
         // Not relaxed: on the epoll driver Monoio then re-checks with poll(2) and waits for a
         // fresh edge if its cached readiness is stale (our sendfile just hit EAGAIN).
         self.0.writable(false).await
+    }
+
+    /// A receive with `IOSQE_BUFFER_SELECT` on corepin's auxiliary ring (Monoio has no
+    /// provided-buffer rings of its own): the kernel picks a buffer only when data arrives, so
+    /// a waiting connection holds none. Without the aux ring (the epoll driver, or it could not
+    /// be set up), or when every buffer is lent out (`ENOBUFS`: nothing was consumed), the read
+    /// takes the core pool's fallback.
+    async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
+        if let Some(recv) = aux::recv(self.0.as_raw_fd()) {
+            match recv.await? {
+                Received::Data(buf) => return Ok(buf),
+                Received::Eof => return Ok(PooledBuf::end_of_stream()),
+                Received::NoBuffers => {
+                    tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
+                }
+            }
+        }
+        corepin_core::pool::read_fallback(self).await
     }
 }
 

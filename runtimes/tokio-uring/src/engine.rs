@@ -22,6 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
 use corepin_core::engine::EngineGuard;
 use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
+use corepin_uring::aux::{AuxError, AuxRing};
 
 /// The backend's name in reports.
 pub(crate) const NAME: &str = "tokio-uring";
@@ -43,23 +44,37 @@ pub(crate) fn candidates(requested: RingFlags) -> (Vec<RingFlags>, Option<&'stat
     (usable, note)
 }
 
-/// What tokio-uring 0.5 does natively among the optional mechanisms.
-const NATIVE: Native = Native {
-    splice: Support::Absent("tokio-uring 0.5 has no splice API"),
-    send_zc: Support::Absent("tokio-uring 0.5 has send_zc on UdpSocket only, not on TcpStream"),
-    registered_buffers: Support::Absent("tokio-uring's fixed-buffer registry is not used for caller-owned buffers"),
-    multishot_accept: Support::Absent("tokio-uring 0.5 has no multishot accept"),
-    multishot_recv: Support::Absent("tokio-uring 0.5 has no multishot receive"),
-    buffer_rings: Support::Absent("tokio-uring 0.5 has no provided-buffer rings"),
-};
+/// What tokio-uring 0.5 does among the optional mechanisms, with corepin's auxiliary ring
+/// (`corepin_uring::aux`, docs/aux-ring.md) for the provided-buffer receives behind
+/// `read_pooled`; `no_aux` says why there is none on this engine.
+fn native(no_aux: Option<&'static str>) -> Native {
+    Native {
+        splice: Support::Absent("tokio-uring 0.5 has no splice API"),
+        send_zc: Support::Absent("tokio-uring 0.5 has send_zc on UdpSocket only, not on TcpStream"),
+        registered_buffers: Support::Absent("tokio-uring's fixed-buffer registry is not used for caller-owned buffers"),
+        multishot_accept: Support::Absent("tokio-uring 0.5 has no multishot accept"),
+        multishot_recv: Support::Absent(
+            "read_pooled arms one receive per read on the auxiliary ring: a multishot receive would keep filling \
+             ring buffers while the service is not reading (docs/aux-ring.md)",
+        ),
+        buffer_rings: match no_aux {
+            None => Support::Native,
+            Some(why) => Support::Absent(why),
+        },
+    }
+}
 
 /// The capability report of a tokio-uring engine with `accepted` flags.
 pub(crate) fn capabilities(
     requested: RingFlags,
     accepted: RingFlags,
     ring_entries: u32,
-    notes: Vec<String>,
+    mut notes: Vec<String>,
+    no_aux: Option<&'static str>,
 ) -> Capabilities {
+    if no_aux.is_none() {
+        notes.push("provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into());
+    }
     Capabilities::derive(
         EngineReport {
             runtime: NAME,
@@ -67,7 +82,7 @@ pub(crate) fn capabilities(
             ring_flags_requested: requested,
             ring_flags: Some(accepted),
             ring_entries,
-            native: NATIVE,
+            native: native(no_aux),
             fd_readiness: "tokio AsyncFd on the runtime's epoll reactor, confirmed with poll(2) for level semantics",
             file_transfer: "sendfile(2), waiting for room with tokio AsyncFd (epoll)",
             file_reads: "io_uring READ: a page-cache miss waits in the kernel, not on the worker",
@@ -161,14 +176,42 @@ where
     }
     let guard = EngineGuard::claim(NAME, settings.cpu)?;
     let (rt, accepted, entries, notes) = build(settings)?;
-    guard.set_capabilities(capabilities(settings.ring_flags, accepted, entries, notes));
-    let out = rt.block_on(async move { main().await });
+    // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
+    let aux = AuxRing::new().map_err(|e| no_aux(settings.cpu, &e));
+    // Stops the aux ring once the engine is gone (also on unwinding).
+    let _stop = AuxStop;
+    let claimed = &guard;
+    let out = rt.block_on(async move {
+        let missing = match aux {
+            Ok(aux) => aux.install::<crate::TokioUringRuntime>().err().map(|e| no_aux(settings.cpu, &e)),
+            Err(why) => Some(why),
+        };
+        claimed.set_capabilities(capabilities(settings.ring_flags, accepted, entries, notes, missing));
+        let out = main().await;
+        corepin_uring::aux::stop::<crate::TokioUringRuntime>().await;
+        out
+    });
     // Tear the engine down before returning: tasks are dropped, then the driver cancels and
     // waits out every op still in flight. The guard (dropped after, also on unwind) frees the
     // thread.
     drop(rt);
     drop(guard);
     Ok(out)
+}
+
+/// Logs why the aux ring is missing on core `cpu`, and says so for the report (once per engine).
+fn no_aux(cpu: usize, e: &AuxError) -> &'static str {
+    tracing::warn!(cpu, "{e}; read_pooled takes buffers of the core's pool");
+    Box::leak(format!("{e}").into_boxed_str())
+}
+
+/// Stops this thread's aux ring when dropped.
+struct AuxStop;
+
+impl Drop for AuxStop {
+    fn drop(&mut self) {
+        corepin_uring::aux::uninstall();
+    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,9 @@ use std::task::Poll;
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
+use corepin_core::pool::PooledBuf;
 use corepin_core::runtime as contract;
+use corepin_uring::aux::{self, Received};
 use io_uring::{cqueue, opcode, types};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -310,6 +312,24 @@ impl contract::TcpStream for TcpStream {
         // readiness costs one retry and the next wait is for a fresh edge.
         guard.clear_ready();
         Ok(())
+    }
+
+    /// A receive with `IOSQE_BUFFER_SELECT` on corepin's auxiliary ring (tokio-uring has no
+    /// provided-buffer rings of its own): the kernel picks a buffer only when data arrives, so
+    /// a waiting connection holds none, and a dropped read is cancelled. Without the aux ring,
+    /// or when every buffer is lent out (`ENOBUFS`: nothing was consumed), the read takes the
+    /// core pool's fallback.
+    async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
+        if let Some(recv) = aux::recv(self.inner.as_raw_fd()) {
+            match recv.await? {
+                Received::Data(buf) => return Ok(buf),
+                Received::Eof => return Ok(PooledBuf::end_of_stream()),
+                Received::NoBuffers => {
+                    tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
+                }
+            }
+        }
+        corepin_core::pool::read_fallback(self).await
     }
 }
 

@@ -1,9 +1,13 @@
-//! io_uring ring setup for the backends whose engine takes an `io_uring::Builder` from corepin
-//! (Monoio and tokio-uring, both on io-uring 0.6). It lives outside the runtime-agnostic core
-//! so that the core's public API names no engine's types; backends on another io-uring version
-//! write their own two lines.
+//! io_uring pieces shared by the backends on io-uring 0.6 (Monoio and tokio-uring), kept
+//! outside the runtime-agnostic core so that the core's public API names no engine's types:
+//! * [`builder`]: ring setup for the engines that take an `io_uring::Builder` from corepin
+//!   (backends on another io-uring version write their own two lines);
+//! * [`aux`]: the auxiliary ring, corepin's own per-core ring beside the engine's, for the
+//!   operations the engine lacks (provided-buffer receives behind `read_pooled`).
 
 #![warn(missing_docs)]
+
+pub mod aux;
 
 use corepin_core::runtime::RingFlags;
 
