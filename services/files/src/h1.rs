@@ -13,6 +13,7 @@
 //! [`resource`]: crate::resource
 //! [`transfer`]: crate::transfer
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use corepin_core::task::{read_timeout, read_timeout_or, Either};
@@ -26,7 +27,14 @@ use crate::transfer::{End, Transfer};
 use crate::{Files, FilesConfig};
 
 /// Serves one connection until it closes, fails or times out.
-pub async fn serve<R: Runtime, S: ConnStream>(files: &Files, conn: Connection<R, S>) -> std::io::Result<()> {
+///
+/// Not an `async fn`: its future would keep `conn` beside the connection state it is moved
+/// into, for as long as the connection lives. The state is built first and the future uses it
+/// in place.
+pub fn serve<'f, R: Runtime, S: ConnStream>(
+    files: &'f Files,
+    conn: Connection<R, S>,
+) -> impl Future<Output = std::io::Result<()>> + use<'f, R, S> {
     let mut c = Conn {
         files,
         counters: files.counters(),
@@ -36,13 +44,15 @@ pub async fn serve<R: Runtime, S: ConnStream>(files: &Files, conn: Connection<R,
         head: Vec::with_capacity(512),
         tx: Transfer::new(files),
     };
-    match c.serve().await {
-        Ok(()) | Err(End::Closed) | Err(End::Truncated) => Ok(()),
-        Err(End::Timeout) => {
-            c.counters.timeout();
-            Ok(())
+    async move {
+        match c.serve().await {
+            Ok(()) | Err(End::Closed) | Err(End::Truncated) => Ok(()),
+            Err(End::Timeout) => {
+                c.counters.timeout();
+                Ok(())
+            }
+            Err(End::Io(e)) => Err(e),
         }
-        Err(End::Io(e)) => Err(e),
     }
 }
 
@@ -157,11 +167,11 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
         self.head = Vec::new();
         self.tx.release_buffers();
         let timeout = self.cfg().idle_timeout;
-        let worker = self.c.worker.clone();
         // Built in place: a `let` for the read would keep a second copy of it in this future.
+        // The worker is borrowed, not cloned: a clone would be one more field of the wait.
         let read = corepin_core::task::race(
             corepin_core::task::timeout::<R, _>(timeout, self.c.stream.read_pooled()),
-            worker.draining(),
+            self.c.worker.draining(),
         );
         match read.await {
             Either::Left(Ok(Ok(buf))) if buf.is_empty() => Err(End::Closed),
