@@ -365,6 +365,7 @@ async fn accept_loop<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream
 /// future would keep the arguments beside the copies its body works with; the block uses
 /// them in place.
 #[allow(clippy::redundant_allocation)] // Rc<Arc<A>>: the Rc is the core-local handle, see `run`.
+#[allow(clippy::manual_async_fn)] // Deliberately not an `async fn` (above).
 fn serve_connection<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream<R>>, Response = ()>>(
     acceptor: Rc<Arc<A>>,
     service: Rc<S>,
