@@ -424,6 +424,35 @@ impl<F: Future> Future for Spawned<F> {
     }
 }
 
+/// Spawns `fut` on this core with no join handle: as [`spawn`] with its handle dropped at
+/// once, but without the handle's shared state, one allocation less per task (a connection's
+/// task lives as long as the connection). A panic inside it is reported to the worker.
+pub fn spawn_detached<R: Runtime, F: Future<Output = ()> + 'static>(fut: F) {
+    R::spawn_detached(Detached { fut: CatchUnwind(fut) });
+}
+
+pin_project_lite::pin_project! {
+    /// A task [`spawn_detached`] started: `fut` with its panics caught and reported.
+    struct Detached<F> {
+        #[pin]
+        fut: CatchUnwind<F>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Detached<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project().fut.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(msg)) => {
+                crate::worker::report_task_panic(&msg);
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
 /// Runs `fut`, catching a panic into `Err(message)` (used by the launcher for worker mains,
 /// and by services around one connection or request).
 pub fn catch_panic<F: Future>(fut: F) -> impl Future<Output = Result<F::Output, String>> {

@@ -2,11 +2,14 @@
 //! (so "address in use" is reported before anything starts), adopted by each worker's
 //! runtime; an accept loop that hands each connection to the core's service instance.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -14,8 +17,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::launcher::{App, AppError};
 use crate::runtime::{Runtime, TcpListener, TcpStream};
 use crate::service::{Acceptor, Connection, Plain, Service, ServiceFactory, Stream};
-use crate::task::{catch_panic, spawn};
-use crate::worker::{CoreCounters, Worker};
+use crate::task::{catch_panic, spawn, spawn_detached};
+use crate::worker::{ConnectionGuard, CoreCounters, Worker};
 
 /// Listening failed.
 #[derive(Debug, thiserror::Error)]
@@ -327,36 +330,18 @@ async fn accept_loop<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream
                 let _ = stream.set_nodelay(true);
                 let guard = worker.register_connection(stream.as_raw_fd());
                 let stream = Stream::new(stream, worker.clone());
-                let svc = service.clone();
-                let acceptor = acceptor.clone();
-                let worker = worker.clone();
-                drop(spawn::<R, _>(async move {
-                    let counters = worker.clone();
-                    // The panic policy: a panic in one connection's acceptor or service is
-                    // caught here, logged with its core and peer, counted, and closes that
-                    // connection only (its stream is dropped while unwinding); the core and
-                    // its other connections go on. See docs/architecture.md.
-                    let served = catch_panic(async move {
-                        match acceptor.accept::<R>(stream, peer, &worker).await {
-                            Ok(stream) => {
-                                if let Err(e) = svc.call(Connection::new(stream, peer, worker)).await {
-                                    tracing::debug!(%peer, "connection ended with an error: {e}");
-                                }
-                            }
-                            Err(e) => tracing::debug!(%peer, "connection not accepted: {e}"),
-                        }
-                    })
-                    .await;
-                    if let Err(message) = served {
-                        CoreCounters::add(&counters.counters().connection_panics, 1);
-                        tracing::error!(
-                            core = counters.info().cpu,
-                            %peer,
-                            "a connection's task panicked ({message}); that connection is closed, the others go on"
-                        );
-                    }
-                    drop(guard);
-                }));
+                // The panic policy: a panic in one connection's acceptor or service is
+                // caught here, logged with its core and peer, counted, and closes that
+                // connection only (its stream is dropped while unwinding); the core and
+                // its other connections go on. See docs/architecture.md.
+                let served = catch_panic(serve_connection::<R, A, S>(
+                    acceptor.clone(),
+                    service.clone(),
+                    stream,
+                    peer,
+                    worker.clone(),
+                ));
+                spawn_detached::<R, _>(ConnTask { served, guard: Some(guard), peer });
             }
             Err(e) => {
                 if worker.is_draining() {
@@ -374,6 +359,65 @@ async fn accept_loop<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream
         }
     }
     drop(stopper);
+}
+
+/// One connection, accepted (a TLS handshake, say) and then served. Not an `async fn`: its
+/// future would keep the arguments beside the copies its body works with; the block uses
+/// them in place.
+#[allow(clippy::redundant_allocation)] // Rc<Arc<A>>: the Rc is the core-local handle, see `run`.
+#[allow(clippy::manual_async_fn)] // Deliberately not an `async fn` (above).
+fn serve_connection<R: Runtime, A: Acceptor, S: Service<Connection<R, A::Stream<R>>, Response = ()>>(
+    acceptor: Rc<Arc<A>>,
+    service: Rc<S>,
+    stream: Stream<R::TcpStream>,
+    peer: SocketAddr,
+    worker: Worker,
+) -> impl Future<Output = ()> {
+    async move {
+        match acceptor.accept::<R>(stream, peer, &worker).await {
+            Ok(stream) => {
+                if let Err(e) = service.call(Connection::new(stream, peer, worker)).await {
+                    tracing::debug!(%peer, "connection ended with an error: {e}");
+                }
+            }
+            Err(e) => tracing::debug!(%peer, "connection not accepted: {e}"),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: [`serve_connection`] with its panic caught, then the connection
+    /// deregistered. A named future rather than an `async` block: a block would keep what it
+    /// captured beside the connection's future, which holds the same values, for as long as
+    /// the connection lives (an idle connection is mostly its task).
+    struct ConnTask<F> {
+        #[pin]
+        served: F,
+        // Also the core's handle, for the panic report.
+        guard: Option<ConnectionGuard>,
+        peer: SocketAddr,
+    }
+}
+
+impl<F: Future<Output = Result<(), String>>> Future for ConnTask<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let served = ready!(this.served.poll(cx));
+        // Deregistered as soon as the connection is done, not when the engine drops the task.
+        let guard = this.guard.take();
+        if let (Err(message), Some(guard)) = (served, &guard) {
+            let worker = guard.worker();
+            CoreCounters::add(&worker.counters().connection_panics, 1);
+            tracing::error!(
+                core = worker.info().cpu,
+                peer = %this.peer,
+                "a connection's task panicked ({message}); that connection is closed, the others go on"
+            );
+        }
+        drop(guard);
+        Poll::Ready(())
+    }
 }
 
 #[cfg(test)]

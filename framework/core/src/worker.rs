@@ -3,6 +3,7 @@
 //! shared with other cores except the counters (written only by their owner) and the mesh.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -201,9 +202,10 @@ impl Worker {
     pub fn mesh(&self) -> &Arc<Mesh> {
         &self.local.mesh
     }
-    /// Completes when the process starts draining: stop taking new work.
-    pub async fn draining(&self) {
-        self.local.draining.wait().await
+    /// Completes when the process starts draining: stop taking new work. (The event's own
+    /// wait, not an `async fn` around it: idle connections hold one each, so it is kept small.)
+    pub fn draining(&self) -> impl Future<Output = ()> + '_ {
+        self.local.draining.wait()
     }
     /// Completes when open work must close now.
     pub async fn closing(&self) {
@@ -251,6 +253,13 @@ impl Worker {
 pub struct ConnectionGuard {
     local: Rc<WorkerLocal>,
     key: usize,
+}
+
+impl ConnectionGuard {
+    /// The worker the connection is registered with.
+    pub(crate) fn worker(&self) -> Worker {
+        Worker { local: self.local.clone() }
+    }
 }
 
 impl Drop for ConnectionGuard {

@@ -13,6 +13,7 @@
 //! [`resource`]: crate::resource
 //! [`transfer`]: crate::transfer
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use corepin_core::task::{read_timeout, read_timeout_or, Either};
@@ -26,7 +27,14 @@ use crate::transfer::{End, Transfer};
 use crate::{Files, FilesConfig};
 
 /// Serves one connection until it closes, fails or times out.
-pub async fn serve<R: Runtime, S: ConnStream>(files: &Files, conn: Connection<R, S>) -> std::io::Result<()> {
+///
+/// Not an `async fn`: its future would keep `conn` beside the connection state it is moved
+/// into, for as long as the connection lives. The state is built first and the future uses it
+/// in place.
+pub fn serve<'f, R: Runtime, S: ConnStream>(
+    files: &'f Files,
+    conn: Connection<R, S>,
+) -> impl Future<Output = std::io::Result<()>> + use<'f, R, S> {
     let mut c = Conn {
         files,
         counters: files.counters(),
@@ -36,13 +44,15 @@ pub async fn serve<R: Runtime, S: ConnStream>(files: &Files, conn: Connection<R,
         head: Vec::with_capacity(512),
         tx: Transfer::new(files),
     };
-    match c.serve().await {
-        Ok(()) | Err(End::Closed) | Err(End::Truncated) => Ok(()),
-        Err(End::Timeout) => {
-            c.counters.timeout();
-            Ok(())
+    async move {
+        match c.serve().await {
+            Ok(()) | Err(End::Closed) | Err(End::Truncated) => Ok(()),
+            Err(End::Timeout) => {
+                c.counters.timeout();
+                Ok(())
+            }
+            Err(End::Io(e)) => Err(e),
         }
-        Err(End::Io(e)) => Err(e),
     }
 }
 
@@ -77,6 +87,14 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_SILENCE: Duration = Duration::from_secs(1);
 /// ...or this many bytes have been dropped, before the socket is closed.
 const LINGER_BYTES: u64 = 1 << 20;
+
+/// What follows a burst of answers.
+enum Next {
+    /// Every buffered request is answered: wait for the next.
+    Idle,
+    /// The connection closes (the answer said so, or the request was refused).
+    Close,
+}
 
 /// One connection's state.
 struct Conn<'s, R: Runtime, S: ConnStream> {
@@ -147,12 +165,13 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
     async fn fill_idle(&mut self) -> Result<(), End> {
         self.inbuf = Vec::new();
         self.head = Vec::new();
+        self.tx.release_buffers();
         let timeout = self.cfg().idle_timeout;
-        let worker = self.c.worker.clone();
         // Built in place: a `let` for the read would keep a second copy of it in this future.
+        // The worker is borrowed, not cloned: a clone would be one more field of the wait.
         let read = corepin_core::task::race(
             corepin_core::task::timeout::<R, _>(timeout, self.c.stream.read_pooled()),
-            worker.draining(),
+            self.c.worker.draining(),
         );
         match read.await {
             Either::Left(Ok(Ok(buf))) if buf.is_empty() => Err(End::Closed),
@@ -211,7 +230,35 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
         self.tx.send(&mut self.c.stream, &mut self.head, plan.body).await
     }
 
+    /// The connection's loop: wait idle for a request, then answer what arrived. Only the idle
+    /// wait lives in this future; answering is one boxed future per burst of requests, so the
+    /// connection task, which lives as long as the connection, is sized for the wait alone
+    /// (a send's state, partial heads, the access log line and the lingering close are freed
+    /// before the next wait).
     async fn serve(&mut self) -> Result<(), End> {
+        loop {
+            self.inbuf.clear();
+            self.start = 0;
+            if self.c.worker.is_draining() {
+                return Ok(());
+            }
+            if corepin_core::engine::lends_ring_buffers() {
+                self.fill_idle().await?;
+            } else {
+                // Boxed, so that the idle wait on a ring (above) is what an idle
+                // connection's task is sized for.
+                Box::pin(self.fill(None)).await?;
+            }
+            if let Next::Close = Box::pin(self.answer()).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answers the requests in the input buffer, in order, reading more of a request (head or
+    /// body to skip) under the header deadline, until the input is used up between requests
+    /// ([`Next::Idle`]) or the connection must close ([`Next::Close`]).
+    async fn answer(&mut self) -> Result<Next, End> {
         let mut head_deadline: Option<Instant> = None;
         let mut discard: u64 = 0;
         loop {
@@ -222,25 +269,12 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                 discard -= n;
                 if discard > 0 {
                     let d = *head_deadline.get_or_insert_with(|| Instant::now() + self.cfg().header_timeout);
-                    Box::pin(self.fill(Some(d))).await?;
+                    self.fill(Some(d)).await?;
                     continue;
                 }
             }
             if self.start == self.inbuf.len() {
-                self.inbuf.clear();
-                self.start = 0;
-                head_deadline = None;
-                if self.c.worker.is_draining() {
-                    return Ok(());
-                }
-                if corepin_core::engine::lends_ring_buffers() {
-                    self.fill_idle().await?;
-                } else {
-                    // Boxed, so that the idle wait on a ring (above) is what an idle
-                    // connection's task is sized for.
-                    Box::pin(self.fill(None)).await?;
-                }
-                continue;
+                return Ok(Next::Idle);
             }
             let started = Instant::now();
             let limits = self.cfg().limits;
@@ -265,9 +299,7 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     head_deadline = None;
                     let status = plan.status;
                     let stay = keep_alive && !self.c.worker.is_draining();
-                    // Boxed: the send's state (transfer, timeouts) is large and lives only while
-                    // a response is under way, so an idle connection's task does not carry it.
-                    let result = Box::pin(self.respond(plan, keep_alive, minor)).await;
+                    let result = self.respond(plan, keep_alive, minor).await;
                     self.counters.response(status);
                     let sent = self.tx.sent();
                     corepin_core::worker::CoreCounters::add(&self.counters.bytes_sent, sent);
@@ -287,18 +319,18 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     result?;
                     if !stay {
                         if self.input_pending(discard) {
-                            Box::pin(self.linger()).await;
+                            self.linger().await;
                         }
-                        return Ok(());
+                        return Ok(Next::Close);
                     }
                 }
                 Err(None) => {
                     let d = *head_deadline.get_or_insert_with(|| Instant::now() + self.cfg().header_timeout);
-                    match Box::pin(self.fill(Some(d))).await {
+                    match self.fill(Some(d)).await {
                         Err(End::Timeout) => {
                             // The head did not arrive in time: say so (best effort), then close.
-                            if Box::pin(self.respond(Plan::error(408), false, 1)).await.is_ok() {
-                                Box::pin(self.linger()).await;
+                            if self.respond(Plan::error(408), false, 1).await.is_ok() {
+                                self.linger().await;
                             }
                             self.counters.response(408);
                             return Err(End::Timeout);
@@ -308,10 +340,10 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                 }
                 Err(Some(reject)) => {
                     tracing::debug!(peer = %self.c.peer, "refused request: {}", reject.why);
-                    Box::pin(self.respond(Plan::error(reject.status), false, 1)).await?;
+                    self.respond(Plan::error(reject.status), false, 1).await?;
                     self.counters.response(reject.status);
-                    Box::pin(self.linger()).await;
-                    return Ok(());
+                    self.linger().await;
+                    return Ok(Next::Close);
                 }
             }
         }

@@ -40,6 +40,7 @@ pub mod transfer;
 
 use std::cell::RefCell;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
@@ -257,7 +258,9 @@ impl<R: Runtime, S: ConnStream> Service<Connection<R, S>> for Files {
     type Response = ();
     type Error = io::Error;
 
-    async fn call(&self, conn: Connection<R, S>) -> io::Result<()> {
-        h1::serve(self, conn).await
+    // Not an `async fn`: the connection's future is `h1::serve`'s own, with no wrapper
+    // holding `conn` a second time for the connection's lifetime.
+    fn call(&self, conn: Connection<R, S>) -> impl Future<Output = io::Result<()>> {
+        h1::serve(self, conn)
     }
 }

@@ -92,11 +92,19 @@ impl<'f, R: Runtime> Transfer<'f, R> {
             files,
             counters: files.counters(),
             send_timeout: files.cfg.send_timeout,
-            out: Vec::with_capacity(4),
+            out: Vec::new(),
             rw_buf: None,
             sent: 0,
             _runtime: PhantomData,
         }
+    }
+
+    /// Gives back the buffers kept between responses (the chunk list and the read + write
+    /// buffer), for a connection that waits idle holding none; the next response takes new
+    /// ones.
+    pub fn release_buffers(&mut self) {
+        self.out = Vec::new();
+        self.rw_buf = None;
     }
 
     /// Bytes of the last response sent (head and body), also when it failed part way.
