@@ -1180,6 +1180,60 @@ pub fn dropped_pooled_reads_give_their_buffers_back<R: Runtime>() {
     peer.join().unwrap();
 }
 
+/// A burst of data on many connections at once, arriving while the core is busy and with
+/// nothing behind it, completes every pooled read waiting for it: the engine's ring (or the
+/// auxiliary one) is reaped until none is left, not only as far as one pass goes, and not only
+/// when new work signals it.
+pub fn a_burst_completes_every_waiting_pooled_read<R: Runtime>() {
+    const CONNS: usize = 200;
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let peer = thread::spawn(move || {
+        let socks: Vec<StdStream> = (0..CONNS).map(|_| l.accept().unwrap().0).collect();
+        // Every read is waiting (the engine said so), then one byte on each connection at once.
+        ready_rx.recv().unwrap();
+        thread::sleep(Duration::from_millis(50));
+        for (i, mut s) in socks.iter().enumerate() {
+            s.write_all(&[i as u8]).unwrap();
+        }
+        // Keep the connections open until the engine has read everything: no end of stream
+        // (and no other event) follows the burst.
+        ready_rx.recv().unwrap();
+    });
+    within(Duration::from_secs(60), "a burst on many connections", move || {
+        run::<R, _>(|| async move {
+            let done = Rc::new(std::cell::Cell::new(0usize));
+            let mut streams = Vec::new();
+            for _ in 0..CONNS {
+                streams.push(R::TcpStream::connect(addr).await.unwrap());
+            }
+            for mut s in streams {
+                let done = done.clone();
+                drop(corepin::task::spawn::<R, _>(async move {
+                    let b = s.read_pooled().await.unwrap();
+                    assert_eq!(b.len(), 1);
+                    done.set(done.get() + 1);
+                    // Hold the stream: closing it would be new work for the ring.
+                    std::future::pending::<()>().await;
+                }));
+            }
+            corepin::task::yield_now().await;
+            ready_tx.send(()).unwrap();
+            // The core is busy (blocked, here) while the whole burst arrives, so that all of it
+            // is queued in the kernel before the ring is next reaped.
+            thread::sleep(Duration::from_millis(300));
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while done.get() < CONNS && std::time::Instant::now() < deadline {
+                R::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(done.get(), CONNS, "every read waiting when the burst came completed");
+            ready_tx.send(()).unwrap();
+        });
+    });
+    peer.join().unwrap();
+}
+
 /// An engine claims its thread: a second engine nested on it is refused with a clear error,
 /// and a panic in the engine's main frees the thread for the next one.
 pub fn an_engine_owns_its_thread_until_it_ends<R: Runtime>() {
@@ -1773,6 +1827,7 @@ corepin::per_runtime_tests! {
     pooled_reads_and_zero_copy_writes_move_the_same_bytes,
     pooled_reads_go_on_when_the_ring_is_lent_out,
     dropped_pooled_reads_give_their_buffers_back,
+    a_burst_completes_every_waiting_pooled_read,
     echo_answers_exactly_with_borrowed_and_owned_buffers,
     an_engine_owns_its_thread_until_it_ends,
     an_acceptor_shapes_the_stream_a_service_sees,

@@ -8,7 +8,7 @@ use std::future::Future;
 use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
 use corepin_core::engine::EngineGuard;
 use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
-use corepin_uring::aux::{AuxError, AuxRing};
+use corepin_uring::aux;
 
 /// The backend's name in reports.
 pub(crate) const NAME: &str = "monoio";
@@ -115,18 +115,15 @@ where
         None => match build_uring(settings) {
             Ok((r, flags)) => {
                 // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
-                let aux = AuxRing::new().map_err(|e| no_aux(settings.cpu, &e));
+                let aux = aux::build_for_core(settings.cpu);
                 // Stops the aux ring once the engine is gone (also on unwinding).
-                let _stop = AuxStop;
+                let _stop = aux::UninstallOnDrop;
                 let claimed = &guard;
                 return Ok(run_on(r, async move {
-                    let missing = match aux {
-                        Ok(aux) => aux.install::<crate::MonoioRuntime>().err().map(|e| no_aux(settings.cpu, &e)),
-                        Err(why) => Some(why),
-                    };
+                    let missing = aux::install_for_core::<crate::MonoioRuntime>(settings.cpu, aux);
                     claimed.set_capabilities(report(Driver::IoUring, settings, Some(flags), missing));
                     let out = main().await;
-                    corepin_uring::aux::stop::<crate::MonoioRuntime>().await;
+                    aux::stop::<crate::MonoioRuntime>().await;
                     out
                 }));
             }
@@ -147,21 +144,6 @@ where
         .map_err(|e| EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: format!("epoll driver: {e}") })?;
     guard.set_capabilities(report(Driver::Epoll { reason }, settings, None, Some("the epoll driver has no io_uring")));
     Ok(run_on(r, async move { main().await }))
-}
-
-/// Logs why the aux ring is missing on core `cpu`, and says so for the report (once per engine).
-fn no_aux(cpu: usize, e: &AuxError) -> &'static str {
-    tracing::warn!(cpu, "{e}; read_pooled takes buffers of the core's pool");
-    Box::leak(format!("{e}").into_boxed_str())
-}
-
-/// Stops this thread's aux ring when dropped.
-struct AuxStop;
-
-impl Drop for AuxStop {
-    fn drop(&mut self) {
-        corepin_uring::aux::uninstall();
-    }
 }
 
 /// Monoio polls a task that woke itself during its poll again before any other (it goes to the

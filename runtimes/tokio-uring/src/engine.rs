@@ -22,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
 use corepin_core::engine::EngineGuard;
 use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
-use corepin_uring::aux::{AuxError, AuxRing};
+use corepin_uring::aux;
 
 /// The backend's name in reports.
 pub(crate) const NAME: &str = "tokio-uring";
@@ -177,18 +177,15 @@ where
     let guard = EngineGuard::claim(NAME, settings.cpu)?;
     let (rt, accepted, entries, notes) = build(settings)?;
     // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
-    let aux = AuxRing::new().map_err(|e| no_aux(settings.cpu, &e));
+    let aux = aux::build_for_core(settings.cpu);
     // Stops the aux ring once the engine is gone (also on unwinding).
-    let _stop = AuxStop;
+    let _stop = aux::UninstallOnDrop;
     let claimed = &guard;
     let out = rt.block_on(async move {
-        let missing = match aux {
-            Ok(aux) => aux.install::<crate::TokioUringRuntime>().err().map(|e| no_aux(settings.cpu, &e)),
-            Err(why) => Some(why),
-        };
+        let missing = aux::install_for_core::<crate::TokioUringRuntime>(settings.cpu, aux);
         claimed.set_capabilities(capabilities(settings.ring_flags, accepted, entries, notes, missing));
         let out = main().await;
-        corepin_uring::aux::stop::<crate::TokioUringRuntime>().await;
+        aux::stop::<crate::TokioUringRuntime>().await;
         out
     });
     // Tear the engine down before returning: tasks are dropped, then the driver cancels and
@@ -197,21 +194,6 @@ where
     drop(rt);
     drop(guard);
     Ok(out)
-}
-
-/// Logs why the aux ring is missing on core `cpu`, and says so for the report (once per engine).
-fn no_aux(cpu: usize, e: &AuxError) -> &'static str {
-    tracing::warn!(cpu, "{e}; read_pooled takes buffers of the core's pool");
-    Box::leak(format!("{e}").into_boxed_str())
-}
-
-/// Stops this thread's aux ring when dropped.
-struct AuxStop;
-
-impl Drop for AuxStop {
-    fn drop(&mut self) {
-        corepin_uring::aux::uninstall();
-    }
 }
 
 #[cfg(test)]

@@ -6,10 +6,9 @@
 //! The two rings meet only at an eventfd registered on the aux ring, which a task awaits
 //! through the engine's own [`FdWatch`]; nothing of the engine's internals is touched, so any
 //! backend can host it. Per scheduler round of the host:
-//! * the reap task wakes when the eventfd is readable, makes one `io_uring_enter(GETEVENTS)`
-//!   that runs the ring's deferred completions (DEFER_TASKRUN), hands them to the waiting
-//!   reads, and drains the eventfd (one `read(2)`, skipped when more completions are already
-//!   pending);
+//! * the reap task wakes when the eventfd is readable, hands the completions the kernel has
+//!   posted to the waiting reads, and drains the eventfd (one `read(2)`; an
+//!   `io_uring_enter(GETEVENTS)` only when the kernel has work of the ring's still to run);
 //! * the flush task, woken by the first submission of a round, runs after the tasks already
 //!   queued and submits every receive they queued with one `io_uring_enter`.
 //!
@@ -92,7 +91,7 @@ impl std::error::Error for AuxError {
 pub struct AuxRing(Aux);
 
 impl AuxRing {
-    /// Builds the ring (SINGLE_ISSUER and DEFER_TASKRUN where the kernel takes them), its
+    /// Builds the ring (SINGLE_ISSUER and COOP_TASKRUN where the kernel takes them), its
     /// eventfd and its provided-buffer ring, on the calling thread: the worker's own.
     pub fn new() -> Result<Self, AuxError> {
         Aux::new().map(Self)
@@ -108,6 +107,37 @@ impl AuxRing {
         R::spawn_detached(flush_task(aux.clone()));
         CURRENT.with(|c| *c.borrow_mut() = Some(aux));
         Ok(())
+    }
+}
+
+/// For a backend's engine setup on core `cpu`: builds the aux ring (before the engine runs
+/// the service), or says why not, logged once, in words for the capability report.
+pub fn build_for_core(cpu: usize) -> Result<AuxRing, &'static str> {
+    AuxRing::new().map_err(|e| missing(cpu, &e))
+}
+
+/// For a backend, inside its engine: installs the ring [`build_for_core`] made, and returns
+/// why the engine has none (for the capability report's provided-buffer rings), if it has none.
+pub fn install_for_core<R: Runtime>(cpu: usize, built: Result<AuxRing, &'static str>) -> Option<&'static str> {
+    match built {
+        Ok(aux) => aux.install::<R>().err().map(|e| missing(cpu, &e)),
+        Err(why) => Some(why),
+    }
+}
+
+fn missing(cpu: usize, e: &AuxError) -> &'static str {
+    tracing::warn!(cpu, "{e}; read_pooled takes buffers of the core's pool");
+    // Once per engine start, and only when the ring is missing.
+    Box::leak(e.to_string().into_boxed_str())
+}
+
+/// Calls [`uninstall`] when dropped: a backend holds one across its engine's run, so the aux
+/// ring stops after the engine is gone, also when the service panics.
+pub struct UninstallOnDrop;
+
+impl Drop for UninstallOnDrop {
+    fn drop(&mut self) {
+        uninstall();
     }
 }
 
@@ -403,12 +433,13 @@ struct Aux {
 
 impl Aux {
     fn new() -> Result<Self, AuxError> {
+        // Not DEFER_TASKRUN: see `reap`.
         let mut b = IoUring::builder();
-        b.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
+        b.setup_single_issuer().setup_coop_taskrun().setup_taskrun_flag();
         let ring = match b.build(ENTRIES) {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!("aux ring: SINGLE_ISSUER|DEFER_TASKRUN refused ({e}); a plain ring");
+                tracing::debug!("aux ring: SINGLE_ISSUER|COOP_TASKRUN refused ({e}); a plain ring");
                 IoUring::new(ENTRIES).map_err(AuxError::Ring)?
             }
         };
@@ -479,34 +510,41 @@ impl Aux {
         }
     }
 
-    /// The reaper's half (the eventfd fired): one `io_uring_enter(GETEVENTS)` that submits
-    /// what is queued and runs the ring's deferred completions, their dispatch, then the
-    /// eventfd's drain unless completions are already pending again.
+    /// The reaper's half (the eventfd fired): dispatches the completions the kernel has
+    /// posted, drains the eventfd, then looks once more for completions that arrived around the
+    /// drain (their signal may be the one just drained), entering the kernel only when it has
+    /// queued work of ours to run (`IORING_SQ_TASKRUN`) or overflowed completions to flush.
+    ///
+    /// The ring runs its completions as ordinary task work (COOP_TASKRUN), on this thread's
+    /// next system call, whichever it is (the host's own wait, this drain), and posting a
+    /// completion signals the eventfd; so nothing queued can go unseen, and a TASKRUN flag
+    /// that is stale (set just after the kernel ran the work it announced) costs one enter,
+    /// never a loop. DEFER_TASKRUN would not do here: the kernel signals the eventfd only
+    /// when its deferred list goes from empty to non-empty, and a GETEVENTS enter runs at most
+    /// 20 items of it (IO_LOCAL_TW_DEFAULT_MAX), so a burst of more completions than that,
+    /// with no new ones behind it, would wait unsignalled.
     fn reap(&self) {
         let mut wakers = Vec::new();
         {
             let mut guard = self.ring.borrow_mut();
             let Some(ring) = guard.as_mut() else { return };
             let mut st = self.st.borrow_mut();
-            // Once, and again while completions overflowed the queue (the kernel keeps them and
-            // flushes them on the next enter).
-            for _ in 0..8 {
-                self.enter(ring, ENTER_GETEVENTS);
+            let mut drained = false;
+            for _ in 0..16 {
+                let run = ring.submission().taskrun() || ring.submission().cq_overflow();
+                if run {
+                    self.enter(ring, ENTER_GETEVENTS);
+                }
+                let mut seen = false;
                 for cqe in ring.completion() {
+                    seen = true;
                     wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs));
                 }
-                if !ring.submission().cq_overflow() {
+                if !drained {
+                    self.drain_eventfd();
+                    drained = true;
+                } else if !run && !seen {
                     break;
-                }
-            }
-            // Completions queued after the enter signalled the eventfd (DEFER_TASKRUN sets the
-            // TASKRUN flag first): leave it readable, and the next round reaps them. Else
-            // drain it, and look once more: work queued between the look and the read had its
-            // signal drained, so signal again.
-            if !pending(ring) {
-                self.drain_eventfd();
-                if pending(ring) {
-                    self.signal_eventfd();
                 }
             }
         }
@@ -620,11 +658,6 @@ impl Drop for Aux {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// Whether completions are waiting to be reaped (queued task work or posted entries).
-fn pending(ring: &mut IoUring) -> bool {
-    ring.submission().taskrun() || ring.submission().cq_overflow() || !ring.completion().is_empty()
 }
 
 /// Counts a reap or flush task out when it ends (or is dropped), and wakes [`stop`].
