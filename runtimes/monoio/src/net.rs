@@ -10,7 +10,7 @@ use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, is_cancelled, AsyncReadRent, AsyncWriteRent, CancelToken};
 use corepin_core::pool::PooledBuf;
 use corepin_core::runtime as rt;
-use corepin_uring::aux::{self, Received};
+use corepin_uring::aux;
 use monoio::io::{AsyncReadRent as _, AsyncWriteRent as _};
 
 use crate::buf::{back, IoVecs, Owned};
@@ -166,16 +166,8 @@ impl rt::TcpStream for TcpStream {
     /// be set up), or when every buffer is lent out (`ENOBUFS`: nothing was consumed), the read
     /// takes the core pool's fallback.
     async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
-        if let Some(recv) = aux::recv(self.0.as_raw_fd()) {
-            match recv.await? {
-                Received::Data(buf) => return Ok(buf),
-                Received::Eof => return Ok(PooledBuf::end_of_stream()),
-                Received::NoBuffers => {
-                    tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
-                }
-            }
-        }
-        corepin_core::pool::read_fallback(self).await
+        let fd = self.0.as_raw_fd();
+        aux::read_pooled(self, fd).await
     }
 }
 

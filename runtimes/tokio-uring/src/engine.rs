@@ -53,14 +53,8 @@ fn native(no_aux: Option<&'static str>) -> Native {
         send_zc: Support::Absent("tokio-uring 0.5 has send_zc on UdpSocket only, not on TcpStream"),
         registered_buffers: Support::Absent("tokio-uring's fixed-buffer registry is not used for caller-owned buffers"),
         multishot_accept: Support::Absent("tokio-uring 0.5 has no multishot accept"),
-        multishot_recv: Support::Absent(
-            "read_pooled arms one receive per read on the auxiliary ring: a multishot receive would keep filling \
-             ring buffers while the service is not reading (docs/aux-ring.md)",
-        ),
-        buffer_rings: match no_aux {
-            None => Support::Native,
-            Some(why) => Support::Absent(why),
-        },
+        multishot_recv: aux::MULTISHOT_RECV,
+        buffer_rings: aux::buffer_rings(no_aux),
     }
 }
 

@@ -40,7 +40,7 @@ use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
 use corepin_core::pool::PooledBuf;
 use corepin_core::runtime as contract;
-use corepin_uring::aux::{self, Received};
+use corepin_uring::aux;
 use io_uring::{cqueue, opcode, types};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -320,16 +320,8 @@ impl contract::TcpStream for TcpStream {
     /// or when every buffer is lent out (`ENOBUFS`: nothing was consumed), the read takes the
     /// core pool's fallback.
     async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
-        if let Some(recv) = aux::recv(self.inner.as_raw_fd()) {
-            match recv.await? {
-                Received::Data(buf) => return Ok(buf),
-                Received::Eof => return Ok(PooledBuf::end_of_stream()),
-                Received::NoBuffers => {
-                    tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
-                }
-            }
-        }
-        corepin_core::pool::read_fallback(self).await
+        let fd = self.inner.as_raw_fd();
+        aux::read_pooled(self, fd).await
     }
 }
 

@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use corepin_core::caps::Support;
+use corepin_core::io::AsyncReadRent;
 use corepin_core::pool::{LentBuf, PooledBuf};
 use corepin_core::runtime::{FdWatch, Runtime};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -178,6 +180,40 @@ pub fn uninstall() {
 /// Whether this thread has a running aux ring.
 pub fn active() -> bool {
     CURRENT.with(|c| c.borrow().as_ref().is_some_and(|a| a.ring.borrow().is_some()))
+}
+
+/// `read_pooled` for a backend that hosts the aux ring: a receive on `fd` (the descriptor of
+/// `stream`) into the core's provided-buffer ring, so a waiting connection holds no buffer.
+/// Without a running aux ring (an epoll driver, or it could not be set up), or when every
+/// buffer is lent out (`ENOBUFS`: nothing was consumed), the core pool's fallback reads from
+/// `stream` instead.
+pub async fn read_pooled<S: AsyncReadRent + ?Sized>(stream: &mut S, fd: RawFd) -> io::Result<PooledBuf> {
+    if let Some(recv) = recv(fd) {
+        match recv.await? {
+            Received::Data(buf) => return Ok(buf),
+            Received::Eof => return Ok(PooledBuf::end_of_stream()),
+            Received::NoBuffers => {
+                tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
+            }
+        }
+    }
+    corepin_core::pool::read_fallback(stream).await
+}
+
+/// The capability report's multishot receive for a backend whose `read_pooled` is the aux
+/// ring's: not used, and why.
+pub const MULTISHOT_RECV: Support = Support::Absent(
+    "read_pooled arms one receive per read on the auxiliary ring: a multishot receive would keep filling ring \
+     buffers while the service is not reading (docs/aux-ring.md)",
+);
+
+/// The capability report's provided-buffer rings for a backend that hosts the aux ring;
+/// `no_aux` says why it has none, if it has none.
+pub fn buffer_rings(no_aux: Option<&'static str>) -> Support {
+    match no_aux {
+        None => Support::Native,
+        Some(why) => Support::Absent(why),
+    }
 }
 
 /// What a receive on the aux ring delivered.
