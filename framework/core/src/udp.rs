@@ -1392,6 +1392,30 @@ pub fn reuseport_group(
     n: usize,
     buffer: Option<usize>,
 ) -> Result<Vec<std::net::UdpSocket>, crate::tcp::ListenError> {
+    // Port 0 asks for any free port: if the one the kernel picked for the first socket is
+    // taken before the group is whole (another socket of the namespace, of either family,
+    // bound it meanwhile), any other will do as well, so try afresh.
+    let tries = if addr.port() == 0 { PORT_ZERO_TRIES } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        match bind_reuseport_group(addr, n, buffer) {
+            Err(crate::tcp::ListenError::InUse { .. }) if addr.port() == 0 => {
+                last = Some(crate::tcp::ListenError::InUse { addr });
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or(crate::tcp::ListenError::InUse { addr }))
+}
+
+/// How many ports [`reuseport_group`] tries for port 0 before it gives up.
+const PORT_ZERO_TRIES: usize = 8;
+
+fn bind_reuseport_group(
+    addr: SocketAddr,
+    n: usize,
+    buffer: Option<usize>,
+) -> Result<Vec<std::net::UdpSocket>, crate::tcp::ListenError> {
     use crate::tcp::ListenError;
     use socket2::{Domain, Protocol, Socket, Type};
 
