@@ -279,7 +279,7 @@ impl Future for Recv {
             }
             (n, Some(bid)) => {
                 // A buffer picked and not filled goes straight back.
-                self.aux.give_back(bid);
+                self.aux.bufs.give_back(bid);
                 if n == 0 {
                     Ok(Received::Eof)
                 } else {
@@ -353,7 +353,7 @@ impl LentBuf for Chunk {
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        self.aux.give_back(self.bid);
+        self.aux.bufs.give_back(self.bid);
     }
 }
 
@@ -626,11 +626,6 @@ impl Aux {
         unsafe { libc::write(self.evfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Hands buffer `bid` back to the kernel.
-    fn give_back(&self, bid: u16) {
-        self.bufs.give_back(bid);
-    }
-
     /// Stops the ring: every receive still in flight is cancelled and its completion awaited
     /// (for at most [`QUIESCE`]), then the provided-buffer ring is unregistered and the ring
     /// closed. If the kernel has not given everything back by then, the buffers are leaked
@@ -792,6 +787,7 @@ impl Buffers {
         }
     }
 
+    /// Hands buffer `bid` back to the kernel.
     fn give_back(&self, bid: u16) {
         self.give(bid);
         self.publish();
