@@ -174,6 +174,11 @@ struct FilesArgs {
     /// How larger files are sent: `sendfile` (zero-copy) or `read-write` (the fallback).
     #[arg(long, default_value = "sendfile")]
     transfer: String,
+    /// Send read + write chunks of at least this many bytes by zero-copy send (SEND_ZC where
+    /// the backend has it). Off by default: it costs more CPU than a plain send when clients
+    /// are on this host, and pays only behind a real NIC (docs/zero-copy.md).
+    #[arg(long)]
+    send_zc_min: Option<usize>,
     /// Files each core keeps open with their metadata, so a known file costs no open, fstat
     /// or close (0: off). Changes to a file are seen at once (inotify).
     #[arg(long, default_value_t = corepin_files::DEFAULT_OPEN_FILES)]
@@ -653,6 +658,7 @@ fn run_files(args: FilesArgs) -> Result<()> {
     cfg.memory_max = args.memory_max;
     cfg.cache_bytes = args.cache_size;
     cfg.large_bodies = large_bodies;
+    cfg.send_zc_min = args.send_zc_min;
     cfg.access_log = args.access_log;
     cfg.open_files = args.open_file_cache;
     cfg.open_files_valid = seconds("open-file-cache-valid", args.open_file_cache_valid)?;

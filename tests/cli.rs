@@ -37,13 +37,16 @@ fn start(service: &str, runtime: &str, extra: &[&str], last: &str) -> Running {
 
 /// [`start`] on the address `listen`.
 fn start_at(service: &str, runtime: &str, listen: &str, extra: &[&str], last: &str) -> Running {
-    let mut child = Command::new(BIN)
-        .args([service, "--runtime", runtime, "--cores", "all", "--listen", listen, "--drain-timeout", "20"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("corepin starts");
+    let mut cmd = Command::new(BIN);
+    cmd.args([service, "--runtime", runtime, "--cores", "all", "--listen", listen, "--drain-timeout", "20"])
+        .args(extra);
+    start_cmd(cmd, service, last)
+}
+
+/// Spawns `cmd` (a `corepin <service>` command line, possibly behind a wrapper) and reads its
+/// banner up to the line containing `last`.
+fn start_cmd(mut cmd: Command, service: &str, last: &str) -> Running {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("corepin starts");
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();
     let mut addr = None;
@@ -310,6 +313,85 @@ fn files_serves_the_demo_site_with_metrics_and_drains_on_sigterm() {
         assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
         let status = wait_exit(&mut s.child, Duration::from_secs(25));
         assert!(status.success(), "{rt}: exit after SIGTERM: {status:?}");
+    }
+}
+
+/// With little locked memory and without CAP_IPC_LOCK (a user's usual situation), the file
+/// server still starts and serves: registered buffers are reported as not used, with the limit
+/// as the reason, and a file sent through the read + write path (which reads into registered
+/// buffers where they exist) arrives whole. An engine that cannot start on so little refuses
+/// with one error line naming the limit.
+#[test]
+fn a_low_locked_memory_limit_turns_registered_buffers_off_and_files_still_arrive() {
+    use sha2::{Digest, Sha256};
+    let have = |tool: &str| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have("prlimit") || !have("setpriv") {
+        println!("skipped: prlimit and setpriv (util-linux) are needed to lower the limit and drop CAP_IPC_LOCK");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut big = vec![0u8; (1 << 20) + 3];
+    rng.fill(&mut big[..]);
+    std::fs::write(dir.path().join("big.bin"), &big).unwrap();
+    let root = dir.path().to_str().unwrap();
+    // SAFETY: geteuid(2) has no failure mode.
+    let root_user = unsafe { libc::geteuid() } == 0;
+    for rt in runtimes() {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg("--memlock=1048576:1048576").arg("--");
+        if root_user {
+            cmd.args(["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", "--"]);
+        }
+        cmd.args([BIN, "files", root, "--runtime", rt, "--cores", "all", "--listen", "127.0.0.1:0"]).args([
+            "--transfer",
+            "read-write",
+            "--drain-timeout",
+            "20",
+        ]);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("corepin starts");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut banner, mut addr) = (String::new(), None);
+        loop {
+            let mut l = String::new();
+            if out.read_line(&mut l).unwrap() == 0 {
+                break;
+            }
+            if let Some(a) = l.trim().strip_prefix("corepin files listening on ") {
+                addr = Some(a.parse::<SocketAddr>().unwrap());
+            }
+            banner.push_str(&l);
+            if l.contains("rent I/O copies") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in out.lines() {});
+        let mut errors = child.stderr.take().unwrap();
+        let s = Running { child, addr: addr.unwrap_or_else(|| ([127, 0, 0, 1], 9).into()), banner };
+        if addr.is_none() || !s.banner.contains("rent I/O copies") {
+            // An engine may refuse to start on 512 KiB of locked memory per core: then it must
+            // say why, in one line, and exit non-zero.
+            let mut s = s;
+            let status = wait_exit(&mut s.child, Duration::from_secs(10));
+            let mut err = String::new();
+            errors.read_to_string(&mut err).unwrap();
+            assert!(!status.success(), "{rt}: exited 0 before serving");
+            let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+            assert_eq!(lines.len(), 1, "{rt}: one error line:\n{err}");
+            assert!(lines[0].contains("RLIMIT_MEMLOCK"), "{rt}: the refusal names the limit: {}", lines[0]);
+            println!("{rt}: refused to start: {}", lines[0]);
+            continue;
+        }
+        std::thread::spawn(move || std::io::copy(&mut errors, &mut std::io::sink()));
+        let line = s.banner.lines().find(|l| l.trim_start().starts_with("registered buffers:")).unwrap().to_string();
+        assert!(line.contains("not used"), "{rt}: {line}");
+        let (status, body) = http_get(s.addr, "/big.bin");
+        assert_eq!(status, "HTTP/1.1 200 OK", "{rt}");
+        assert_eq!(Sha256::digest(&body), Sha256::digest(&big), "{rt}: the file arrives whole");
+        if ["monoio", "tokio-uring", "compio"].contains(&rt) {
+            // These register buffers on corepin's auxiliary ring when the limit allows.
+            assert!(line.contains("RLIMIT_MEMLOCK"), "{rt}: the reason names the limit: {line}");
+        }
     }
 }
 

@@ -1,9 +1,10 @@
-//! The core's receive buffers for [`TcpStream::read_pooled`](crate::runtime::TcpStream::read_pooled):
+//! The core's read buffers. For [`TcpStream::read_pooled`](crate::runtime::TcpStream::read_pooled):
 //! either a buffer an engine lent from its provided-buffer ring (picked by the kernel when data
 //! arrives, so a waiting connection holds none), or, where an engine has no ring, one from this
-//! core's pool, taken when the read starts. One pool per thread (so per core), no locks; a
-//! buffer dropped on another thread joins that thread's pool, and a lent one goes back to its
-//! engine's ring.
+//! core's pool, taken when the read starts. For [`File::read_pooled_at`](crate::runtime::File::read_pooled_at):
+//! one of the engine's registered (fixed) buffers, or a chunk from this core's pool. One pool
+//! per thread (so per core), no locks; a buffer dropped on another thread joins that thread's
+//! pool, and a lent one goes back to its engine.
 
 use std::cell::{Cell, RefCell};
 use std::ops::Deref;
@@ -16,15 +17,21 @@ use crate::io::AsyncReadRent;
 pub const POOLED_BUF_SIZE: usize = 16 * 1024;
 /// Buffers a pool keeps for reuse; beyond this, returned buffers are freed.
 pub const POOL_KEEP: usize = 256;
+/// Bytes in each file chunk of the core's pool (the fallback of `read_pooled_at`): one read
+/// of the file server's read + write path.
+pub const CHUNK_SIZE: usize = 128 * 1024;
+/// File chunks a pool keeps for reuse.
+pub const CHUNK_KEEP: usize = 16;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static FREE_CHUNKS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// Buffers handed out on this thread and not yet dropped, of both kinds.
     static OUT: Cell<usize> = const { Cell::new(0) };
 }
 
-/// A buffer an engine lent from its provided-buffer ring, holding the bytes of one read.
-/// Dropping it gives the memory back to the ring. Implemented by backends (the framework
+/// A buffer an engine lent (from its provided-buffer ring, or one of its registered buffers),
+/// holding the bytes of one read. Dropping it gives the memory back to the engine. Implemented by backends (the framework
 /// names no engine); the bytes must stay where they are until the value is dropped.
 pub trait LentBuf: 'static {
     /// The bytes the read delivered.
@@ -60,8 +67,8 @@ impl PooledBuf {
         Self::own(Vec::new())
     }
 
-    /// Wraps a buffer an engine lent from its ring (used by backends with provided-buffer
-    /// rings). One small allocation holds the engine's handle.
+    /// Wraps a buffer an engine lent (used by backends with provided-buffer rings or
+    /// registered buffers). One small allocation holds the engine's handle.
     pub fn lent(buf: impl LentBuf) -> Self {
         out_add(1);
         Self { store: Store::Lent(Box::new(buf)) }
@@ -75,8 +82,8 @@ impl PooledBuf {
         }
     }
 
-    /// Whether the bytes sit in a buffer lent from the engine's provided-buffer ring (rather
-    /// than in one of the core's pool).
+    /// Whether the bytes sit in a buffer the engine lent (from its provided-buffer ring, or a
+    /// registered buffer) rather than in one of the core's pool.
     pub fn is_lent(&self) -> bool {
         matches!(self.store, Store::Lent(_))
     }
@@ -105,9 +112,29 @@ pub async fn read_fallback<S: AsyncReadRent + ?Sized>(stream: &mut S) -> std::io
     res.map(|_| buf)
 }
 
+/// The core's fallback for `File::read_pooled_at` where an engine has no registered buffers
+/// (or every one is lent out): up to `len` bytes at `pos` into a chunk of this core's pool
+/// (a buffer of exactly `len` bytes when `len` is above [`CHUNK_SIZE`]). An empty buffer is
+/// end of file.
+pub async fn read_at_fallback<F: crate::runtime::File>(file: &F, pos: u64, len: usize) -> std::io::Result<PooledBuf> {
+    let buf = if len <= CHUNK_SIZE {
+        FREE_CHUNKS.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(CHUNK_SIZE))
+    } else {
+        Vec::with_capacity(len)
+    };
+    let BufResult(res, slice) = file.read_at(crate::buf::IoBuf::slice(buf, 0..len), pos).await;
+    let buf = PooledBuf::own(slice.into_inner());
+    res.map(|_| buf)
+}
+
 /// Buffers waiting for reuse in this thread's pool.
 pub fn idle() -> usize {
     FREE.with(|f| f.borrow().len())
+}
+
+/// File chunks waiting for reuse in this thread's pool.
+pub fn idle_chunks() -> usize {
+    FREE_CHUNKS.with(|f| f.borrow().len())
 }
 
 /// Pooled buffers handed out on this thread and not dropped yet, lent or from the pool.
@@ -134,15 +161,17 @@ impl Drop for PooledBuf {
         let Store::Own(buf) = &mut self.store else {
             return; // a lent buffer goes back to its ring when the box drops
         };
-        if buf.capacity() != POOLED_BUF_SIZE {
-            return; // taken out with into_vec, or not ours
-        }
+        let (free, keep) = match buf.capacity() {
+            POOLED_BUF_SIZE => (&FREE, POOL_KEEP),
+            CHUNK_SIZE => (&FREE_CHUNKS, CHUNK_KEEP),
+            _ => return, // taken out with into_vec, or not ours
+        };
         let mut buf = std::mem::take(buf);
         buf.clear();
         // `try_with`: during thread teardown the pool may already be gone; then just free.
-        let _ = FREE.try_with(|f| {
+        let _ = free.try_with(|f| {
             let mut f = f.borrow_mut();
-            if f.len() < POOL_KEEP {
+            if f.len() < keep {
                 f.push(buf);
             }
         });

@@ -336,6 +336,15 @@ pub trait File: Sized + 'static {
     }
     /// Reads at `pos` into `buf` (from its start, up to its capacity).
     fn read_at<B: IoBufMut>(&self, buf: B, pos: u64) -> impl Future<Output = BufResult<usize, B>>;
+    /// Reads up to `len` bytes at `pos` into a buffer the core lends: one of the engine's
+    /// registered (fixed) buffers where the backend has them (`IORING_OP_READ_FIXED`, which
+    /// copies from the page cache into pages pinned once instead of on every read), else a
+    /// chunk of the core's pool ([`pool::read_at_fallback`](crate::pool::read_at_fallback)).
+    /// The buffer goes back when dropped; an empty one is end of file. A registered buffer
+    /// holds at most its own size, so a read may return fewer bytes than asked for.
+    fn read_pooled_at(&self, pos: u64, len: usize) -> impl Future<Output = io::Result<crate::pool::PooledBuf>> {
+        crate::pool::read_at_fallback(self, pos, len)
+    }
     /// Writes the initialised bytes of `buf` at `pos`.
     fn write_at<B: IoBuf>(&self, buf: B, pos: u64) -> impl Future<Output = BufResult<usize, B>>;
     /// Size, times and kind of the open file.

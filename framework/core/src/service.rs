@@ -67,6 +67,30 @@ pub trait ConnStream: AsyncReadRent + AsyncWriteRent + 'static {
         self.write(buf)
     }
 
+    /// Writes all of `buf` by [`write_zc`](Self::write_zc) (a short send is continued), like
+    /// [`write_all`](crate::AsyncWriteRentExt::write_all) for plain writes.
+    fn write_all_zc<B: IoBuf>(&mut self, buf: B) -> impl Future<Output = BufResult<usize, B>> {
+        async move {
+            let len = buf.bytes_init();
+            let mut buf = buf;
+            let mut written = 0;
+            while written < len {
+                let BufResult(res, slice) = self.write_zc(buf.slice(written..len)).await;
+                buf = slice.into_inner();
+                match res {
+                    Ok(0) => {
+                        let e = io::Error::new(io::ErrorKind::WriteZero, "peer accepted no more bytes");
+                        return BufResult(Err(e), buf);
+                    }
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return BufResult(Err(e), buf),
+                }
+            }
+            BufResult(Ok(written), buf)
+        }
+    }
+
     /// Reads into a buffer lent by the core (see [`TcpStream::read_pooled`]); an empty buffer
     /// is end of stream.
     fn read_pooled(&mut self) -> impl Future<Output = io::Result<PooledBuf>> {

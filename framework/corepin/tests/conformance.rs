@@ -1180,6 +1180,123 @@ pub fn dropped_pooled_reads_give_their_buffers_back<R: Runtime>() {
     peer.join().unwrap();
 }
 
+/// `read_pooled_at` reads a file into buffers the core lends: registered buffers
+/// (`READ_FIXED`) exactly where the capability report says they are used, else chunks of the
+/// core's pool. Holding more chunks than there are registered buffers does not stop reads:
+/// they take the pool's chunks, and every byte is the file's. Reads dropped before they
+/// complete give their buffers back, and every buffer returns when dropped.
+pub fn pooled_file_reads_use_registered_buffers_and_go_on_without_them<R: Runtime>() {
+    let data = pattern((3 << 20) + 777, 5);
+    let path = temp_file("fixed", &data);
+    let path2 = path.to_path_buf();
+    run::<R, _>(|| async move {
+        let fixed = R::capabilities().is_some_and(|c| c.registered_buffers.used);
+        let f = R::File::open(&path2).await.unwrap();
+        const CHUNK: usize = 128 * 1024;
+        let mut held = Vec::new();
+        let mut pos = 0u64;
+        loop {
+            let b = f.read_pooled_at(pos, CHUNK).await.unwrap();
+            if b.is_empty() {
+                break;
+            }
+            assert!(b.len() <= CHUNK);
+            pos += b.len() as u64;
+            held.push(b);
+        }
+        assert_eq!(pos, data.len() as u64, "read to the end of the file");
+        assert_eq!(corepin::pool::outstanding(), held.len());
+        let lent = held.iter().filter(|b| b.is_lent()).count();
+        if fixed {
+            assert!(
+                lent > 0 && lent < held.len(),
+                "{lent} of {} reads into registered buffers: they should run out",
+                held.len()
+            );
+            assert!(held[0].is_lent(), "the first read takes a registered buffer");
+        } else {
+            assert_eq!(lent, 0, "no registered buffers, so nothing is lent");
+        }
+        let all: Vec<u8> = held.iter().flat_map(|b| b.iter().copied()).collect();
+        assert!(all == data, "the chunks are the file's bytes, in order");
+        drop(held);
+        assert_eq!(corepin::pool::outstanding(), 0, "every buffer was given back");
+
+        // Short reads at odd places, and past the end.
+        let b = f.read_pooled_at(12_345, 10).await.unwrap();
+        assert_eq!(&b[..], &data[12_345..12_355]);
+        assert_eq!(b.is_lent(), fixed, "after everything came back, reads take registered buffers again iff used");
+        drop(b);
+        let tail = f.read_pooled_at(data.len() as u64 - 100, CHUNK).await.unwrap();
+        assert_eq!(&tail[..], &data[data.len() - 100..], "a read at the end is short");
+        drop(tail);
+        assert!(f.read_pooled_at(data.len() as u64 + 5, CHUNK).await.unwrap().is_empty(), "past the end is empty");
+
+        // Reads dropped before they complete, then as many held as there were lent: the
+        // registered buffers all came back.
+        for i in 0..64u64 {
+            let read = f.read_pooled_at(i * 4096, CHUNK);
+            let _ = corepin::task::timeout::<R, _>(Duration::ZERO, read).await;
+        }
+        R::sleep(Duration::from_millis(50)).await;
+        assert_eq!(corepin::pool::outstanding(), 0, "dropped reads hold no buffer");
+        let mut again = Vec::new();
+        for i in 0..lent as u64 {
+            let b = f.read_pooled_at(i * CHUNK as u64, CHUNK).await.unwrap();
+            assert_eq!(&b[..], &data[(i as usize * CHUNK)..(i as usize * CHUNK + b.len())]);
+            again.push(b);
+        }
+        assert!(
+            again.iter().all(|b| b.is_lent() == fixed),
+            "every registered buffer is free again after the dropped reads"
+        );
+    });
+    drop(path);
+}
+
+/// A worker whose share of locked memory is too small for one registered buffer reports
+/// registered buffers as not used, names the fallback, and still reads files (an engine that
+/// cannot start at all on that share refuses with an error naming RLIMIT_MEMLOCK).
+pub fn a_small_locked_memory_share_leaves_reads_working_without_registered_buffers<R: Runtime>() {
+    let data = pattern(300_000, 9);
+    let path = temp_file("nolock", &data);
+    let path2 = path.to_path_buf();
+    let small = EngineSettings { memlock_budget: 100 * 1024, ..settings() };
+    let ran = R::block_on(&small, || async move {
+        let caps = R::capabilities().unwrap();
+        assert!(!caps.registered_buffers.used, "no registered buffers fit in 100 KiB:\n{caps}");
+        assert!(caps.registered_buffers.fallback.starts_with("plain buffers"), "{}", caps.registered_buffers.fallback);
+        let f = R::File::open(&path2).await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            let b = f.read_pooled_at(got.len() as u64, 128 * 1024).await.unwrap();
+            if b.is_empty() {
+                break;
+            }
+            assert!(!b.is_lent(), "without registered buffers nothing is lent");
+            got.extend_from_slice(&b);
+        }
+        assert!(got == data, "the file's bytes");
+        caps
+    });
+    // The same engine with the usual share: where it registers buffers, the small share's
+    // report must say that the limit is why it does not.
+    let normally = run::<R, _>(|| async { R::capabilities() }).unwrap().registered_buffers.used;
+    match ran {
+        Ok(caps) => {
+            if normally {
+                assert!(
+                    caps.registered_buffers.fallback.contains("RLIMIT_MEMLOCK"),
+                    "the reason names the limit: {}",
+                    caps.registered_buffers.fallback
+                );
+            }
+        }
+        Err(e) => assert!(e.to_string().contains("RLIMIT_MEMLOCK"), "a refusal names the limit: {e}"),
+    }
+    drop(path);
+}
+
 /// A burst of data on many connections at once, arriving while the core is busy and with
 /// nothing behind it, completes every pooled read waiting for it: the engine's ring (or the
 /// auxiliary one) is reaped until none is left, not only as far as one pass goes, and not only
@@ -1828,6 +1945,8 @@ corepin::per_runtime_tests! {
     pooled_reads_go_on_when_the_ring_is_lent_out,
     dropped_pooled_reads_give_their_buffers_back,
     a_burst_completes_every_waiting_pooled_read,
+    pooled_file_reads_use_registered_buffers_and_go_on_without_them,
+    a_small_locked_memory_share_leaves_reads_working_without_registered_buffers,
     echo_answers_exactly_with_borrowed_and_owned_buffers,
     an_engine_owns_its_thread_until_it_ends,
     an_acceptor_shapes_the_stream_a_service_sees,

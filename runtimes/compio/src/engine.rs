@@ -18,11 +18,19 @@ use std::time::Duration;
 use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
 use corepin_core::engine::EngineGuard;
 use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
+use corepin_uring::aux;
 
 /// The backend's name in reports.
 pub(crate) const NAME: &str = "compio";
 
-/// What this backend wires to compio's native operations among the optional mechanisms.
+/// What this backend wires to compio's native operations among the optional mechanisms, with
+/// corepin's auxiliary ring (`corepin_uring::aux`, files only: compio has its own buffer ring)
+/// for the registered buffers compio 0.19 lacks; `missing` says what that ring lacks.
+pub(crate) fn native(missing: aux::Missing) -> Native {
+    Native { registered_buffers: aux::registered_buffers(missing), ..NATIVE }
+}
+
+/// [`native`] without the auxiliary ring.
 pub(crate) const NATIVE: Native = Native {
     splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
     send_zc: Support::Native,
@@ -40,8 +48,10 @@ pub(crate) fn capabilities(
     requested: RingFlags,
     accepted: RingFlags,
     entries: u32,
-    notes: Vec<String>,
+    mut notes: Vec<String>,
+    missing: aux::Missing,
 ) -> Capabilities {
+    notes.extend(aux::note(missing));
     Capabilities::derive(
         EngineReport {
             runtime: NAME,
@@ -49,7 +59,7 @@ pub(crate) fn capabilities(
             ring_flags_requested: requested,
             ring_flags: Some(accepted),
             ring_entries: entries,
-            native: NATIVE,
+            native: native(missing),
             fd_readiness: "compio PollFd: one-shot io_uring POLL_ADD (level-triggered)",
             file_transfer: "sendfile(2), waiting for room with io_uring POLL_ADD",
             file_reads: "io_uring READ: a page-cache miss waits in the kernel, not on the worker",
@@ -147,8 +157,19 @@ where
         ));
     }
     let (rt, accepted, notes) = build(settings)?;
-    guard.set_capabilities(capabilities(settings.ring_flags, accepted, sq_entries(settings.ring_entries), notes));
-    let out = rt.block_on(async move { main().await });
+    // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
+    let aux = aux::build_for_core_files(settings.cpu, settings.memlock_budget);
+    // Stops the aux ring once the engine is gone (also on unwinding).
+    let _stop = aux::UninstallOnDrop;
+    let claimed = &guard;
+    let out = rt.block_on(async move {
+        let missing = aux::install_for_core::<crate::CompioRuntime>(settings.cpu, aux);
+        let entries = sq_entries(settings.ring_entries);
+        claimed.set_capabilities(capabilities(settings.ring_flags, accepted, entries, notes, missing));
+        let out = main().await;
+        aux::stop::<crate::CompioRuntime>().await;
+        out
+    });
     // Tear the engine down before returning: dropping the last runtime handle drops every task
     // still queued (their in-flight operations submit ASYNC_CANCEL), then the driver closes the
     // ring, which waits out or cancels what the kernel still holds, and only then frees the

@@ -42,6 +42,13 @@ impl contract::File for File {
         back(self.inner.read_at(Owned(buf), pos).await)
     }
 
+    /// Into one of the core's registered buffers by READ_FIXED on corepin's auxiliary ring
+    /// (`corepin_uring::aux`, which compio 0.19 lacks), or a chunk of the core's pool where
+    /// there is none.
+    async fn read_pooled_at(&self, pos: u64, len: usize) -> io::Result<corepin_core::pool::PooledBuf> {
+        corepin_uring::aux::read_pooled_at(self, self.as_raw_fd(), pos, len).await
+    }
+
     async fn write_at<B: IoBuf>(&self, buf: B, pos: u64) -> BufResult<usize, B> {
         let mut file = &self.inner;
         back(file.write_at(Owned(buf), pos).await)

@@ -18,15 +18,16 @@ type LegacyRt = monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>;
 
 /// What Monoio 0.2 does among the optional mechanisms, with corepin's auxiliary ring
 /// (`corepin_uring::aux`, docs/aux-ring.md) for the provided-buffer receives behind
-/// `read_pooled`; `no_aux` says why there is none on this engine.
-fn native(no_aux: Option<&'static str>) -> Native {
+/// `read_pooled` and the registered buffers behind `read_pooled_at`; `missing` says what this
+/// engine's aux ring lacks.
+fn native(missing: aux::Missing) -> Native {
     Native {
         splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
         send_zc: Support::Absent("monoio 0.2 has no SEND_ZC op"),
-        registered_buffers: Support::Absent("monoio 0.2 exposes no fixed buffers"),
+        registered_buffers: aux::registered_buffers(missing),
         multishot_accept: Support::Absent("monoio 0.2 has no multishot accept"),
         multishot_recv: aux::MULTISHOT_RECV,
-        buffer_rings: aux::buffer_rings(no_aux),
+        buffer_rings: aux::buffer_rings(missing),
     }
 }
 
@@ -49,12 +50,7 @@ fn build_uring(settings: &EngineSettings) -> Result<(UringRt, RingFlags), String
     Err(last)
 }
 
-fn report(
-    driver: Driver,
-    settings: &EngineSettings,
-    flags: Option<RingFlags>,
-    no_aux: Option<&'static str>,
-) -> Capabilities {
+fn report(driver: Driver, settings: &EngineSettings, flags: Option<RingFlags>, missing: aux::Missing) -> Capabilities {
     let uring = driver == Driver::IoUring;
     Capabilities::derive(
         EngineReport {
@@ -63,7 +59,7 @@ fn report(
             ring_flags_requested: settings.ring_flags,
             ring_flags: flags,
             ring_entries: settings.ring_entries.max(256),
-            native: native(no_aux),
+            native: native(missing),
             fd_readiness: if uring { "io_uring POLL_ADD (native)" } else { "epoll (native)" },
             file_transfer: if uring {
                 "sendfile(2), waiting for room with io_uring POLL_ADD"
@@ -76,11 +72,7 @@ fn report(
                 "pread(2) on the worker: a page-cache miss blocks the core (the epoll driver has no async file I/O)"
             },
             rent_copies: false,
-            notes: if no_aux.is_none() {
-                vec!["provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into()]
-            } else {
-                Vec::new()
-            },
+            notes: aux::note(missing).into_iter().collect(),
         },
         KernelSupport::get(),
     )
@@ -109,7 +101,7 @@ where
         None => match build_uring(settings) {
             Ok((r, flags)) => {
                 // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
-                let aux = aux::build_for_core(settings.cpu);
+                let aux = aux::build_for_core(settings.cpu, settings.memlock_budget);
                 // Stops the aux ring once the engine is gone (also on unwinding).
                 let _stop = aux::UninstallOnDrop;
                 let claimed = &guard;
@@ -136,7 +128,12 @@ where
         .enable_timer()
         .build()
         .map_err(|e| EngineError::Build { runtime: NAME, cpu: settings.cpu, reason: format!("epoll driver: {e}") })?;
-    guard.set_capabilities(report(Driver::Epoll { reason }, settings, None, Some("the epoll driver has no io_uring")));
+    guard.set_capabilities(report(
+        Driver::Epoll { reason },
+        settings,
+        None,
+        aux::Missing::everything("the epoll driver has no io_uring"),
+    ));
     Ok(run_on(r, async move { main().await }))
 }
 

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
+use corepin_core::pool::PooledBuf;
 use corepin_core::runtime::{self as rt, Metadata, OpenOptions};
 
 use crate::buf::{back, Owned};
@@ -29,6 +30,11 @@ impl rt::File for File {
     }
     async fn read_at<B: IoBufMut>(&self, buf: B, pos: u64) -> BufResult<usize, B> {
         back(self.0.read_at(Owned(buf), pos).await)
+    }
+    /// Into one of the core's registered buffers by READ_FIXED on corepin's auxiliary ring
+    /// (`corepin_uring::aux`), or a chunk of the core's pool where there is none.
+    async fn read_pooled_at(&self, pos: u64, len: usize) -> io::Result<PooledBuf> {
+        corepin_uring::aux::read_pooled_at(self, self.0.as_raw_fd(), pos, len).await
     }
     async fn write_at<B: IoBuf>(&self, buf: B, pos: u64) -> BufResult<usize, B> {
         back(self.0.write_at(Owned(buf), pos).await)

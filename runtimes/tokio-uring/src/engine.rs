@@ -46,15 +46,16 @@ pub(crate) fn candidates(requested: RingFlags) -> (Vec<RingFlags>, Option<&'stat
 
 /// What tokio-uring 0.5 does among the optional mechanisms, with corepin's auxiliary ring
 /// (`corepin_uring::aux`, docs/aux-ring.md) for the provided-buffer receives behind
-/// `read_pooled`; `no_aux` says why there is none on this engine.
-fn native(no_aux: Option<&'static str>) -> Native {
+/// `read_pooled` and the registered buffers behind `read_pooled_at`; `missing` says what this
+/// engine's aux ring lacks.
+fn native(missing: aux::Missing) -> Native {
     Native {
         splice: Support::Absent("tokio-uring 0.5 has no splice API"),
         send_zc: Support::Absent("tokio-uring 0.5 has send_zc on UdpSocket only, not on TcpStream"),
-        registered_buffers: Support::Absent("tokio-uring's fixed-buffer registry is not used for caller-owned buffers"),
+        registered_buffers: aux::registered_buffers(missing),
         multishot_accept: Support::Absent("tokio-uring 0.5 has no multishot accept"),
         multishot_recv: aux::MULTISHOT_RECV,
-        buffer_rings: aux::buffer_rings(no_aux),
+        buffer_rings: aux::buffer_rings(missing),
     }
 }
 
@@ -64,11 +65,9 @@ pub(crate) fn capabilities(
     accepted: RingFlags,
     ring_entries: u32,
     mut notes: Vec<String>,
-    no_aux: Option<&'static str>,
+    missing: aux::Missing,
 ) -> Capabilities {
-    if no_aux.is_none() {
-        notes.push("provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into());
-    }
+    notes.extend(aux::note(missing));
     Capabilities::derive(
         EngineReport {
             runtime: NAME,
@@ -76,7 +75,7 @@ pub(crate) fn capabilities(
             ring_flags_requested: requested,
             ring_flags: Some(accepted),
             ring_entries,
-            native: native(no_aux),
+            native: native(missing),
             fd_readiness: "tokio AsyncFd on the runtime's epoll reactor, confirmed with poll(2) for level semantics",
             file_transfer: "sendfile(2), waiting for room with tokio AsyncFd (epoll)",
             file_reads: "io_uring READ: a page-cache miss waits in the kernel, not on the worker",
@@ -171,7 +170,7 @@ where
     let guard = EngineGuard::claim(NAME, settings.cpu)?;
     let (rt, accepted, entries, notes) = build(settings)?;
     // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
-    let aux = aux::build_for_core(settings.cpu);
+    let aux = aux::build_for_core(settings.cpu, settings.memlock_budget);
     // Stops the aux ring once the engine is gone (also on unwinding).
     let _stop = aux::UninstallOnDrop;
     let claimed = &guard;

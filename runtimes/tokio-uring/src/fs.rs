@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
+use corepin_core::pool::PooledBuf;
 use corepin_core::runtime::{self as contract, Metadata, OpenOptions};
 
 use crate::buf::Owned;
@@ -37,6 +38,11 @@ impl contract::File for File {
         back(self.inner.read_at(Owned(buf), pos).await)
     }
 
+    /// Into one of the core's registered buffers by READ_FIXED on corepin's auxiliary ring
+    /// (`corepin_uring::aux`), or a chunk of the core's pool where there is none.
+    async fn read_pooled_at(&self, pos: u64, len: usize) -> io::Result<PooledBuf> {
+        corepin_uring::aux::read_pooled_at(self, self.inner.as_raw_fd(), pos, len).await
+    }
     async fn write_at<B: IoBuf>(&self, buf: B, pos: u64) -> BufResult<usize, B> {
         back(self.inner.write_at(Owned(buf), pos).submit().await)
     }

@@ -1,7 +1,12 @@
 //! The auxiliary ring: a per-core `io_uring` of corepin's own beside the host engine's, for
-//! the operations the engine does not have. Today that is a receive into a provided-buffer
-//! ring behind `read_pooled` (docs/aux-ring.md): the kernel picks a buffer only when data
-//! arrives, so a connection waiting for data holds none.
+//! the operations the engine does not have (docs/aux-ring.md). Today those are:
+//! * a receive into a provided-buffer ring behind `read_pooled`: the kernel picks a buffer only
+//!   when data arrives, so a connection waiting for data holds none;
+//! * a file read into one of the core's registered (fixed) buffers behind `read_pooled_at`
+//!   (`IORING_OP_READ_FIXED`): the buffers' pages are pinned once, when they are registered,
+//!   not on every read. How many are registered is bounded by the worker's share of
+//!   RLIMIT_MEMLOCK; with too small a share there are none, the report says so, and reads
+//!   take the core pool's chunks.
 //!
 //! The two rings meet only at an eventfd registered on the aux ring, which a task awaits
 //! through the engine's own [`FdWatch`]; nothing of the engine's internals is touched, so any
@@ -31,7 +36,7 @@ use corepin_core::caps::Support;
 use corepin_core::io::AsyncReadRent;
 use corepin_core::pool::{LentBuf, PooledBuf};
 use corepin_core::runtime::{FdWatch, Runtime};
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring_aux::{cqueue, opcode, squeue, types, IoUring};
 
 /// Buffers in the core's provided-buffer ring (a power of two). Their memory is a fixed
 /// per-core cost whatever the number of connections; it becomes resident as it is used.
@@ -49,6 +54,18 @@ const ENTER_GETEVENTS: u32 = 1;
 const CANCEL: u64 = u64::MAX;
 /// How long stopping waits for the kernel to give back what is still in flight.
 const QUIESCE: Duration = Duration::from_secs(1);
+/// Bytes per registered (fixed) buffer: one chunk of the file server's read + write path.
+pub const FIXED_LEN: usize = corepin_core::pool::CHUNK_SIZE;
+/// Registered buffers per core at most (2 MiB); fewer when the worker's locked-memory share is
+/// smaller. A buffer is held from the read until the service drops it (after writing it to a
+/// client), so this many file reads per core can be in that state at once before reads take
+/// the core pool's chunks.
+pub const FIXED_MAX: usize = 16;
+/// Locked memory kept out of the registered buffers' share. For a process without
+/// CAP_IPC_LOCK the kernel charges RLIMIT_MEMLOCK for the rings too (measured on 6.18: a ring
+/// of 1024 entries is about 100 KiB), so this covers the engine's ring, this one and the
+/// provided-buffer ring's entries.
+const PINNED_BESIDES: usize = 512 * 1024;
 
 thread_local! {
     /// The aux ring of the engine running on this thread, if it has one.
@@ -94,9 +111,22 @@ pub struct AuxRing(Aux);
 
 impl AuxRing {
     /// Builds the ring (SINGLE_ISSUER and COOP_TASKRUN where the kernel takes them), its
-    /// eventfd and its provided-buffer ring, on the calling thread: the worker's own.
-    pub fn new() -> Result<Self, AuxError> {
-        Aux::new().map(Self)
+    /// eventfd, its provided-buffer ring and as many registered buffers as `memlock_budget`
+    /// bytes of locked memory allow (at most [`FIXED_MAX`]), on the calling thread: the
+    /// worker's own.
+    pub fn new(memlock_budget: usize) -> Result<Self, AuxError> {
+        Aux::new(memlock_budget, true).map(Self)
+    }
+
+    /// The same without the provided-buffer ring, for an engine that has its own (compio):
+    /// only the registered buffers behind `read_pooled_at`.
+    pub fn for_files(memlock_budget: usize) -> Result<Self, AuxError> {
+        Aux::new(memlock_budget, false).map(Self)
+    }
+
+    /// Why the ring has no registered buffers, if it has none.
+    pub fn no_fixed(&self) -> Option<&str> {
+        self.0.no_fixed.as_deref()
     }
 
     /// Makes this the thread's aux ring and starts its reap and flush tasks on the running
@@ -112,25 +142,85 @@ impl AuxRing {
     }
 }
 
-/// For a backend's engine setup on core `cpu`: builds the aux ring (before the engine runs
-/// the service), or says why not, logged once, in words for the capability report.
-pub fn build_for_core(cpu: usize) -> Result<AuxRing, &'static str> {
-    AuxRing::new().map_err(|e| missing(cpu, &e))
+/// For a backend's engine setup on core `cpu`: builds the aux ring with `memlock_budget`
+/// bytes of locked memory for registered buffers (before the engine runs the service), or
+/// says why not, logged once, in words for the capability report.
+pub fn build_for_core(cpu: usize, memlock_budget: usize) -> Result<AuxRing, &'static str> {
+    AuxRing::new(memlock_budget).map_err(|e| missing(cpu, &e))
 }
 
-/// For a backend, inside its engine: installs the ring [`build_for_core`] made, and returns
-/// why the engine has none (for the capability report's provided-buffer rings), if it has none.
-pub fn install_for_core<R: Runtime>(cpu: usize, built: Result<AuxRing, &'static str>) -> Option<&'static str> {
-    match built {
-        Ok(aux) => aux.install::<R>().err().map(|e| missing(cpu, &e)),
-        Err(why) => Some(why),
+/// [`build_for_core`] for an engine with a provided-buffer ring of its own: the aux ring
+/// brings only the registered buffers behind `read_pooled_at` ([`AuxRing::for_files`]).
+pub fn build_for_core_files(cpu: usize, memlock_budget: usize) -> Result<AuxRing, &'static str> {
+    AuxRing::for_files(memlock_budget).map_err(|e| missing(cpu, &e))
+}
+
+/// What a backend hosting the aux ring lacks, in words for the capability report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Missing {
+    /// Why there is no aux ring (so no provided-buffer rings), if there is none.
+    pub ring: Option<&'static str>,
+    /// The aux ring was built without a provided-buffer ring ([`AuxRing::for_files`]).
+    pub files_only: bool,
+    /// Why there are no registered buffers, if there are none.
+    pub fixed: Option<&'static str>,
+}
+
+impl Missing {
+    /// No aux ring at all, for `why`.
+    pub fn everything(why: &'static str) -> Self {
+        Self { ring: Some(why), fixed: Some(why), files_only: false }
     }
 }
 
+/// The capability report's note on what the aux ring does for this engine, if anything.
+pub fn note(missing: Missing) -> Option<String> {
+    if missing.files_only {
+        return missing.fixed.is_none().then(|| {
+            format!(
+                "file reads into registered buffers ({} KiB each) on corepin's auxiliary ring (docs/aux-ring.md)",
+                FIXED_LEN / 1024
+            )
+        });
+    }
+    match (missing.ring, missing.fixed) {
+        (None, None) => Some(format!(
+            "provided-buffer receives and file reads into registered buffers ({} KiB each) on corepin's auxiliary ring \
+             (docs/aux-ring.md)",
+            FIXED_LEN / 1024
+        )),
+        (None, Some(_)) => Some("provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into()),
+        _ => None,
+    }
+}
+
+/// For a backend, inside its engine: installs the ring [`build_for_core`] made, and returns
+/// what the engine lacks for the capability report.
+pub fn install_for_core<R: Runtime>(cpu: usize, built: Result<AuxRing, &'static str>) -> Missing {
+    match built {
+        Ok(aux) => {
+            let files_only = !aux.0.bufs.is_some();
+            let fixed = aux.no_fixed().map(|why| {
+                tracing::info!(cpu, "no registered buffers: {why}; file reads take chunks of the core's pool");
+                leak(why)
+            });
+            match aux.install::<R>() {
+                Ok(()) => Missing { ring: None, fixed, files_only },
+                Err(e) => Missing::everything(missing(cpu, &e)),
+            }
+        }
+        Err(why) => Missing::everything(why),
+    }
+}
+
+fn leak(why: &str) -> &'static str {
+    // Once per engine start, and only when something is missing.
+    Box::leak(why.to_string().into_boxed_str())
+}
+
 fn missing(cpu: usize, e: &AuxError) -> &'static str {
-    tracing::warn!(cpu, "{e}; read_pooled takes buffers of the core's pool");
-    // Once per engine start, and only when the ring is missing.
-    Box::leak(e.to_string().into_boxed_str())
+    tracing::warn!(cpu, "{e}; read_pooled and read_pooled_at take buffers of the core's pool");
+    leak(&e.to_string())
 }
 
 /// Calls [`uninstall`] when dropped: a backend holds one across its engine's run, so the aux
@@ -207,13 +297,48 @@ pub const MULTISHOT_RECV: Support = Support::Absent(
      buffers while the service is not reading (docs/aux-ring.md)",
 );
 
-/// The capability report's provided-buffer rings for a backend that hosts the aux ring;
-/// `no_aux` says why it has none, if it has none.
-pub fn buffer_rings(no_aux: Option<&'static str>) -> Support {
-    match no_aux {
+/// The capability report's provided-buffer rings for a backend that hosts the aux ring.
+pub fn buffer_rings(missing: Missing) -> Support {
+    match missing.ring {
         None => Support::Native,
         Some(why) => Support::Absent(why),
     }
+}
+
+/// The capability report's registered buffers for a backend that hosts the aux ring.
+pub fn registered_buffers(missing: Missing) -> Support {
+    match missing.fixed {
+        None => Support::Native,
+        Some(why) => Support::Absent(why),
+    }
+}
+
+/// `read_pooled_at` for a backend that hosts the aux ring: up to `len` bytes at `pos` of
+/// `file` (whose descriptor is `fd`) by `IORING_OP_READ_FIXED` into one of the core's
+/// registered buffers (at most [`FIXED_LEN`] bytes). Without a running aux ring, without
+/// registered buffers, or with every one lent out, the core pool's fallback reads through the
+/// engine instead.
+pub async fn read_pooled_at<F: corepin_core::runtime::File>(
+    file: &F,
+    fd: RawFd,
+    pos: u64,
+    len: usize,
+) -> io::Result<PooledBuf> {
+    if len > 0 {
+        if let Some(read) = read_fixed(fd, pos, len) {
+            return read.await;
+        }
+    }
+    corepin_core::pool::read_at_fallback(file, pos, len).await
+}
+
+/// Starts a read of up to `len` bytes at `pos` of `fd` into one of the core's registered
+/// buffers, or `None` when there is no running aux ring or no free registered buffer. `fd`
+/// must stay open until the returned future completes or is dropped.
+pub fn read_fixed(fd: RawFd, pos: u64, len: usize) -> Option<ReadFixed> {
+    let aux = CURRENT.with(|c| c.borrow().clone())?;
+    let (ud, seq, idx) = aux.start_read_fixed(fd, pos, len)?;
+    Some(ReadFixed { aux, ud, seq, idx, finished: false })
 }
 
 /// What a receive on the aux ring delivered.
@@ -296,40 +421,89 @@ impl Future for Recv {
 
 impl Drop for Recv {
     fn drop(&mut self) {
-        if self.finished {
-            return;
+        if !self.finished {
+            self.aux.abandon(self.ud, self.seq);
         }
-        let cancel = {
+    }
+}
+
+/// A read into a registered buffer in flight on the aux ring (see [`read_fixed`]).
+pub struct ReadFixed {
+    aux: Rc<Aux>,
+    ud: u64,
+    seq: u64,
+    /// The registered buffer it reads into.
+    idx: u16,
+    finished: bool,
+}
+
+impl Future for ReadFixed {
+    type Output = io::Result<PooledBuf>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = {
             let mut st = self.aux.st.borrow_mut();
-            let i = slot_of(self.ud);
-            match st.slots[i].op {
-                Op::Done { flags, .. } => {
-                    if let Some(bid) = cqueue::buffer_select(flags) {
-                        self.aux.bufs.give_back(bid);
+            match &mut st.slots[slot_of(self.ud)].op {
+                Op::Done { res, .. } => Some(*res),
+                Op::Waiting(w) => {
+                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *w = Some(cx.waker().clone());
                     }
-                    st.release(self.ud);
-                    false
+                    return Poll::Pending;
                 }
-                _ => {
-                    // The kernel still has it: cancel, and free the slot on its completion.
-                    st.slots[i].op = Op::Abandoned;
-                    true
-                }
+                Op::Free | Op::Abandoned => None,
             }
         };
-        if cancel {
-            let entry = opcode::AsyncCancel::new(self.ud).build().user_data(CANCEL);
-            self.aux.push(&entry);
-            // The receive names its socket by descriptor number, resolved when it is submitted.
-            // The caller may close the socket as soon as this drop returns, and the number can
-            // then name another connection's socket: so if the receive has not reached the
-            // kernel yet, submit it (and its cancel) now, while the number is still ours.
-            if self.seq > self.aux.flushed.get() {
-                if let Some(ring) = self.aux.ring.borrow_mut().as_mut() {
-                    self.aux.enter(ring, 0);
+        self.finished = true;
+        let ud = self.ud;
+        self.aux.st.borrow_mut().release(ud);
+        let idx = self.idx;
+        Poll::Ready(match res {
+            Some(n) if n > 0 => {
+                let ptr = self.aux.fixed.buf(idx);
+                Ok(PooledBuf::lent(FixedChunk { aux: self.aux.clone(), idx, len: n as u32, ptr }))
+            }
+            other => {
+                self.aux.fixed.give_back(idx);
+                match other {
+                    Some(0) => Ok(PooledBuf::end_of_stream()),
+                    Some(n) => Err(io::Error::from_raw_os_error(-n)),
+                    None => Err(io::Error::other("aux ring: read slot lost")),
                 }
             }
+        })
+    }
+}
+
+impl Drop for ReadFixed {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.aux.abandon(self.ud, self.seq);
         }
+    }
+}
+
+/// Bytes read into a registered buffer; the buffer goes back to the core's set when this drops.
+struct FixedChunk {
+    aux: Rc<Aux>,
+    idx: u16,
+    len: u32,
+    /// Start of registered buffer `idx`.
+    ptr: *const u8,
+}
+
+impl LentBuf for FixedChunk {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the kernel wrote `len` (≤ FIXED_LEN) bytes at the start of registered buffer
+        // `idx`, which is ours alone until `Drop` gives it back, and whose memory lives as long
+        // as the `Aux` this chunk holds.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    }
+}
+
+impl Drop for FixedChunk {
+    fn drop(&mut self) {
+        self.aux.fixed.give_back(self.idx);
     }
 }
 
@@ -362,6 +536,9 @@ impl Drop for Chunk {
 struct Slot {
     generation: u32,
     op: Op,
+    /// The registered buffer a READ_FIXED in this slot reads into: given back when the
+    /// completion of an abandoned read arrives.
+    fixed: Option<u16>,
 }
 
 enum Op {
@@ -392,7 +569,7 @@ impl State {
     /// A free slot, marked waiting; its `user_data`.
     fn take(&mut self) -> u64 {
         let i = self.free.pop().unwrap_or_else(|| {
-            self.slots.push(Slot { generation: 0, op: Op::Free });
+            self.slots.push(Slot { generation: 0, op: Op::Free, fixed: None });
             self.slots.len() - 1
         });
         let slot = &mut self.slots[i];
@@ -405,12 +582,13 @@ impl State {
     fn release(&mut self, ud: u64) {
         let i = slot_of(ud);
         self.slots[i].op = Op::Free;
+        self.slots[i].fixed = None;
         self.free.push(i);
     }
 
     /// Records one completion; returns the waker to wake (after every borrow is released).
-    /// A buffer that nobody will take is handed back through `bufs`.
-    fn complete(&mut self, ud: u64, res: i32, flags: u32, bufs: &Buffers) -> Option<Waker> {
+    /// A buffer that nobody will take is handed back through `bufs` (or `fixed`).
+    fn complete(&mut self, ud: u64, res: i32, flags: u32, bufs: &Buffers, fixed: &Fixed) -> Option<Waker> {
         if ud == CANCEL {
             return None;
         }
@@ -432,6 +610,9 @@ impl State {
                 self.in_flight -= 1;
                 if let Some(bid) = cqueue::buffer_select(flags) {
                     bufs.give_back(bid);
+                }
+                if let Some(idx) = self.slots[i].fixed {
+                    fixed.give_back(idx);
                 }
                 self.release(ud);
                 None
@@ -455,6 +636,10 @@ struct Aux {
     ring: RefCell<Option<IoUring>>,
     st: RefCell<State>,
     bufs: Buffers,
+    /// The registered buffers (none when the locked-memory share is too small).
+    fixed: Fixed,
+    /// Why there are no registered buffers, if there are none.
+    no_fixed: Option<String>,
     evfd: OwnedFd,
     /// A submission is queued and the flush task should run.
     flush_wanted: Cell<bool>,
@@ -468,7 +653,7 @@ struct Aux {
 }
 
 impl Aux {
-    fn new() -> Result<Self, AuxError> {
+    fn new(memlock_budget: usize, recv: bool) -> Result<Self, AuxError> {
         // Not DEFER_TASKRUN: see `reap`.
         let mut b = IoUring::builder();
         b.setup_single_issuer().setup_coop_taskrun().setup_taskrun_flag();
@@ -487,20 +672,25 @@ impl Aux {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let evfd = unsafe { OwnedFd::from_raw_fd(fd) };
         ring.submitter().register_eventfd(evfd.as_raw_fd()).map_err(AuxError::EventFd)?;
-        let bufs = Buffers::new();
-        // SAFETY: the ring memory is page-aligned, holds BUF_COUNT entries, and is freed only
-        // after the ring is unregistered (or never, if the kernel did not give everything back;
-        // see `shutdown`).
-        unsafe { ring.submitter().register_buf_ring(bufs.ring as u64, BUF_COUNT, BUF_GROUP) }
-            .map_err(AuxError::BufRing)?;
-        for bid in 0..BUF_COUNT {
-            bufs.give(bid);
+        let bufs = if recv { Buffers::new() } else { Buffers::none() };
+        if recv {
+            // SAFETY: the ring memory is page-aligned, holds BUF_COUNT entries, and is freed
+            // only after the ring is unregistered (or never, if the kernel did not give
+            // everything back; see `shutdown`).
+            unsafe { ring.submitter().register_buf_ring_with_flags(bufs.ring as u64, BUF_COUNT, BUF_GROUP, 0) }
+                .map_err(AuxError::BufRing)?;
+            for bid in 0..BUF_COUNT {
+                bufs.give(bid);
+            }
+            bufs.publish();
         }
-        bufs.publish();
+        let (fixed, no_fixed) = Fixed::register(&ring, memlock_budget);
         Ok(Self {
             ring: RefCell::new(Some(ring)),
             st: RefCell::new(State { slots: Vec::new(), free: Vec::new(), in_flight: 0 }),
             bufs,
+            fixed,
+            no_fixed,
             evfd,
             flush_wanted: Cell::new(false),
             flusher: Cell::new(None),
@@ -514,7 +704,7 @@ impl Aux {
     /// Queues a receive with buffer selection on `fd`; its `user_data` and push sequence
     /// number, or `None` if stopped.
     fn start_recv(&self, fd: RawFd) -> Option<(u64, u64)> {
-        if self.ring.borrow().is_none() {
+        if self.ring.borrow().is_none() || !self.bufs.is_some() {
             return None;
         }
         let ud = self.st.borrow_mut().take();
@@ -527,13 +717,110 @@ impl Aux {
         Some((ud, self.pushed.get()))
     }
 
+    /// Queues a READ_FIXED of up to `len` bytes at `pos` of `fd` into a free registered
+    /// buffer; its `user_data`, push sequence number and buffer, or `None` if stopped or no
+    /// registered buffer is free.
+    fn start_read_fixed(&self, fd: RawFd, pos: u64, len: usize) -> Option<(u64, u64, u16)> {
+        if self.ring.borrow().is_none() {
+            return None;
+        }
+        let idx = self.fixed.take()?;
+        let ud = {
+            let mut st = self.st.borrow_mut();
+            let ud = st.take();
+            st.slots[slot_of(ud)].fixed = Some(idx);
+            ud
+        };
+        let len = len.min(FIXED_LEN) as u32;
+        let entry = opcode::ReadFixed::new(types::Fd(fd), self.fixed.buf(idx).cast_mut(), len, idx)
+            .offset(pos)
+            .build()
+            .user_data(ud);
+        self.submit_inline(&entry);
+        Some((ud, self.pushed.get(), idx))
+    }
+
+    /// Submits `entry` (with whatever else is queued) at once, with the eventfd's signal off,
+    /// and dispatches the completions that are there when the kernel returns. A read of pages
+    /// in the page cache completes inside the submission, so it is ready at its first poll,
+    /// without a round through the flush task, the eventfd and the reap task (which cost as
+    /// much CPU as the registered buffer saves; docs/aux-ring.md). A read that has to wait for
+    /// the device completes later and signals the eventfd as usual; so does any completion
+    /// posted after the signal is back on, and those posted while it was off are dispatched
+    /// here.
+    fn submit_inline(&self, entry: &squeue::Entry) {
+        let mut wakers = Vec::new();
+        {
+            let mut guard = self.ring.borrow_mut();
+            let Some(ring) = guard.as_mut() else { return };
+            // SAFETY: as for every push (see `push`).
+            while unsafe { ring.submission().push(entry) }.is_err() {
+                self.enter(ring, 0);
+            }
+            self.pushed.set(self.pushed.get() + 1);
+            ring.completion().disable_eventfd();
+            self.enter(ring, 0);
+            ring.completion().enable_eventfd();
+            let mut st = self.st.borrow_mut();
+            for cqe in ring.completion() {
+                wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs, &self.fixed));
+            }
+        }
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// A receive or read whose future was dropped before it finished: if it completed, its
+    /// buffer goes back now; otherwise it is cancelled, and its slot (and buffer) are freed
+    /// when the kernel's completion arrives.
+    fn abandon(&self, ud: u64, seq: u64) {
+        let cancel = {
+            let mut st = self.st.borrow_mut();
+            let i = slot_of(ud);
+            match st.slots[i].op {
+                Op::Done { flags, .. } => {
+                    if let Some(bid) = cqueue::buffer_select(flags) {
+                        self.bufs.give_back(bid);
+                    }
+                    if let Some(idx) = st.slots[i].fixed {
+                        self.fixed.give_back(idx);
+                    }
+                    st.release(ud);
+                    false
+                }
+                _ => {
+                    // The kernel still has it: cancel, and free the slot on its completion.
+                    st.slots[i].op = Op::Abandoned;
+                    true
+                }
+            }
+        };
+        if cancel {
+            let entry = opcode::AsyncCancel::new(ud).build().user_data(CANCEL);
+            self.push(&entry);
+            // The operation names its descriptor by number, resolved when it is submitted. The
+            // caller may close the descriptor as soon as this drop returns, and the number can
+            // then name another connection's socket or file: so if the operation has not
+            // reached the kernel yet, submit it (and its cancel) now, while the number is
+            // still ours.
+            if seq > self.flushed.get() {
+                if let Some(ring) = self.ring.borrow_mut().as_mut() {
+                    self.enter(ring, 0);
+                }
+            }
+        }
+    }
+
     /// Queues an entry and makes sure a flush runs this round. A full queue is submitted at once.
     fn push(&self, entry: &squeue::Entry) {
         let mut guard = self.ring.borrow_mut();
         let Some(ring) = guard.as_mut() else { return };
         // SAFETY (for every push): no entry points at memory the kernel could use after it is
         // freed: a RECV points at no memory of ours (the kernel picks a provided buffer, which
-        // is ours again only once its completion is handled), and ASYNC_CANCEL at none.
+        // is ours again only once its completion is handled), a READ_FIXED at a registered
+        // buffer that is its slot's alone until the completion is handled (and that lives as
+        // long as the ring), and ASYNC_CANCEL at none.
         while unsafe { ring.submission().push(entry) }.is_err() {
             self.enter(ring, 0);
         }
@@ -574,7 +861,7 @@ impl Aux {
                 let mut seen = false;
                 for cqe in ring.completion() {
                     seen = true;
-                    wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs));
+                    wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs, &self.fixed));
                 }
                 if !drained {
                     self.drain_eventfd();
@@ -626,7 +913,7 @@ impl Aux {
         unsafe { libc::write(self.evfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Stops the ring: every receive still in flight is cancelled and its completion awaited
+    /// Stops the ring: every receive or read still in flight is cancelled and its completion awaited
     /// (for at most [`QUIESCE`]), then the provided-buffer ring is unregistered and the ring
     /// closed. If the kernel has not given everything back by then, the buffers are leaked
     /// rather than freed under it.
@@ -652,7 +939,7 @@ impl Aux {
             let deadline = Instant::now() + QUIESCE;
             loop {
                 for cqe in ring.completion() {
-                    wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs));
+                    wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs, &self.fixed));
                 }
                 if st.in_flight == 0 || Instant::now() >= deadline {
                     break;
@@ -667,13 +954,19 @@ impl Aux {
                 }
             }
             if st.in_flight == 0 {
-                let _ = ring.submitter().unregister_buf_ring(BUF_GROUP);
+                if self.bufs.is_some() {
+                    let _ = ring.submitter().unregister_buf_ring(BUF_GROUP);
+                }
+                if self.fixed.count > 0 {
+                    let _ = ring.submitter().unregister_buffers();
+                }
             } else {
                 tracing::warn!(
                     in_flight = st.in_flight,
-                    "aux ring: receives still in the kernel after cancelling; leaking its buffers"
+                    "aux ring: operations still in the kernel after cancelling; leaking its buffers"
                 );
                 self.bufs.leak.set(true);
+                self.fixed.leak.set(true);
             }
         }
         drop(ring);
@@ -746,6 +1039,15 @@ impl Buffers {
             .expect("a valid layout")
     }
 
+    /// No provided-buffer ring (an engine with its own): nothing allocated, never registered.
+    fn none() -> Self {
+        Self { ring: std::ptr::null_mut(), bufs: std::ptr::null_mut(), tail: Cell::new(0), leak: Cell::new(false) }
+    }
+
+    fn is_some(&self) -> bool {
+        !self.ring.is_null()
+    }
+
     fn new() -> Self {
         let layout = Self::ring_layout();
         // SAFETY: a non-zero size; the result is checked for null.
@@ -796,7 +1098,7 @@ impl Buffers {
 
 impl Drop for Buffers {
     fn drop(&mut self) {
-        if self.leak.get() {
+        if self.leak.get() || !self.is_some() {
             return;
         }
         // SAFETY: both allocations were made in `new` with these layouts, the kernel has given
@@ -810,5 +1112,116 @@ impl Drop for Buffers {
             );
             drop(Box::from_raw(slice));
         }
+    }
+}
+
+/// The core's registered (fixed) buffers: `count` buffers of [`FIXED_LEN`] bytes in one
+/// page-aligned allocation, registered with the ring as one iovec each (so a buffer's index is
+/// its `buf_index`), and a free list.
+struct Fixed {
+    base: *mut u8,
+    count: usize,
+    free: RefCell<Vec<u16>>,
+    /// The kernel may still write into some: never free the memory.
+    leak: Cell<bool>,
+}
+
+impl Fixed {
+    fn layout(count: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(count * FIXED_LEN, 4096).expect("a valid layout")
+    }
+
+    fn none() -> Self {
+        Self { base: std::ptr::null_mut(), count: 0, free: RefCell::new(Vec::new()), leak: Cell::new(false) }
+    }
+
+    /// Registers as many buffers as `budget` bytes of locked memory allow (at most
+    /// [`FIXED_MAX`]); with none, says why.
+    fn register(ring: &IoUring, budget: usize) -> (Self, Option<String>) {
+        let count = (budget.saturating_sub(PINNED_BESIDES) / FIXED_LEN).min(FIXED_MAX);
+        if count == 0 {
+            return (
+                Self::none(),
+                Some(format!(
+                    "the worker's share of RLIMIT_MEMLOCK ({} KiB) leaves no room for one registered buffer of {} KiB \
+                     beside the rings ({} KiB); raise RLIMIT_MEMLOCK",
+                    budget / 1024,
+                    FIXED_LEN / 1024,
+                    PINNED_BESIDES / 1024
+                )),
+            );
+        }
+        // The share is an estimate (what else of the process is locked is not known here), so
+        // when the kernel refuses for lack of locked memory, ask for half as many.
+        let mut count = count;
+        loop {
+            match Self::try_register(ring, count) {
+                Ok(fixed) => return (fixed, None),
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && count > 1 => count /= 2,
+                Err(e) => {
+                    let hint = if e.raw_os_error() == Some(libc::ENOMEM) {
+                        " (locked memory: RLIMIT_MEMLOCK is too low for a user without CAP_IPC_LOCK)"
+                    } else {
+                        ""
+                    };
+                    let why =
+                        format!("registering {} KiB of fixed buffers failed: {e}{hint}", count * FIXED_LEN / 1024);
+                    return (Self::none(), Some(why));
+                }
+            }
+        }
+    }
+
+    /// Allocates `count` buffers and registers them with `ring`.
+    fn try_register(ring: &IoUring, count: usize) -> io::Result<Self> {
+        let layout = Self::layout(count);
+        // SAFETY: a non-zero size (count > 0); the result is checked for null. Zeroed, so the
+        // pages exist (registration pins them) and never expose old heap contents.
+        let base = unsafe { std::alloc::alloc_zeroed(layout) };
+        if base.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        let iovecs: Vec<libc::iovec> = (0..count)
+            // SAFETY: i < count, so each buffer lies inside the allocation.
+            .map(|i| libc::iovec { iov_base: unsafe { base.add(i * FIXED_LEN) }.cast(), iov_len: FIXED_LEN })
+            .collect();
+        // SAFETY: every iovec points into our allocation, which stays allocated until the
+        // buffers are unregistered in `shutdown` (or forever, if the kernel might still use it).
+        match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => {
+                let free = RefCell::new((0..count as u16).rev().collect());
+                Ok(Self { base, count, free, leak: Cell::new(false) })
+            }
+            Err(e) => {
+                // SAFETY: allocated just above with this layout; the kernel refused it.
+                unsafe { std::alloc::dealloc(base, layout) };
+                Err(e)
+            }
+        }
+    }
+
+    fn buf(&self, idx: u16) -> *const u8 {
+        // SAFETY: idx < count, so the offset is inside the allocation.
+        unsafe { self.base.add(usize::from(idx) * FIXED_LEN) }
+    }
+
+    fn take(&self) -> Option<u16> {
+        self.free.borrow_mut().pop()
+    }
+
+    fn give_back(&self, idx: u16) {
+        self.free.borrow_mut().push(idx);
+    }
+}
+
+impl Drop for Fixed {
+    fn drop(&mut self) {
+        if self.count == 0 || self.leak.get() {
+            return;
+        }
+        // SAFETY: allocated in `register` with this layout; the kernel has completed every
+        // read (else `leak` is set) and the ring that registered it is closed, and no
+        // `FixedChunk` is left: each holds the `Aux` that owns this.
+        unsafe { std::alloc::dealloc(self.base, Self::layout(self.count)) };
     }
 }

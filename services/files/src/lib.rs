@@ -89,6 +89,12 @@ pub struct FilesConfig {
     pub large_bodies: LargeBodies,
     /// Buffer size of the read + write path.
     pub read_write_chunk: usize,
+    /// Read + write chunks of at least this many bytes leave by zero-copy send
+    /// ([`ConnStream::write_zc`](corepin_core::ConnStream::write_zc): `IORING_OP_SEND_ZC` where
+    /// the backend has it); `None`, the default: never. Off by default because it costs more
+    /// CPU than a plain send wherever the peer is on this host (loopback, veth), where the
+    /// kernel copies the bytes anyway (docs/zero-copy.md).
+    pub send_zc_min: Option<usize>,
     /// Log every request through tracing (target `corepin::access`).
     pub access_log: bool,
     /// Files each core keeps open with their metadata (the open-file cache; 0: off). Each
@@ -118,6 +124,7 @@ impl FilesConfig {
             cache_bytes: 64 * 1024 * 1024,
             large_bodies: LargeBodies::Sendfile,
             read_write_chunk: 128 * 1024,
+            send_zc_min: None,
             access_log: false,
             open_files: DEFAULT_OPEN_FILES,
             open_files_valid: Duration::from_secs(1),

@@ -54,6 +54,8 @@ pub struct CoreFileCounters {
     /// Body bytes read by the engine (off the worker's thread) instead of by sendfile, because
     /// the page cache missed part of their range.
     pub cold_bytes: AtomicU64,
+    /// Body bytes handed to zero-copy sends (`send_zc_min`).
+    pub send_zc_bytes: AtomicU64,
     /// Open-file cache lookups: hit, miss, expired (see [`crate::open_cache::Lookup`]).
     pub open_lookups: [AtomicU64; 3],
     /// Open-file cache entries dropped because their file changed.
@@ -73,6 +75,10 @@ impl CoreFileCounters {
     /// Counts body bytes read through the engine because the page cache did not hold them.
     pub fn cold(&self, bytes: u64) {
         CoreCounters::add(&self.cold_bytes, bytes);
+    }
+    /// Counts body bytes handed to a zero-copy send.
+    pub fn send_zc(&self, bytes: u64) {
+        CoreCounters::add(&self.send_zc_bytes, bytes);
     }
     /// Counts an open-file cache lookup.
     pub fn open_lookup(&self, how: crate::open_cache::Lookup) {
@@ -179,6 +185,14 @@ impl Collector for FilesCollector {
             None,
             n,
             |c, _| get(&files.core(c).cold_bytes),
+        )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_file_send_zc_bytes",
+            "Body bytes handed to zero-copy sends (--send-zc-min; SEND_ZC where the capability report says it is used)",
+            None,
+            n,
+            |c, _| get(&files.core(c).send_zc_bytes),
         )?;
         per_core_counter(
             &mut enc,

@@ -8,8 +8,8 @@
 //! or from the first page-cache miss on, are read through the engine (io_uring) and written;
 //! read + write is the named fallback (`LargeBodies::ReadWrite`, a file system that refuses
 //! sendfile, a stream that must see every byte). Every write is bounded by the send timeout.
-//! The connection's buffers (the gather list, the read + write buffer) are reused from one
-//! response to the next.
+//! The connection's gather list is reused from one response to the next; the read + write
+//! path borrows the core's buffers per chunk.
 //!
 //! Must not touch: what is sent. Status, headers, ranges, validators and the memory cache's
 //! contents are decided in `resource` (a body read whole for the cache goes back through
@@ -78,8 +78,6 @@ pub struct Transfer<'f, R: Runtime> {
     send_timeout: Duration,
     /// Chunks queued for the next gather write; the list's allocation is reused.
     out: Vec<Chunk>,
-    /// The read + write buffer, allocated on first use.
-    rw_buf: Option<Vec<u8>>,
     /// Bytes of the current response sent so far.
     sent: u64,
     _runtime: PhantomData<fn() -> R>,
@@ -93,18 +91,15 @@ impl<'f, R: Runtime> Transfer<'f, R> {
             counters: files.counters(),
             send_timeout: files.cfg.send_timeout,
             out: Vec::new(),
-            rw_buf: None,
             sent: 0,
             _runtime: PhantomData,
         }
     }
 
-    /// Gives back the buffers kept between responses (the chunk list and the read + write
-    /// buffer), for a connection that waits idle holding none; the next response takes new
-    /// ones.
+    /// Gives back the buffer kept between responses (the chunk list), for a connection that
+    /// waits idle holding none; the next response takes a new one.
     pub fn release_buffers(&mut self) {
         self.out = Vec::new();
-        self.rw_buf = None;
     }
 
     /// Bytes of the last response sent (head and body), also when it failed part way.
@@ -326,7 +321,9 @@ impl<'f, R: Runtime> Transfer<'f, R> {
     }
 
     /// Reads up to `want` bytes at `pos` through the engine's file I/O and writes them to the
-    /// client; returns how many went out.
+    /// client; returns how many went out. The bytes pass through a buffer the core lends for
+    /// the chunk (`read_pooled_at`: a registered buffer where the engine has them, else a
+    /// chunk of the core's pool), so a connection keeps no read + write buffer of its own.
     async fn copy_chunk<S: ConnStream>(
         &mut self,
         stream: &mut S,
@@ -334,26 +331,29 @@ impl<'f, R: Runtime> Transfer<'f, R> {
         pos: u64,
         want: usize,
     ) -> Result<usize, End> {
-        let mut buf = self.rw_buf.take().unwrap_or_default();
-        buf.clear();
-        buf.reserve(want);
-        let BufResult(res, slice) = state.engine()?.read_at(buf.slice(0..want), pos).await;
-        buf = slice.into_inner();
-        let n = match res {
-            Ok(n) if n > 0 => n,
-            other => {
-                self.rw_buf = Some(buf);
-                return Err(other.map_or_else(End::from, |_| End::Truncated));
-            }
-        };
+        let chunk = state.engine()?.read_pooled_at(pos, want).await?;
+        let n = chunk.len();
+        if n == 0 {
+            return Err(End::Truncated);
+        }
         let sock = stream.as_raw_fd();
-        let (BufResult(res, slice), timed_out) =
-            with_deadline::<R, _>(sock, self.send_timeout, stream.write_all(buf.slice(0..n))).await;
-        self.rw_buf = Some(slice.into_inner());
+        let zc = self.files.cfg.send_zc_min.is_some_and(|min| n >= min);
+        let (res, timed_out) = if zc {
+            let (BufResult(res, _chunk), t) =
+                with_deadline::<R, _>(sock, self.send_timeout, stream.write_all_zc(chunk)).await;
+            (res, t)
+        } else {
+            let (BufResult(res, _chunk), t) =
+                with_deadline::<R, _>(sock, self.send_timeout, stream.write_all(chunk)).await;
+            (res, t)
+        };
         if timed_out {
             return Err(End::Timeout);
         }
         res?;
+        if zc {
+            self.counters.send_zc(n as u64);
+        }
         Ok(n)
     }
 }

@@ -129,6 +129,11 @@ impl Srv {
             .map(|c| self.metrics.core(c).transfers[i].load(std::sync::atomic::Ordering::Relaxed))
             .sum()
     }
+    fn send_zc_bytes(&self) -> u64 {
+        (0..self.metrics.len())
+            .map(|c| self.metrics.core(c).send_zc_bytes.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
     fn cold_bytes(&self) -> u64 {
         (0..self.metrics.len())
             .map(|c| self.metrics.core(c).cold_bytes.load(std::sync::atomic::Ordering::Relaxed))
@@ -281,6 +286,23 @@ pub fn bodies_arrive_byte_for_byte_on_every_path<R: Runtime>() {
     let rw = settle(|| srv.transfers(TransferPath::ReadWrite), |n| *n >= 4);
     assert!(rw >= 4, "1 B, 4 KiB, 1 MiB and 100 MiB by read + write, counted {rw}");
     assert_eq!(srv.transfers(TransferPath::Memory) + srv.transfers(TransferPath::Sendfile), 0);
+    assert_eq!(srv.send_zc_bytes(), 0, "no zero-copy send unless asked for");
+    srv.stop();
+
+    // Zero-copy sends for read + write chunks of 64 KiB and more (SEND_ZC where the backend
+    // has it, a plain write where not): the same bytes, and only the large chunks go that way.
+    let srv = serve::<R>(|c| {
+        c.memory_max = 0;
+        c.large_bodies = LargeBodies::ReadWrite;
+        c.send_zc_min = Some(64 * 1024);
+    });
+    check_all_sizes(srv.addr);
+    let zc = settle(|| srv.send_zc_bytes(), |n| *n >= 101 << 20);
+    assert_eq!(
+        zc,
+        101 << 20,
+        "the 1 MiB and 100 MiB bodies (in 128 KiB chunks) went by zero-copy send, not 1 B or 4 KiB"
+    );
     srv.stop();
 }
 
