@@ -16,7 +16,8 @@ returns its results and its markdown, and register it):
          second (benches/files_vs_nginx.py --tls).
 * cold   a small file's latency on the worker that streams a file evicted from the page
          cache, and the same file cached (benches/cold_files.py).
-* scale  resident memory per idle connection at ~19,000 connections (corepin-loadgen hold).
+* scale  resident memory per idle connection at ~19,000 connections (corepin-loadgen hold): echo
+         connections, and file-server keep-alive connections after one 4 KiB GET each.
 * crosscore  CPU per cross-core call (`submit_to`) between two pinned workers (examples/crosscore.rs).
 * kv     the sharded key-value example against redis-server under redis-benchmark, on one core and
          on two workers at 0% and ~50% of requests forwarded to the key's owner (examples/kv.rs).
@@ -250,12 +251,14 @@ def run_cold(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStac
     return run_script("cold_files.py", "cold_files.json", "Small-file latency", prof.cold_args, args)
 
 
-def hold_idle(addr: str, conns: int, name: str, stack: contextlib.ExitStack) -> int:
+def hold_idle(addr: str, conns: int, name: str, stack: contextlib.ExitStack, get: str | None = None) -> int:
     """Opens `conns` idle connections to `addr` with `corepin-loadgen hold` on the client CPU,
     kept open until `stack` closes (hold closes them at EOF on its stdin, so stdin stays a
-    pipe); returns how many it holds."""
+    pipe); with `get`, each first answers one keep-alive GET of that path. Returns how many it
+    holds."""
     hold = subprocess.Popen(["taskset", "-c", str(CLIENT_CPU), str(TARGET / "corepin-loadgen"), "hold",
-                             "--addr", addr, "--conns", str(conns), "--secs", "120"],
+                             "--addr", addr, "--conns", str(conns), "--secs", "180"]
+                            + (["--get", get] if get else []),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stack.callback(lambda: (hold.kill(), hold.wait()))
     assert hold.stdout is not None
@@ -265,43 +268,88 @@ def hold_idle(addr: str, conns: int, name: str, stack: contextlib.ExitStack) -> 
     return int(json.loads(line)["held"])
 
 
+#: Idle connections held before the measured slope starts (see run_scale).
+SCALE_FIRST = 4000
+
+
+def wait_rss_stable(pid: int) -> int:
+    """The server's RSS once it has stopped growing (everything held has been accepted)."""
+    last, stable_since = -1, time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        cur = rss_kib(pid)
+        if cur != last:
+            last, stable_since = cur, time.monotonic()
+        elif time.monotonic() - stable_since > 1.0:
+            break
+        time.sleep(0.1)
+    return rss_kib(pid)
+
+
 def run_scale(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
+    """Resident memory per idle connection: echo connections that never sent anything, and
+    file-server keep-alive connections that each fetched a 4 KiB file once. The figure is the
+    slope of the server's RSS from SCALE_FIRST held connections to the full count (the base RSS
+    right after start moves by tens of MiB from one start to the next with the allocator's
+    arenas, a slope does not); (RSS - base) / connections is reported beside it."""
     out = Outcome()
-    for name in echo_servers(args):
+    site = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corepin-bench-scale-")))
+    (site / "4k.bin").write_bytes(os.urandom(4096))
+    servers: list[tuple[str, list[str] | None, str | None]] = [(n, None, None) for n in echo_servers(args)]
+    for b in args.backends:
+        servers.append((f"corepin-{b} files", [str(TARGET / "corepin"), "files", str(site), "--runtime", b,
+                                               "--cores", f"{SERVER_CPU}-{SERVER_CPU}",
+                                               "--max-connections-per-core", str(prof.scale_conns + 1000),
+                                               "--idle-timeout", "600"], "/4k.bin"))
+    first = min(SCALE_FIRST, prof.scale_conns // 4)
+    for name, command, get in servers:
         with contextlib.ExitStack() as local:
-            server = start_server(name, local)
+            port = free_port()
+            cmd = echo_command(name, port) if command is None else command + ["--listen", f"127.0.0.1:{port}"]
+            # mimalloc (every server here uses it) gives freed memory back to the system only after a
+            # delay, and only when the thread next allocates: an idle worker would keep what its
+            # startup and the warm-up freed, and its RSS would drop at some later point of the
+            # measurement. Without the delay, RSS is the memory in use.
+            server = start_listening(name, ["env", "MIMALLOC_PURGE_DELAY=0", "MIMALLOC_RESET_DELAY=0"] + cmd, port, local)
             addr = f"127.0.0.1:{server.port}"
             # Warm the server (allocator arenas, first connection paths) before the baseline.
-            loadgen(["echo", "--addr", addr, "--conns", "8", "--size", "64", "--secs", "0.3", "--warmup", "0",
-                     "--cpu", str(CLIENT_CPU)])
+            if get is None:
+                loadgen(["echo", "--addr", addr, "--conns", "8", "--size", "64", "--secs", "0.3", "--warmup", "0",
+                         "--cpu", str(CLIENT_CPU)])
+            else:
+                hold_idle(addr, 8, name, local, get)
             time.sleep(0.2)
             base = rss_kib(server.proc.pid)
-            held = hold_idle(addr, prof.scale_conns, name, local)
-            # Wait until the server has accepted everything (its RSS stops growing).
-            last, stable_since = -1, time.monotonic()
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                cur = rss_kib(server.proc.pid)
-                if cur != last:
-                    last, stable_since = cur, time.monotonic()
-                elif time.monotonic() - stable_since > 1.0:
-                    break
-                time.sleep(0.1)
-            total = rss_kib(server.proc.pid)
+            held_first = hold_idle(addr, first, name, local, get)
+            at_first = wait_rss_stable(server.proc.pid)
+            held = held_first + hold_idle(addr, prof.scale_conns - first, name, local, get)
+            total = wait_rss_stable(server.proc.pid)
             per_conn = (total - base) * 1024 / held
-            r = {"server": name, "conns": held, "rss_base_kib": base, "rss_kib": total,
-                 "bytes_per_conn": per_conn, "mib_per_100k": per_conn * 100_000 / (1 << 20)}
+            slope = (total - at_first) * 1024 / max(1, held - held_first)
+            r = {"server": name, "kind": "echo" if get is None else "files", "conns": held, "rss_base_kib": base,
+                 "rss_first_kib": at_first, "first": held_first, "rss_kib": total, "bytes_per_conn": per_conn,
+                 "slope_bytes_per_conn": slope, "mib_per_100k": slope * 100_000 / (1 << 20)}
             out.results.append(r)
-            print(f"  scale {name:<20} {held} idle conns: RSS {base} -> {total} KiB, {per_conn:,.0f} B/conn, "
+            print(f"  scale {name:<22} {held} idle conns: RSS {base} -> {at_first} ({held_first}) -> {total} KiB, "
+                  f"slope {slope:,.0f} B/conn, {per_conn:,.0f} B/conn over the base, "
                   f"{r['mib_per_100k']:,.0f} MiB per 100k", flush=True)
-    rows = ["| server | idle connections | RSS before | RSS with them | per connection | per 100,000 |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| server | idle connections | RSS before | RSS at " + f"{first:,}" + " | RSS with all | per connection (slope) "
+            "| per connection (over the base) | per 100,000 (slope) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out.results:
         rows.append(f"| {r['server']} | {r['conns']:,} | {r['rss_base_kib'] / 1024:.1f} MiB | "
-                    f"{r['rss_kib'] / 1024:.1f} MiB | {r['bytes_per_conn'] / 1024:.2f} KiB | "
+                    f"{r['rss_first_kib'] / 1024:.1f} MiB | {r['rss_kib'] / 1024:.1f} MiB | "
+                    f"**{r['slope_bytes_per_conn'] / 1024:.2f} KiB** | {r['bytes_per_conn'] / 1024:.2f} KiB | "
                     f"{r['mib_per_100k']:,.0f} MiB |")
     out.markdown = ("Resident memory of the server process (VmRSS) with idle connections open, one worker; "
-                    "kernel socket memory is not included.\n\n" + "\n".join(rows) + "\n")
+                    "kernel socket memory is not included. Echo connections never sent anything; file-server "
+                    "connections (`corepin-<backend> files`) each fetched a 4 KiB file once (one connection at a time) and "
+                    "wait, kept alive. Servers run with mimalloc's purge delay at 0 (`MIMALLOC_PURGE_DELAY=0`), so freed "
+                    "memory leaves RSS at once. "
+                    "Per connection is the slope of RSS from the first "
+                    f"{first:,} held connections to all of them (the RSS right after start varies by tens of MiB "
+                    "between starts with the allocator's arenas); over the base is (RSS - RSS before) / connections."
+                    "\n\n" + "\n".join(rows) + "\n")
     return out
 
 

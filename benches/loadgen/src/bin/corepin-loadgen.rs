@@ -93,6 +93,10 @@ enum Cmd {
         /// Hold for at most this many seconds (default: until stdin reaches EOF).
         #[arg(long)]
         secs: Option<f64>,
+        /// Before holding, send one HTTP/1.1 `GET PATH` (keep-alive) on every connection and
+        /// read its whole response, so each is an idle keep-alive connection of a file server.
+        #[arg(long)]
+        get: Option<String>,
     },
     /// Closed-loop HTTP/3 GETs against a server on loopback; prints one JSON object.
     H3 {
@@ -164,7 +168,7 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Echo { addr, conns, size, secs, warmup, cpu } => run_echo(&addr, conns, size, secs, warmup, cpu),
-        Cmd::Hold { addr, conns, secs } => run_hold(&addr, conns, secs).map(|()| 0),
+        Cmd::Hold { addr, conns, secs, get } => run_hold(&addr, conns, secs, get).map(|()| 0),
         Cmd::H3 {
             addr,
             path,
@@ -592,7 +596,37 @@ fn run_echo(addr: &str, conns: usize, size: usize, secs: f64, warmup: f64, cpu: 
 // hold
 // ---------------------------------------------------------------------------
 
-fn run_hold(addr: &str, conns: usize, secs: Option<f64>) -> Result<()> {
+/// One keep-alive `GET path` on `s`, reading the whole response (its head and
+/// `Content-Length` bytes of body); fails on anything but a 200.
+async fn get_once(s: &mut TcpStream, path: &str) -> std::result::Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: loadgen\r\n\r\n");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("sending the GET: {e}"))?;
+    let mut got = Vec::with_capacity(8192);
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).await.map_err(|e| format!("reading the response: {e}"))?;
+        if n == 0 {
+            return Err("the server closed the connection before the response was complete".into());
+        }
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            return Err(format!("response: {}", head.lines().next().unwrap_or("")));
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or("a response without Content-Length")?;
+        if got.len() >= end + 4 + len {
+            return Ok(());
+        }
+    }
+}
+
+fn run_hold(addr: &str, conns: usize, secs: Option<f64>, get: Option<String>) -> Result<()> {
     if let Some(s) = secs {
         if !(s.is_finite() && s >= 0.0) {
             bail!("--secs must be a non-negative number");
@@ -603,9 +637,17 @@ fn run_hold(addr: &str, conns: usize, secs: Option<f64>) -> Result<()> {
     let rt = single_thread_runtime()?;
     rt.block_on(async move {
         let t0 = Instant::now();
-        let streams = connect_many(sa, conns, false)
+        let mut streams = connect_many(sa, conns, false)
             .await
             .map_err(|(got, e)| anyhow!("could only open {got} of {conns} connections to {sa}; first failure: {e}"))?;
+        if let Some(path) = get {
+            // One connection at a time, as a client arriving now and then would: the server
+            // never answers many at once, so what it keeps afterwards is what an idle keep-alive
+            // connection holds, not the allocator's high-water mark of a burst.
+            for s in streams.iter_mut() {
+                get_once(s, &path).await.map_err(|e| anyhow!("GET {path} on a held connection: {e}"))?;
+            }
+        }
         let took = t0.elapsed();
         {
             let mut out = std::io::stdout().lock();
