@@ -375,32 +375,20 @@ impl Future for Recv {
     type Output = io::Result<Received>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let done = {
-            let mut st = self.aux.st.borrow_mut();
-            let slot = &mut st.slots[slot_of(self.ud)];
-            match &mut slot.op {
-                Op::Done { res, flags } => Some((*res, *flags)),
-                Op::Waiting(w) => {
-                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        *w = Some(cx.waker().clone());
-                    }
-                    return Poll::Pending;
-                }
-                // A live receive's slot is its own until it finishes; never seen.
-                Op::Free | Op::Abandoned => None,
-            }
-        };
-        let Some((res, flags)) = done else {
+        let Some((res, flags)) = std::task::ready!(self.aux.poll_slot(self.ud, cx)) else {
             self.finished = true;
             return Poll::Ready(Err(io::Error::other("aux ring: receive slot lost")));
         };
         self.finished = true;
-        let ud = self.ud;
-        self.aux.st.borrow_mut().release(ud);
         Poll::Ready(match (res, cqueue::buffer_select(flags)) {
             (n, Some(bid)) if n > 0 => {
                 let ptr = self.aux.bufs.buf(bid);
-                Ok(Received::Data(PooledBuf::lent(Chunk { aux: self.aux.clone(), bid, len: n as u32, ptr })))
+                Ok(Received::Data(PooledBuf::lent(Chunk {
+                    aux: self.aux.clone(),
+                    held: Held::Ring(bid),
+                    len: n as u32,
+                    ptr,
+                })))
             }
             (n, Some(bid)) => {
                 // A buffer picked and not filled goes straight back.
@@ -441,27 +429,13 @@ impl Future for ReadFixed {
     type Output = io::Result<PooledBuf>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let res = {
-            let mut st = self.aux.st.borrow_mut();
-            match &mut st.slots[slot_of(self.ud)].op {
-                Op::Done { res, .. } => Some(*res),
-                Op::Waiting(w) => {
-                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        *w = Some(cx.waker().clone());
-                    }
-                    return Poll::Pending;
-                }
-                Op::Free | Op::Abandoned => None,
-            }
-        };
+        let res = std::task::ready!(self.aux.poll_slot(self.ud, cx)).map(|(res, _)| res);
         self.finished = true;
-        let ud = self.ud;
-        self.aux.st.borrow_mut().release(ud);
         let idx = self.idx;
         Poll::Ready(match res {
             Some(n) if n > 0 => {
                 let ptr = self.aux.fixed.buf(idx);
-                Ok(PooledBuf::lent(FixedChunk { aux: self.aux.clone(), idx, len: n as u32, ptr }))
+                Ok(PooledBuf::lent(Chunk { aux: self.aux.clone(), held: Held::Fixed(idx), len: n as u32, ptr }))
             }
             other => {
                 self.aux.fixed.give_back(idx);
@@ -483,51 +457,40 @@ impl Drop for ReadFixed {
     }
 }
 
-/// Bytes read into a registered buffer; the buffer goes back to the core's set when this drops.
-struct FixedChunk {
-    aux: Rc<Aux>,
-    idx: u16,
-    len: u32,
-    /// Start of registered buffer `idx`.
-    ptr: *const u8,
+/// Which of the core's buffers a [`Chunk`] holds.
+#[derive(Clone, Copy)]
+enum Held {
+    /// Buffer `bid` of the provided-buffer ring.
+    Ring(u16),
+    /// Registered buffer `idx`.
+    Fixed(u16),
 }
 
-impl LentBuf for FixedChunk {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the kernel wrote `len` (≤ FIXED_LEN) bytes at the start of registered buffer
-        // `idx`, which is ours alone until `Drop` gives it back, and whose memory lives as long
-        // as the `Aux` this chunk holds.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
-    }
-}
-
-impl Drop for FixedChunk {
-    fn drop(&mut self) {
-        self.aux.fixed.give_back(self.idx);
-    }
-}
-
-/// Bytes received into a provided buffer; the buffer goes back to the ring when this drops.
+/// Bytes the kernel put in one of the core's buffers (a provided one by a receive, a
+/// registered one by a file read); the buffer goes back when this drops.
 struct Chunk {
     aux: Rc<Aux>,
-    bid: u16,
+    held: Held,
     len: u32,
-    /// Start of buffer `bid`.
+    /// Start of the buffer.
     ptr: *const u8,
 }
 
 impl LentBuf for Chunk {
     fn bytes(&self) -> &[u8] {
-        // SAFETY: the kernel wrote `len` (≤ BUF_LEN) bytes at the start of buffer `bid`, which
-        // is ours alone until `Drop` gives it back to the ring, and whose memory lives as long
-        // as the `Aux` this chunk holds.
+        // SAFETY: the kernel wrote `len` bytes (no more than the buffer's size) at the start of
+        // the buffer, which is ours alone until `Drop` gives it back, and whose memory lives
+        // as long as the `Aux` this chunk holds.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
     }
 }
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        self.aux.bufs.give_back(self.bid);
+        match self.held {
+            Held::Ring(bid) => self.aux.bufs.give_back(bid),
+            Held::Fixed(idx) => self.aux.fixed.give_back(idx),
+        }
     }
 }
 
@@ -769,6 +732,28 @@ impl Aux {
         for w in wakers {
             w.wake();
         }
+    }
+
+    /// Polls the operation in slot `ud` for its future: pending (with the task's waker kept)
+    /// while the kernel has it; once it completed, its result and flags, with the slot freed.
+    /// `None` if the slot holds nothing of it (cannot happen: a live operation's slot is its
+    /// own until its future finishes or drops).
+    fn poll_slot(&self, ud: u64, cx: &mut Context<'_>) -> Poll<Option<(i32, u32)>> {
+        let mut st = self.st.borrow_mut();
+        let done = match &mut st.slots[slot_of(ud)].op {
+            Op::Done { res, flags } => Some((*res, *flags)),
+            Op::Waiting(w) => {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            Op::Free | Op::Abandoned => None,
+        };
+        if done.is_some() {
+            st.release(ud);
+        }
+        Poll::Ready(done)
     }
 
     /// A receive or read whose future was dropped before it finished: if it completed, its
@@ -1221,7 +1206,7 @@ impl Drop for Fixed {
         }
         // SAFETY: allocated in `register` with this layout; the kernel has completed every
         // read (else `leak` is set) and the ring that registered it is closed, and no
-        // `FixedChunk` is left: each holds the `Aux` that owns this.
+        // `Chunk` of it is left: each holds the `Aux` that owns this.
         unsafe { std::alloc::dealloc(self.base, Self::layout(self.count)) };
     }
 }
