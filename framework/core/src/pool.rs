@@ -132,11 +132,6 @@ pub fn idle() -> usize {
     FREE.with(|f| f.borrow().len())
 }
 
-/// File chunks waiting for reuse in this thread's pool.
-pub fn idle_chunks() -> usize {
-    FREE_CHUNKS.with(|f| f.borrow().len())
-}
-
 /// Pooled buffers handed out on this thread and not dropped yet, lent or from the pool.
 pub fn outstanding() -> usize {
     OUT.with(Cell::get)

@@ -267,11 +267,6 @@ pub fn uninstall() {
     }
 }
 
-/// Whether this thread has a running aux ring.
-pub fn active() -> bool {
-    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|a| a.ring.borrow().is_some()))
-}
-
 /// `read_pooled` for a backend that hosts the aux ring: a receive on `fd` (the descriptor of
 /// `stream`) into the core's provided-buffer ring, so a waiting connection holds no buffer.
 /// Without a running aux ring (an epoll driver, or it could not be set up), or when every
