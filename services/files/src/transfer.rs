@@ -338,15 +338,12 @@ impl<'f, R: Runtime> Transfer<'f, R> {
         }
         let sock = stream.as_raw_fd();
         let zc = self.files.cfg.send_zc_min.is_some_and(|min| n >= min);
-        let (res, timed_out) = if zc {
-            let (BufResult(res, _chunk), t) =
-                with_deadline::<R, _>(sock, self.send_timeout, stream.write_all_zc(chunk)).await;
-            (res, t)
-        } else {
-            let (BufResult(res, _chunk), t) =
-                with_deadline::<R, _>(sock, self.send_timeout, stream.write_all(chunk)).await;
-            (res, t)
+        let write = async {
+            let BufResult(res, _chunk) =
+                if zc { stream.write_all_zc(chunk).await } else { stream.write_all(chunk).await };
+            res
         };
+        let (res, timed_out) = with_deadline::<R, _>(sock, self.send_timeout, write).await;
         if timed_out {
             return Err(End::Timeout);
         }
