@@ -149,6 +149,19 @@ fn echo_end_to_end(runtime: &str, extra: &[&str]) {
     let mut server = start_echo(runtime, extra);
     assert!(server.banner.contains(&format!("runtime: {runtime}")), "{}", server.banner);
     assert!(server.banner.contains("ring flags:"), "the capability report shows ring flags:\n{}", server.banner);
+    // What corepin's auxiliary ring gives these backends on io_uring (the README's backend
+    // table), wherever the kernel has it: provided-buffer receives (compio: its own ring) and
+    // registered buffers.
+    let on_uring = server.banner.contains("driver:             io_uring");
+    for (mechanism, backends) in [
+        ("buffer rings:", ["monoio", "tokio-uring", "compio"]),
+        ("registered buffers:", ["monoio", "tokio-uring", "compio"]),
+    ] {
+        let line = server.banner.lines().map(str::trim).find(|l| l.starts_with(mechanism)).unwrap_or_default();
+        if on_uring && backends.contains(&runtime) && line.contains("(kernel: yes)") {
+            assert!(line[mechanism.len()..].trim_start().starts_with("used"), "{runtime}: {line}");
+        }
+    }
 
     // One worker per core, each pinned to exactly its own CPU.
     let pinned = worker_affinity(server.child.id());
