@@ -69,7 +69,7 @@ pub(crate) struct Plan {
     pub io_memory: usize,
     /// Entries of each ring.
     pub ring_depth: u32,
-    /// Whether this kernel charges ring memory to RLIMIT_MEMLOCK (before 5.12).
+    /// Whether this kernel charges ring memory to RLIMIT_MEMLOCK (before 5.12 and from 6.14).
     pub rings_charged: bool,
 }
 
@@ -121,8 +121,11 @@ pub(crate) fn plan(settings: &EngineSettings, process_limit: Option<u64>, rings_
     Ok(Plan { io_memory, ring_depth: depth, rings_charged })
 }
 
-/// Whether the running kernel charges io_uring ring memory to RLIMIT_MEMLOCK (it stopped in
-/// 5.12, when rings moved under memcg accounting).
+/// Whether the running kernel charges io_uring ring memory to RLIMIT_MEMLOCK for a process
+/// without CAP_IPC_LOCK. Kernels before 5.12 did; 5.12 moved rings under memcg accounting;
+/// since 6.14 rings are io_uring "regions", accounted to the user's locked memory like
+/// registered buffers again (measured here on 6.18: without CAP_IPC_LOCK, glommio's three
+/// rings plus its io_memory overran a 512 KiB share and the kernel refused with ENOMEM).
 fn kernel_charges_rings() -> bool {
     // SAFETY: a zeroed utsname is a valid out-parameter; uname fills it or fails.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
@@ -132,10 +135,15 @@ fn kernel_charges_rings() -> bool {
     }
     // SAFETY: uname NUL-terminates `release` within the array on success.
     let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy();
+    charges_rings(&release)
+}
+
+/// [`kernel_charges_rings`] for a kernel release string such as `6.18.0-1-amd64`.
+fn charges_rings(release: &str) -> bool {
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
     let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    (major, minor) < (5, 12)
+    !((5, 12)..(6, 14)).contains(&(major, minor))
 }
 
 /// The capability report of a glommio engine built with `plan`.
@@ -197,6 +205,16 @@ fn describe_glommio_error(err: GlommioError<()>) -> String {
         GlommioError::ReactorError(ReactorErrorKind::MemLockLimit(have, need)) => format!(
             "glommio refused to start: RLIMIT_MEMLOCK is {have} bytes, it needs {need}; raise the \
              locked-memory limit (`ulimit -l`, LimitMEMLOCK= in systemd, docker --ulimit memlock=)"
+        ),
+        GlommioError::IoError(e) if e.raw_os_error() == Some(libc::ENOMEM) => format!(
+            "glommio could not build its executor: the kernel refused to lock its rings and io_memory \
+             (ENOMEM): the user's locked memory is over RLIMIT_MEMLOCK ({}), which io_uring charges for a \
+             process without CAP_IPC_LOCK; raise the limit (`ulimit -l`, LimitMEMLOCK= in systemd, docker \
+             --ulimit memlock=) or run fewer workers",
+            match caps::memlock_limit() {
+                Some(l) => format!("{l} bytes"),
+                None => "unlimited".to_string(),
+            }
         ),
         other => format!("glommio could not build its executor: {other}"),
     }
@@ -319,10 +337,21 @@ mod tests {
     }
 
     #[test]
-    fn old_kernels_shrink_the_rings_to_fit() {
+    fn kernels_that_charge_rings_shrink_them_to_fit() {
         let p = plan(&settings(512 * 1024, 4096), Some(8 << 20), true).unwrap();
         assert!(p.ring_depth < 4096);
         assert!(RINGS * ring_bytes(p.ring_depth) + RINGS * p.io_memory <= 512 * 1024);
         assert!(p.io_memory >= MIN_IO_MEMORY);
+    }
+
+    #[test]
+    fn rings_are_charged_before_5_12_and_again_from_6_14() {
+        assert!(charges_rings("5.10.0-28-amd64"));
+        assert!(!charges_rings("5.12.0"));
+        assert!(!charges_rings("6.1.0-18-amd64"));
+        assert!(!charges_rings("6.13.12"));
+        assert!(charges_rings("6.14.0"));
+        assert!(charges_rings("6.18.0-1-cloud-amd64"));
+        assert!(charges_rings("7.0"));
     }
 }
