@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::mem::MaybeUninit;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::resource::status_name;
@@ -96,9 +97,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
         Some(i) if i > limits.max_request_line => return Parsed::Rejected(reject(414, "request line too long")),
         _ => {}
     }
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
-    let mut req = httparse::Request::new(&mut storage[..limits.max_headers.clamp(1, MAX_HEADERS_CAP)]);
-    let n = match req.parse(data) {
+    // Left uninitialized: httparse writes the headers it finds and hands back only those (an
+    // initialized array would cost a write of the whole 8 KiB for every request).
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(data, &mut storage[..limits.max_headers.clamp(1, MAX_HEADERS_CAP)]) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if data.len() > limits.max_head {
@@ -214,13 +217,28 @@ impl<'a> HeadWriter<'a> {
     /// Starts a response with `status`, `Server` and `Date`.
     pub fn new(out: &'a mut Vec<u8>, status: u16) -> Self {
         out.clear();
-        let _ = write!(out, "HTTP/1.1 {status} {}\r\nServer: corepin\r\n", status_name(status));
+        out.extend_from_slice(b"HTTP/1.1 ");
+        if (100..1000).contains(&status) {
+            out.extend_from_slice(&[
+                b'0' + (status / 100) as u8,
+                b'0' + (status / 10 % 10) as u8,
+                b'0' + (status % 10) as u8,
+            ]);
+        } else {
+            let _ = write!(out, "{status}");
+        }
+        out.push(b' ');
+        out.extend_from_slice(status_name(status).as_bytes());
+        out.extend_from_slice(b"\r\nServer: corepin\r\n");
         write_date(out);
         Self { out }
     }
     /// Adds a header field.
     pub fn header(&mut self, name: &str, value: impl std::fmt::Display) -> &mut Self {
-        let _ = write!(self.out, "{name}: {value}\r\n");
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b": ");
+        let _ = write!(self.out, "{value}");
+        self.out.extend_from_slice(b"\r\n");
         self
     }
     /// Ends the head with `Content-Length` and, when closing, `Connection: close`

@@ -54,6 +54,7 @@ use crate::fsroot::Root;
 use crate::http::Limits;
 use crate::metrics::{CoreFileCounters, FileMetrics};
 use crate::open_cache::OpenFiles;
+use crate::resource::Facts;
 
 /// How bodies larger than `memory_max` are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +175,7 @@ impl FilesFactory {
 impl FilesFactory {
     /// This core's open-file cache, or one that is off (said once in the log) when the core
     /// cannot have inotify.
-    fn open_files(&self, core: usize) -> RefCell<OpenFiles> {
+    fn open_files(&self, core: usize) -> RefCell<OpenFiles<Rc<Facts>>> {
         let cache = OpenFiles::new(self.cfg.open_files, self.cfg.open_files_valid).unwrap_or_else(|e| {
             tracing::warn!("core {core}: open-file cache off (inotify: {e}); every request opens its file");
             OpenFiles::off()
@@ -227,7 +228,7 @@ impl FilesFactory {
 /// One core's memory cache of small files and its open-file cache.
 struct CoreCaches {
     cache: RefCell<Cache>,
-    open_files: RefCell<OpenFiles>,
+    open_files: RefCell<OpenFiles<Rc<Facts>>>,
 }
 
 impl ServiceFactory for FilesFactory {

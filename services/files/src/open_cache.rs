@@ -5,7 +5,8 @@
 //! Owns: the cached descriptors (each shared by the requests that use it: `sendfile` and
 //! positional reads never move a file offset), one inotify instance per core with a watch on
 //! every cached file's inode, and the bound on entries (`max`, each one descriptor and one
-//! watch).
+//! watch). An entry can carry a note of the caller's (`N`: what the file server derives from
+//! the file once, such as its rendered validators), which goes whenever the entry goes.
 //!
 //! Staleness, by what changes:
 //! - the file's bytes or attributes (written, truncated, chmod, unlinked or replaced by a
@@ -42,9 +43,10 @@ use crate::cache::InsertionOrder;
 /// The inode events that make a cached descriptor stale.
 const MASK: u32 = libc::IN_MODIFY | libc::IN_ATTRIB | libc::IN_MOVE_SELF | libc::IN_DELETE_SELF;
 
-struct Entry {
+struct Entry<N> {
     file: Rc<File>,
     meta: Metadata,
+    note: Option<N>,
     wd: i32,
     checked: Instant,
     generation: u64,
@@ -61,12 +63,15 @@ pub enum Lookup {
     Expired,
 }
 
-/// One core's cache of open files (see the module docs).
-pub struct OpenFiles {
+/// A cached file: its descriptor, its metadata and the note attached to it, if any.
+pub type Known<N> = (Rc<File>, Metadata, Option<N>);
+
+/// One core's cache of open files (see the module docs), with notes of type `N` on entries.
+pub struct OpenFiles<N = ()> {
     inotify: Option<OwnedFd>,
     /// Where queued inotify events are read into (allocated with the first watch).
     events: Vec<u8>,
-    map: HashMap<String, Entry>,
+    map: HashMap<String, Entry<N>>,
     by_wd: HashMap<i32, Vec<String>>,
     order: InsertionOrder<String>,
     max: usize,
@@ -77,7 +82,7 @@ pub struct OpenFiles {
     changed: Vec<(u64, u64)>,
 }
 
-impl OpenFiles {
+impl<N: Clone> OpenFiles<N> {
     /// A cache that holds nothing.
     pub fn off() -> Self {
         Self::with(None, 0, Duration::ZERO)
@@ -121,7 +126,7 @@ impl OpenFiles {
     /// The cached descriptor and metadata for `rel`, if known, unchanged and checked within
     /// the window. Applies the queued inotify events first; if they cannot be read, the cache
     /// turns itself off (and says so) rather than answer from entries it cannot check.
-    pub fn lookup(&mut self, rel: &str, now: Instant) -> (Option<(Rc<File>, Metadata)>, Lookup) {
+    pub fn lookup(&mut self, rel: &str, now: Instant) -> (Option<Known<N>>, Lookup) {
         if let Some(fd) = self.inotify.as_ref().map(AsRawFd::as_raw_fd) {
             if !self.by_wd.is_empty() {
                 if let Err(e) = self.drain(fd) {
@@ -131,7 +136,9 @@ impl OpenFiles {
             }
         }
         match self.map.get(rel) {
-            Some(e) if now.duration_since(e.checked) < self.valid => (Some((Rc::clone(&e.file), e.meta)), Lookup::Hit),
+            Some(e) if now.duration_since(e.checked) < self.valid => {
+                (Some((Rc::clone(&e.file), e.meta, e.note.clone())), Lookup::Hit)
+            }
             Some(_) => (None, Lookup::Expired),
             None => (None, Lookup::Miss),
         }
@@ -178,7 +185,8 @@ impl OpenFiles {
             }
         }
         let generation = self.order.push(rel.to_string());
-        self.map.insert(rel.to_string(), Entry { file: Rc::clone(file), meta, wd, checked: now, generation });
+        let entry = Entry { file: Rc::clone(file), meta, note: None, wd, checked: now, generation };
+        self.map.insert(rel.to_string(), entry);
         let map = &self.map;
         self.order.compact(map.len(), |k| map.get(k).map(|e| e.generation));
         Some(meta)
@@ -281,6 +289,16 @@ impl OpenFiles {
         (!self.changed.is_empty()).then(|| self.changed.drain(..))
     }
 
+    /// Attaches `note` to the entry for `rel`, if there is one made for `meta` (the metadata
+    /// [`insert`](Self::insert) returned or [`lookup`](Self::lookup) found).
+    pub fn annotate(&mut self, rel: &str, meta: &Metadata, note: N) {
+        if let Some(e) = self.map.get_mut(rel) {
+            if e.meta == *meta {
+                e.note = Some(note);
+            }
+        }
+    }
+
     /// Files held.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -323,15 +341,25 @@ mod tests {
         for name in ["a", "b"] {
             std::fs::write(dir.path().join(name), name).unwrap();
         }
-        let mut c = OpenFiles::new(8, Duration::from_secs(60)).unwrap();
+        let mut c: OpenFiles<&str> = OpenFiles::new(8, Duration::from_secs(60)).unwrap();
         let now = Instant::now();
         for name in ["a", "b"] {
             let f = Rc::new(File::open(dir.path().join(name)).unwrap());
-            assert_eq!(c.insert(name, &f, meta(&f), now).len, 1);
+            let m = c.insert(name, &f, meta(&f), now);
+            assert_eq!(m.len, 1);
+            let stale = Metadata { len: 2, ..m };
+            c.annotate(name, &stale, "made for other metadata");
+            assert_eq!(c.lookup(name, now).0.unwrap().2, None, "a note for other metadata is not kept");
+            c.annotate(name, &m, name);
         }
         assert_eq!((c.lookup("a", now).1, c.lookup("b", now).1), (Lookup::Hit, Lookup::Hit));
+        assert_eq!(c.lookup("b", now).0.unwrap().2, Some("b"), "the note comes with the entry");
         std::fs::OpenOptions::new().append(true).open(dir.path().join("a")).unwrap().write_all(b"!").unwrap();
         assert_eq!(c.lookup("a", now).1, Lookup::Miss, "written: dropped");
+        let f = Rc::new(File::open(dir.path().join("a")).unwrap());
+        c.insert("a", &f, meta(&f), now);
+        assert_eq!(c.lookup("a", now).0.unwrap().2, None, "the note went with the changed file's entry");
+        c.remove("a");
         assert_eq!(c.lookup("b", now).1, Lookup::Hit);
         // Replaced by a rename over it: the old inode's link count changes.
         std::fs::write(dir.path().join("b.new"), "B").unwrap();
@@ -345,7 +373,7 @@ mod tests {
     fn entries_expire_are_bounded_and_share_a_watch_per_inode() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x"), "x").unwrap();
-        let mut c = OpenFiles::new(2, Duration::from_millis(100)).unwrap();
+        let mut c: OpenFiles = OpenFiles::new(2, Duration::from_millis(100)).unwrap();
         let t0 = Instant::now();
         let f = Rc::new(File::open(dir.path().join("x")).unwrap());
         c.insert("x", &f, meta(&f), t0);
@@ -367,6 +395,6 @@ mod tests {
         let dir_fd = Rc::new(File::open(dir.path()).unwrap());
         assert!(c.insert(".", &dir_fd, meta(&dir_fd), t0).is_dir, "a directory's metadata, not cached");
         assert!(c.is_empty() && c.by_wd.is_empty());
-        assert!(!OpenFiles::off().enabled());
+        assert!(!OpenFiles::<()>::off().enabled());
     }
 }

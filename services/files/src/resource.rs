@@ -30,6 +30,7 @@ use corepin_core::runtime::Metadata;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
 use crate::fsroot::{self, OpenError};
+use crate::open_cache::Known;
 use crate::range::{self, ByteRange, RangeAnswer};
 use crate::target::SafePath;
 use crate::Files;
@@ -182,12 +183,12 @@ pub struct Conditions<'a> {
 
 /// A strong entity tag, `"len-mtime_ns-inode"` in hex, quotes included.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ETag(String);
+pub struct ETag(Rc<str>);
 
 impl ETag {
     fn of(meta: &Metadata) -> ETag {
         let nanos = meta.modified.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        ETag(format!("\"{:x}-{:x}-{:x}\"", meta.len, nanos, meta.ino))
+        ETag(format!("\"{:x}-{:x}-{:x}\"", meta.len, nanos, meta.ino).into())
     }
     /// The tag as it is sent.
     pub fn as_str(&self) -> &str {
@@ -198,6 +199,46 @@ impl ETag {
 impl fmt::Display for ETag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A `Last-Modified` value, rendered (IMF-fixdate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastModified(Rc<str>);
+
+impl LastModified {
+    fn of(t: SystemTime) -> Self {
+        Self(httpdate::fmt_http_date(t).into())
+    }
+}
+
+impl fmt::Display for LastModified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the answers for one file say that changes only when the file does: its validators
+/// and its type, rendered once. The open-file cache keeps it beside the file's entry (and
+/// drops it with the entry), so a request for a known file costs no MIME lookup, no date
+/// conversion and no hex formatting.
+#[derive(Debug)]
+pub struct Facts {
+    tag: ETag,
+    modified: Date,
+    last_modified: LastModified,
+    mime: ContentType,
+}
+
+impl Facts {
+    /// The facts of the file `meta` describes, called `name`.
+    fn of(meta: &Metadata, name: &str) -> Self {
+        Self {
+            tag: ETag::of(meta),
+            modified: Date::of(meta.modified),
+            last_modified: LastModified::of(meta.modified),
+            mime: ContentType::of(name),
+        }
     }
 }
 
@@ -278,7 +319,7 @@ pub struct Headers {
     /// Allow (405).
     pub allow: Option<&'static str>,
     /// Last-Modified.
-    pub last_modified: Option<SystemTime>,
+    pub last_modified: Option<LastModified>,
     /// ETag.
     pub etag: Option<ETag>,
     /// `Accept-Ranges: bytes`.
@@ -305,16 +346,16 @@ impl Headers {
         if let Some(a) = self.allow {
             field("Allow", &a);
         }
-        let last_modified = self.last_modified.map(httpdate::HttpDate::from);
+        let last_modified = &self.last_modified;
         if status == 304 {
             if let Some(t) = &self.etag {
                 field("ETag", t);
             }
-            if let Some(d) = &last_modified {
+            if let Some(d) = last_modified {
                 field("Last-Modified", d);
             }
         } else {
-            if let Some(d) = &last_modified {
+            if let Some(d) = last_modified {
                 field("Last-Modified", d);
             }
             if let Some(t) = &self.etag {
@@ -549,9 +590,10 @@ impl Files {
         self.caches.cache.borrow_mut().insert(meta, data);
     }
 
-    /// The open file `rel` names beneath the root and its metadata: from this core's open-file
-    /// cache when it holds the path (no system call), else opened, looked at and remembered.
-    fn open_known(&self, rel: &str) -> Result<(Rc<File>, Metadata), OpenError> {
+    /// The open file `rel` names beneath the root, its metadata and, when known, its facts:
+    /// from this core's open-file cache when it holds the path (no system call), else opened,
+    /// looked at and remembered.
+    fn open_known(&self, rel: &str) -> Result<Known<Rc<Facts>>, OpenError> {
         let mut cache = self.caches.open_files.borrow_mut();
         let now = cache.enabled().then(Instant::now);
         if let Some(now) = now {
@@ -576,15 +618,25 @@ impl Files {
         Ok(match now {
             Some(now) => {
                 let meta = cache.insert(rel, &file, meta, now);
-                (file, meta)
+                (file, meta, None)
             }
-            None => (file, meta),
+            None => (file, meta, None),
+        })
+    }
+
+    /// The facts of the regular file `rel` (called `name`): `known` when the open-file cache
+    /// had them, else rendered and attached to its entry there.
+    fn facts(&self, rel: &str, name: &str, meta: &Metadata, known: Option<Rc<Facts>>) -> Rc<Facts> {
+        known.unwrap_or_else(|| {
+            let facts = Rc::new(Facts::of(meta, name));
+            self.caches.open_files.borrow_mut().annotate(rel, meta, Rc::clone(&facts));
+            facts
         })
     }
 
     fn plan_get(&self, path: &SafePath, cond: &Conditions<'_>) -> Plan {
         let rel = path.relative();
-        let (file, meta) = match self.open_known(&rel) {
+        let (file, meta, facts) = match self.open_known(&rel) {
             Ok(known) => known,
             Err(e) => return open_error(e),
         };
@@ -599,7 +651,10 @@ impl Files {
             }
             let index = if rel == "." { "index.html".to_string() } else { format!("{rel}/index.html") };
             return match self.open_known(&index) {
-                Ok((f, m)) if m.is_file => self.plan_file(cond, f, m, "index.html"),
+                Ok((f, m, facts)) if m.is_file => {
+                    let facts = self.facts(&index, "index.html", &m, facts);
+                    self.plan_file(cond, f, m, &facts)
+                }
                 Ok(_) => Plan::error(403),
                 Err(OpenError::NotFound) if self.cfg.list_dirs => match fsroot::list(&file) {
                     Ok(entries) => {
@@ -621,12 +676,13 @@ impl Files {
             return Plan::error(403);
         }
         let name = path.segments.last().map_or("", String::as_str);
-        self.plan_file(cond, file, meta, name)
+        let facts = self.facts(&rel, name, &meta, facts);
+        self.plan_file(cond, file, meta, &facts)
     }
 
-    fn plan_file(&self, cond: &Conditions<'_>, file: Rc<File>, meta: Metadata, name: &str) -> Plan {
-        let tag = ETag::of(&meta);
-        let modified = Date::of(meta.modified);
+    fn plan_file(&self, cond: &Conditions<'_>, file: Rc<File>, meta: Metadata, facts: &Facts) -> Plan {
+        let tag = facts.tag.clone();
+        let modified = facts.modified;
         // Conditional GET: If-None-Match wins over If-Modified-Since (RFC 9110 §13.2.2).
         let not_modified = match (&cond.if_none_match, cond.if_modified_since) {
             (Some(inm), _) => inm.matches(&tag),
@@ -634,7 +690,8 @@ impl Files {
             (None, None) => false,
         };
         if not_modified {
-            let headers = Headers { etag: Some(tag), last_modified: Some(meta.modified), ..Headers::default() };
+            let headers =
+                Headers { etag: Some(tag), last_modified: Some(facts.last_modified.clone()), ..Headers::default() };
             return Plan { status: 304, headers, body: Body::None };
         }
         let len = meta.len;
@@ -644,13 +701,13 @@ impl Files {
         };
         let memory_max = self.cfg.memory_max;
         let cached = (len <= memory_max).then(|| self.caches.cache.borrow().get(&meta)).flatten();
-        let mime = ContentType::of(name);
+        let mime = facts.mime.clone();
         let (status, content_type, content_range, content_length, extent) = match answer {
             RangeAnswer::Whole => {
                 if cached.is_none() && len > 0 && len <= memory_max {
                     let headers = Headers {
                         content_type: Some(mime),
-                        last_modified: Some(meta.modified),
+                        last_modified: Some(facts.last_modified.clone()),
                         etag: Some(tag),
                         accept_ranges: true,
                         content_length: Some(len),
@@ -689,7 +746,7 @@ impl Files {
         let headers = Headers {
             content_type: Some(content_type),
             content_range,
-            last_modified: Some(meta.modified),
+            last_modified: Some(facts.last_modified.clone()),
             etag: Some(tag),
             accept_ranges: true,
             content_length: Some(content_length),
@@ -708,7 +765,7 @@ mod tests {
     use super::*;
 
     fn tag(s: &str) -> ETag {
-        ETag(s.to_string())
+        ETag(s.into())
     }
 
     #[test]
