@@ -276,7 +276,8 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
             if self.start == self.inbuf.len() {
                 return Ok(Next::Idle);
             }
-            let started = Instant::now();
+            // The clock is read only for the access log's duration.
+            let started = self.cfg().access_log.then(Instant::now);
             let limits = self.cfg().limits;
             let outcome = match http::parse(&self.inbuf[self.start..], &limits) {
                 Parsed::Complete(head, n) => {
@@ -284,8 +285,9 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     // A name too long for the file system is answered as HTTP/1.1 answers an
                     // over-long request line: the connection closes.
                     let keep_alive = head.keep_alive && plan.status != 414;
-                    let log = self.cfg().access_log.then(|| {
-                        (head.method.to_string(), String::from_utf8_lossy(head.target).into_owned(), head.minor)
+                    let log = started.map(|started| {
+                        let (method, target) = (head.method.to_string(), String::from_utf8_lossy(head.target));
+                        (method, target.into_owned(), head.minor, started)
                     });
                     Ok((plan, keep_alive, head.minor, n, head.body_len, log))
                 }
@@ -303,7 +305,7 @@ impl<R: Runtime, S: ConnStream> Conn<'_, R, S> {
                     self.counters.response(status);
                     let sent = self.tx.sent();
                     corepin_core::worker::CoreCounters::add(&self.counters.bytes_sent, sent);
-                    if let Some((method, target, minor)) = log {
+                    if let Some((method, target, minor, started)) = log {
                         tracing::info!(
                             target: "corepin::access",
                             "{} \"{} {} HTTP/1.{}\" {} {} {}us",
