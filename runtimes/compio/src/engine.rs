@@ -121,7 +121,8 @@ fn build(settings: &EngineSettings) -> Result<(compio_runtime::Runtime, RingFlag
         settings,
         format!(
             "no io_uring ring could be built with {} entries ({}); use 1..=32768 entries, fewer if memory is short, \
-             or raise RLIMIT_MEMLOCK on old kernels",
+             or raise RLIMIT_MEMLOCK (kernels before 5.12 and from 6.14 charge rings to it for a process without \
+             CAP_IPC_LOCK)",
             settings.ring_entries,
             refused.join("; ")
         ),
