@@ -331,9 +331,55 @@ pub fn memlock_limit() -> Option<u64> {
     Some(r.rlim_cur)
 }
 
+/// Whether the running kernel charges io_uring ring memory to RLIMIT_MEMLOCK for a process
+/// without CAP_IPC_LOCK. Kernels before 5.12 did; 5.12 moved rings under memcg accounting;
+/// since 6.14 rings are io_uring "regions", accounted to the user's locked memory like
+/// registered buffers again (measured here on 6.18: without CAP_IPC_LOCK, Glommio's three
+/// rings plus its io_memory overran a 512 KiB share and the kernel refused with ENOMEM).
+pub fn kernel_charges_rings() -> bool {
+    // SAFETY: a zeroed utsname is a valid out-parameter; uname fills it or fails.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return true;
+    }
+    // SAFETY: uname NUL-terminates `release` within the array on success.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy();
+    charges_rings(&release)
+}
+
+/// [`kernel_charges_rings`] for a kernel release string such as `6.18.0-1-amd64`.
+fn charges_rings(release: &str) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    !((5, 12)..(6, 14)).contains(&(major, minor))
+}
+
+/// Advice for a ring the kernel refused for want of memory: what to raise, and why it applies
+/// on this kernel.
+pub fn ring_memory_advice() -> &'static str {
+    if kernel_charges_rings() {
+        "raise RLIMIT_MEMLOCK (this kernel charges io_uring rings to it for a process without CAP_IPC_LOCK)"
+    } else {
+        "free memory (this kernel charges io_uring rings to the memory cgroup, not RLIMIT_MEMLOCK)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rings_are_charged_before_5_12_and_again_from_6_14() {
+        assert!(charges_rings("5.10.0-28-amd64"));
+        assert!(!charges_rings("5.12.0"));
+        assert!(!charges_rings("6.1.0-18-amd64"));
+        assert!(!charges_rings("6.13.12"));
+        assert!(charges_rings("6.14.0"));
+        assert!(charges_rings("6.18.0-1-cloud-amd64"));
+        assert!(charges_rings("7.0"));
+    }
 
     fn engine(driver: Driver, native: Native) -> EngineReport {
         EngineReport {

@@ -19,7 +19,9 @@
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use corepin_core::caps::{io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
+use corepin_core::caps::{
+    self, io_uring_unavailable, Capabilities, Driver, EngineReport, KernelSupport, Native, Support,
+};
 use corepin_core::engine::EngineGuard;
 use corepin_core::runtime::{EngineError, EngineSettings, RingFlags};
 use corepin_uring::aux;
@@ -136,10 +138,10 @@ fn build(settings: &EngineSettings) -> Result<(tokio_uring::Runtime, RingFlags, 
         settings,
         format!(
             "no io_uring ring could be built with {} entries ({}); use 1..=32768 entries, fewer if memory is short, \
-             or raise RLIMIT_MEMLOCK (kernels before 5.12 and from 6.14 charge rings to it for a process without \
-             CAP_IPC_LOCK)",
+             or {}",
             settings.ring_entries,
-            refused.join("; ")
+            refused.join("; "),
+            caps::ring_memory_advice()
         ),
     ))
 }
