@@ -225,7 +225,6 @@ impl fmt::Display for LastModified {
 #[derive(Debug)]
 pub struct Facts {
     tag: ETag,
-    modified: Date,
     last_modified: LastModified,
     mime: ContentType,
 }
@@ -233,12 +232,7 @@ pub struct Facts {
 impl Facts {
     /// The facts of the file `meta` describes, called `name`.
     fn of(meta: &Metadata, name: &str) -> Self {
-        Self {
-            tag: ETag::of(meta),
-            modified: Date::of(meta.modified),
-            last_modified: LastModified::of(meta.modified),
-            mime: ContentType::of(name),
-        }
+        Self { tag: ETag::of(meta), last_modified: LastModified::of(meta.modified), mime: ContentType::of(name) }
     }
 }
 
@@ -682,7 +676,7 @@ impl Files {
 
     fn plan_file(&self, cond: &Conditions<'_>, file: Rc<File>, meta: Metadata, facts: &Facts) -> Plan {
         let tag = facts.tag.clone();
-        let modified = facts.modified;
+        let modified = Date::of(meta.modified);
         // Conditional GET: If-None-Match wins over If-Modified-Since (RFC 9110 §13.2.2).
         let not_modified = match (&cond.if_none_match, cond.if_modified_since) {
             (Some(inm), _) => inm.matches(&tag),
