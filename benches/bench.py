@@ -239,7 +239,7 @@ def run_script(script: str, json_name: str, header: str, extra: list[str], args:
 
 
 def run_files(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:
-    return run_script("files_vs_nginx.py", "files_vs_nginx.json", "corepin files vs nginx", prof.files_args, args)
+    return run_script("files_vs_nginx.py", "files_vs_nginx.json", "corepin files vs nginx", prof.files_args + ["--floor"], args)
 
 
 def run_https(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack) -> Outcome:

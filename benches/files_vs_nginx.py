@@ -27,6 +27,14 @@ connections, plus a ``handshake`` row per server: wrk sending ``Connection: clos
 so every request is a new connection with a full handshake (wrk does not resume sessions), and
 req/s there is full handshakes per second.
 
+``--floor`` adds the floor for the 4 KiB file: ``corepin-peer-echo uring --http-body 4096``
+(benches/peers), the hand-written io_uring loop answering every request with one fixed 4 KiB
+``200 OK``, one RECV and one SEND per request and no other work: no parsing beyond finding the
+end of the header section, no file, no clock, no task. What it costs is what the kernel charges
+any io_uring server for a request on this machine, so ``corepin CPU/req - floor CPU/req`` is
+corepin's own share, and the floor's ratio to nginx bounds what any server here can reach.
+``bench.py``'s files workload passes it.
+
 ``--paths`` mode measures, per backend and file size, corepin's three ways of sending a body
 (memory cache, sendfile(2), read+write) to choose the size threshold between the memory path
 and sendfile (``--memory-max``).
@@ -301,6 +309,25 @@ def start_nginx(tmp: Path, root: Path, probe_path: str) -> Server:
     return server
 
 
+def start_floor(binary: Path, tmp: Path, probe_path: str) -> Server:
+    """The floor (``--floor``): the hand-written io_uring loop of benches/peers answering every
+    request with one fixed 4 KiB 200 response, one RECV and one SEND per request."""
+    port = free_port()
+    log = tmp / f"floor-{port}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(SERVER_CPU), str(binary), "uring", "--listen", f"127.0.0.1:{port}",
+             "--cpu", str(SERVER_CPU), "--http-body", str(COMPARE_FILES["4k.bin"])],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+    server = Server("floor", proc, port, log, signal.SIGTERM)
+    try:
+        wait_http(port, probe_path, proc)
+    except Exception as e:
+        server.stop()
+        raise RuntimeError(f"the floor server did not start: {e}\n{server.log_tail()}") from None
+    return server
+
+
 def start_corepin(binary: Path, backend: str, root: Path, tmp: Path, extra: list[str],
                   probe_path: str) -> Server:
     port = free_port()
@@ -526,10 +553,14 @@ def run_compare(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack
     servers = [("nginx", lambda: start_nginx(tmp, root, probe))]
     servers += [(b, lambda b=b: start_corepin(args.binary, b, root, tmp, [], probe))
                 for b in args.runtimes]
+    if args.floor:
+        servers.append(("floor", lambda: start_floor(args.floor_binary, tmp, probe)))
     for name, start in servers:
         server = start()
         stack.callback(server.stop)
         for file, size in COMPARE_FILES.items():
+            if name == "floor" and file != "4k.bin":
+                continue  # it has one answer, of 4 KiB
             results.append(measure(server, file, size, "default", args))
         if TLS:
             results.append(measure(server, "4k.bin", 4096, "handshake", args))
@@ -575,6 +606,11 @@ def parse_args() -> argparse.Namespace:
                    help="compare corepin's memory / sendfile / read-write paths by file size")
     p.add_argument("--tls", action="store_true",
                    help="HTTPS: TLS 1.3 with AES-128-GCM on both servers, plus full handshakes per second")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the floor for 4k.bin: benches/peers' io_uring loop answering "
+                        "every request with a fixed 4 KiB response (build corepin-bench-peers first)")
+    p.add_argument("--floor-binary", type=Path, default=REPO / "target/release/corepin-peer-echo",
+                   help="--floor: the peers binary (default: %(default)s)")
     p.add_argument("--sizes", default=",".join(map(str, PATH_SIZES)),
                    help="--paths: comma-separated file sizes in bytes (default: %(default)s)")
     args = p.parse_args()
@@ -593,6 +629,8 @@ def parse_args() -> argparse.Namespace:
         name = "files_paths.json" if args.paths else "https_vs_nginx.json" if args.tls else "files_vs_nginx.json"
         args.json = REPO / "benches/results" / name
     args.binary = args.binary.resolve()
+    if args.floor and (args.tls or args.paths):
+        p.error("--floor is for the plain HTTP comparison")
     return args
 
 

@@ -73,6 +73,10 @@ struct Args {
     /// Read buffer size per connection, in bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     buffer_size: usize,
+    /// `uring` only: answer each HTTP/1.1 request with a fixed 200 response of this many body
+    /// bytes instead of echoing (the floor for the file server's small-file benchmark).
+    #[arg(long)]
+    http_body: Option<usize>,
 }
 
 fn main() {
@@ -91,12 +95,15 @@ fn run(args: Args) -> Result<()> {
     exit_on_signal()?;
     let listener = bind(args.listen)?;
     let size = args.buffer_size;
+    if args.http_body.is_some() && args.engine != Engine::Uring {
+        bail!("--http-body is for the uring engine only");
+    }
     match args.engine {
         Engine::Monoio => monoio::run(listener, size),
         Engine::Glommio => glommio::run(listener, args.cpu, size),
         Engine::TokioUring => tokio_uring::run(listener, size),
         Engine::TokioMt => tokio_mt::run(listener, args.cpu, size),
-        Engine::Uring => uring::run(listener, size),
+        Engine::Uring => uring::run(listener, size, args.http_body),
         Engine::MonoioAux => aux_ring::run(listener, aux_ring::Sends::Aux),
         Engine::MonoioAuxHostsend => aux_ring::run(listener, aux_ring::Sends::Host),
     }

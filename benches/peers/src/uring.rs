@@ -18,8 +18,23 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue};
 /// `user_data` of the accept operation; connections use their slot index.
 const ACCEPT: u64 = u64::MAX;
 
-pub(crate) fn run(listener: std::net::TcpListener, buffer_size: usize) -> Result<()> {
+/// The end of an HTTP/1.1 request's header section.
+const HEAD_END: &[u8; 4] = b"\r\n\r\n";
+
+/// `http_body`: instead of echoing, answer every HTTP/1.1 request (a header section ending in
+/// CRLF CRLF; no body is expected) with one fixed `200 OK` of that many bytes: the floor of
+/// an HTTP server on io_uring, the same one RECV and one SEND per request as a file server
+/// with its file in memory, and nothing between them (`benches/files_vs_nginx.py --floor`).
+pub(crate) fn run(listener: std::net::TcpListener, buffer_size: usize, http_body: Option<usize>) -> Result<()> {
     let mut ring = build()?;
+    let response = http_body.map(|n| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nServer: floor\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+        )
+        .into_bytes();
+        r.resize(r.len() + n, b'x');
+        r.into_boxed_slice()
+    });
     let mut server = Server {
         listener: listener.as_raw_fd(),
         multishot: true,
@@ -28,6 +43,7 @@ pub(crate) fn run(listener: std::net::TcpListener, buffer_size: usize) -> Result
         free: Vec::new(),
         buffer_size,
         backlog: VecDeque::new(),
+        response,
     };
     let res = server.serve(&mut ring, &listener);
     // The serve loop only returns on a fatal error, possibly with operations still in the
@@ -61,6 +77,10 @@ struct Slot {
     /// Bytes of those already sent; `sending` is false while a RECV is in flight.
     sent: usize,
     sending: bool,
+    /// HTTP mode: how many bytes of [`HEAD_END`] the bytes received so far end with, and the
+    /// responses still to send (one per complete request received).
+    matched: usize,
+    answers: usize,
 }
 
 struct Server {
@@ -74,6 +94,9 @@ struct Server {
     buffer_size: usize,
     /// Entries that did not fit in the submission queue, pushed in order once there is room.
     backlog: VecDeque<squeue::Entry>,
+    /// HTTP mode: the one response, sent for every request. Never freed while the server
+    /// lives (and the server is leaked, never dropped, with operations in flight).
+    response: Option<Box<[u8]>>,
 }
 
 impl Server {
@@ -151,13 +174,35 @@ impl Server {
             return;
         }
         let n = res as usize;
+        let http = self.response.as_ref().map(|r| r.len());
         let slot = &mut self.slots[i];
         if slot.sending {
             slot.sent += n;
             if slot.sent < slot.len {
                 self.send(sq, i);
+            } else if slot.answers > 1 {
+                slot.answers -= 1;
+                slot.sent = 0;
+                self.send(sq, i);
             } else {
+                slot.answers = 0;
                 self.recv(sq, i);
+            }
+        } else if let Some(len) = http {
+            // Count the requests this read completed (a header section may span reads).
+            for &b in &slot.buf[..n] {
+                slot.matched =
+                    if b == HEAD_END[slot.matched] { slot.matched + 1 } else { usize::from(b == HEAD_END[0]) };
+                if slot.matched == HEAD_END.len() {
+                    slot.answers += 1;
+                    slot.matched = 0;
+                }
+            }
+            if slot.answers == 0 {
+                self.recv(sq, i);
+            } else {
+                (slot.len, slot.sent) = (len, 0);
+                self.send(sq, i);
             }
         } else {
             slot.len = n;
@@ -194,14 +239,18 @@ impl Server {
     fn send(&mut self, sq: &mut SubmissionQueue<'_>, i: usize) {
         let slot = &mut self.slots[i];
         slot.sending = true;
-        let rest = &slot.buf[slot.sent..slot.len];
+        let rest = match &self.response {
+            Some(r) => &r[slot.sent..slot.len],
+            None => &slot.buf[slot.sent..slot.len],
+        };
         let entry = opcode::Send::new(types::Fd(slot.fd), rest.as_ptr(), rest.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(i as u64);
         // SAFETY: as for RECV: the kernel reads `buf[sent..len]` of slot `i` until this SEND
         // completes, and that memory stays allocated, unmoved and untouched until then (the
-        // next RECV into it is pushed only from this SEND's completion).
+        // next RECV into it is pushed only from this SEND's completion). In HTTP mode it reads
+        // the response, which is never written and lives as long as the server.
         unsafe { self.push(sq, entry) };
     }
 
@@ -231,11 +280,11 @@ impl Server {
     fn insert(&mut self, fd: RawFd) -> usize {
         if let Some(i) = self.free.pop() {
             let s = &mut self.slots[i];
-            (s.fd, s.len, s.sent, s.sending) = (fd, 0, 0, false);
+            (s.fd, s.len, s.sent, s.sending, s.matched, s.answers) = (fd, 0, 0, false, 0, 0);
             return i;
         }
         let buf = vec![0u8; self.buffer_size].into_boxed_slice();
-        self.slots.push(Slot { fd, buf, len: 0, sent: 0, sending: false });
+        self.slots.push(Slot { fd, buf, len: 0, sent: 0, sending: false, matched: 0, answers: 0 });
         self.slots.len() - 1
     }
 

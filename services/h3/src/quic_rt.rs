@@ -388,6 +388,23 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
             }
         }
         loop {
+            // A wait armed after an earlier `EAGAIN` and not over yet means nothing has
+            // arrived since: no syscall. quinn's endpoint driver polls this on every wake-up,
+            // most of them for its connections' events, not for the socket.
+            {
+                let mut slot = io.readable.borrow_mut();
+                if let Some(wait) = slot.as_mut() {
+                    if let Poll::Ready(res) = wait.as_mut().poll(cx) {
+                        *slot = None;
+                        res?;
+                    } else {
+                        if let Some(f) = forward {
+                            f.park(cx.waker());
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
             match self.state.recv((&self.borrowed()).into(), bufs, meta) {
                 Ok(n) => {
                     if let Some(f) = forward {
@@ -395,24 +412,13 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
                     }
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-            if let Some(f) = forward {
-                f.park(cx.waker());
-            }
-            let mut slot = io.readable.borrow_mut();
-            let wait = slot.get_or_insert_with(|| {
-                let socket = Rc::clone(&io.socket);
-                Box::pin(async move { socket.readable().await })
-            });
-            match wait.as_mut().poll(cx) {
-                Poll::Ready(res) => {
-                    *slot = None;
-                    res?;
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Arm the engine's wait; the top of the loop polls it.
+                    let socket = Rc::clone(&io.socket);
+                    *io.readable.borrow_mut() = Some(Box::pin(async move { socket.readable().await }));
                 }
-                Poll::Pending => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
