@@ -107,10 +107,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_ticks(pid: int) -> int:
+def cpu_split(pid: int) -> tuple[int, int]:
+    """The process's user and system time so far, in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    return int(fields[11]), int(fields[12])  # utime, stime
+
+
+def cpu_ticks(pid: int) -> int:
+    return sum(cpu_split(pid))
 
 
 def rss_kib(pid: int) -> int:
@@ -208,11 +213,17 @@ def run_echo(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStac
                     common = ["echo", "--addr", f"127.0.0.1:{server.port}", "--conns", str(conns), "--size", str(size),
                               "--cpu", str(CLIENT_CPU)]
                     loadgen(common + ["--secs", str(prof.warmup), "--warmup", "0"])
-                    before = cpu_ticks(server.proc.pid)
+                    before = cpu_split(server.proc.pid)
                     r = loadgen(common + ["--secs", str(prof.secs), "--warmup", "0"])
-                    used_us = (cpu_ticks(server.proc.pid) - before) * 1e6 / CLK_TCK
+                    after = cpu_split(server.proc.pid)
+                    user_us, sys_us = ((a - b) * 1e6 / CLK_TCK for a, b in zip(after, before))
+                    used_us = user_us + sys_us
                     r["server"] = name
                     r["server_cpu_us_per_msg"] = used_us / r["messages"] if r["messages"] else None
+                    # The split shows how much of a message is the kernel's (the same for every
+                    # server making the same system calls) and how much the server's own code.
+                    r["server_user_us_per_msg"] = user_us / r["messages"] if r["messages"] else None
+                    r["server_sys_us_per_msg"] = sys_us / r["messages"] if r["messages"] else None
                     r["server_busy"] = used_us / (r["secs"] * 1e6) if r["secs"] else None
                     out.results.append(r)
                     print(f"  echo {name:<20} {size:>6} B {conns:>5} conns  {r['msgs_per_sec']:>10,.0f} msg/s  "
