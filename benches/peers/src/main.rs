@@ -77,6 +77,9 @@ struct Args {
     /// bytes instead of echoing (the floor for the file server's small-file benchmark).
     #[arg(long)]
     http_body: Option<usize>,
+    /// `uring` only: one ACCEPT per connection instead of a multishot ACCEPT.
+    #[arg(long)]
+    single_accept: bool,
 }
 
 fn main() {
@@ -95,15 +98,15 @@ fn run(args: Args) -> Result<()> {
     exit_on_signal()?;
     let listener = bind(args.listen)?;
     let size = args.buffer_size;
-    if args.http_body.is_some() && args.engine != Engine::Uring {
-        bail!("--http-body is for the uring engine only");
+    if (args.http_body.is_some() || args.single_accept) && args.engine != Engine::Uring {
+        bail!("--http-body and --single-accept are for the uring engine only");
     }
     match args.engine {
         Engine::Monoio => monoio::run(listener, size),
         Engine::Glommio => glommio::run(listener, args.cpu, size),
         Engine::TokioUring => tokio_uring::run(listener, size),
         Engine::TokioMt => tokio_mt::run(listener, args.cpu, size),
-        Engine::Uring => uring::run(listener, size, args.http_body),
+        Engine::Uring => uring::run(listener, size, args.http_body, args.single_accept),
         Engine::MonoioAux => aux_ring::run(listener, aux_ring::Sends::Aux),
         Engine::MonoioAuxHostsend => aux_ring::run(listener, aux_ring::Sends::Host),
     }

@@ -25,7 +25,14 @@ const HEAD_END: &[u8; 4] = b"\r\n\r\n";
 /// CRLF CRLF; no body is expected) with one fixed `200 OK` of that many bytes: the floor of
 /// an HTTP server on io_uring, the same one RECV and one SEND per request as a file server
 /// with its file in memory, and nothing between them (`benches/files_vs_nginx.py --floor`).
-pub(crate) fn run(listener: std::net::TcpListener, buffer_size: usize, http_body: Option<usize>) -> Result<()> {
+/// `single_accept`: one ACCEPT per connection, re-armed from each completion, instead of one
+/// multishot ACCEPT (to measure what multishot accept saves: docs/aux-ring.md).
+pub(crate) fn run(
+    listener: std::net::TcpListener,
+    buffer_size: usize,
+    http_body: Option<usize>,
+    single_accept: bool,
+) -> Result<()> {
     let mut ring = build()?;
     let response = http_body.map(|n| {
         let mut r = format!(
@@ -37,7 +44,7 @@ pub(crate) fn run(listener: std::net::TcpListener, buffer_size: usize, http_body
     });
     let mut server = Server {
         listener: listener.as_raw_fd(),
-        multishot: true,
+        multishot: !single_accept,
         accepted_any: false,
         slots: Vec::new(),
         free: Vec::new(),
