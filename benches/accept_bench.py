@@ -13,6 +13,10 @@ two within each round (paired, so a drift of the shared machine cancels).
 This bounds what multishot accept could win for a corepin engine that lacks it (Monoio,
 Glommio, tokio-uring): the saving measured here is the whole of it, before the cost of
 reaching the engine from corepin's auxiliary ring (docs/aux-ring.md).
+
+`--echo NAME=BINARY:RUNTIME` (repeatable) adds `corepin echo` servers to the rotation, for
+instance the same backend built before and after a change; the paired ratios are then to the
+first server named.
 """
 from __future__ import annotations
 
@@ -60,19 +64,20 @@ def churn(port: int, until: float, counter) -> None:
         counter.value += n
 
 
-def measure(binary: Path, single: bool, secs: float, clients: int) -> tuple[float, float]:
-    """One run: the server CPU per connection (µs) and the connections per second."""
+def measure(command: list[str], secs: float, clients: int) -> tuple[float, float]:
+    """One run of the server started by `command` + `--listen ADDR`: the server CPU per
+    connection (µs) and the connections per second."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [str(binary), "uring", "--listen", f"127.0.0.1:{port}", "--cpu", str(SERVER_CPU)]
-    if single:
-        cmd.append("--single-accept")
+    cmd = ["taskset", "-c", str(SERVER_CPU), *command, "--listen", f"127.0.0.1:{port}"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        line = server.stdout.readline()
-        if "listening on" not in line:
-            raise RuntimeError(f"the server did not start: {line!r}")
+        for line in server.stdout:
+            if "listening on" in line:
+                break
+        else:
+            raise RuntimeError(f"the server did not start: {' '.join(cmd)}")
         counter = multiprocessing.Value("q", 0)
         before = cpu_ticks(server.pid)
         until = time.monotonic() + secs
@@ -96,25 +101,41 @@ def main() -> None:
     ap.add_argument("--secs", type=float, default=3.0)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--echo", action="append", default=[], metavar="NAME=BINARY:RUNTIME",
+                    help="also measure `corepin echo` from BINARY on RUNTIME (repeatable); ratios are then to the first")
+    ap.add_argument("--no-floor", action="store_true", help="leave out the hand-written loop's two variants")
     args = ap.parse_args()
-    if not os.access(args.binary, os.X_OK):
-        sys.exit(f"error: {args.binary} not found; build it with: cargo build --release -p corepin-bench-peers")
-    runs: dict[str, list[tuple[float, float]]] = {"multishot": [], "single": []}
+    servers: dict[str, list[str]] = {}
+    for spec in args.echo:
+        name, _, rest = spec.partition("=")
+        binary, _, runtime = rest.rpartition(":")
+        if not name or not binary or not runtime:
+            ap.error(f"--echo takes NAME=BINARY:RUNTIME, not {spec!r}")
+        servers[name] = [binary, "echo", "--runtime", runtime, "--cores", f"{SERVER_CPU}-{SERVER_CPU}"]
+    if not args.no_floor:
+        if not os.access(args.binary, os.X_OK):
+            sys.exit(f"error: {args.binary} not found; build it with: cargo build --release -p corepin-bench-peers")
+        peer = [str(args.binary), "uring", "--cpu", str(SERVER_CPU)]
+        servers["multishot"] = peer
+        servers["single"] = [*peer, "--single-accept"]
+    if len(servers) < 2:
+        ap.error("nothing to compare")
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    names = list(servers)
     for rep in range(args.reps):
-        order = ["multishot", "single"] if rep % 2 == 0 else ["single", "multishot"]
+        order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
-            runs[name].append(measure(args.binary, name == "single", args.secs, args.clients))
+            runs[name].append(measure(servers[name], args.secs, args.clients))
             cpu, rate = runs[name][-1]
-            print(f"  round {rep + 1} {name:9} {cpu:6.2f} µs/conn  {rate:8,.0f} conns/s", file=sys.stderr, flush=True)
-    print("| accept | server CPU per connection, median (runs) | connections/s, median |")
-    print("|---|---:|---:|")
+            print(f"  round {rep + 1} {name:12} {cpu:6.2f} µs/conn  {rate:8,.0f} conns/s", file=sys.stderr, flush=True)
+    print("| server | server CPU per connection, median (runs) | connections/s, median | vs " + names[0] + ", paired |")
+    print("|---|---:|---:|---:|")
     for name, rs in runs.items():
         cpus = [c for c, _ in rs]
+        ratios = [a[0] / b[0] for a, b in zip(rs, runs[names[0]])]
         print(f"| {name} | {statistics.median(cpus):.2f} µs ({', '.join(f'{c:.2f}' for c in cpus)}) "
-              f"| {statistics.median(r for _, r in rs):,.0f} |")
-    ratios = [m[0] / s[0] for m, s in zip(runs["multishot"], runs["single"])]
-    print(f"\nmultishot / single, paired by round: median {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+              f"| {statistics.median(r for _, r in rs):,.0f} "
+              f"| {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) |")
 
 
 if __name__ == "__main__":

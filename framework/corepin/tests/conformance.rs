@@ -1351,6 +1351,87 @@ pub fn a_burst_completes_every_waiting_pooled_read<R: Runtime>() {
     peer.join().unwrap();
 }
 
+/// A listener takes a burst of connections that all arrived before the first accept, each with
+/// its own peer address, whichever way the engine accepts (one multishot ACCEPT on the
+/// auxiliary ring, the engine's own, or one accept per call); and dropping the listener closes
+/// the connections it had already taken but nobody accepted (a multishot ACCEPT keeps taking
+/// connections while the service is not asking): each of their clients sees the end.
+pub fn a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted<R: Runtime>() {
+    // Below the listen backlog std gives (128): the burst must fit in the queue unaccepted.
+    const BURST: usize = 100;
+    const LATE: usize = 20;
+    let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (late_tx, late_rx) = mpsc::channel::<()>();
+    let (armed_tx, armed_rx) = mpsc::channel::<()>();
+    let clients = thread::spawn(move || {
+        // The whole burst is in the listen queue before the engine starts accepting.
+        let socks: Vec<StdStream> = (0..BURST).map(|_| StdStream::connect(addr).unwrap()).collect();
+        go_tx.send(()).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for (i, mut s) in socks.into_iter().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&(i as u32).to_be_bytes()).unwrap();
+            let mut back = [0u8; 6];
+            s.read_exact(&mut back).unwrap();
+            // The server echoes the index and the port it saw as this client's.
+            assert_eq!(&back[..4], &(i as u32).to_be_bytes());
+            assert_eq!(u16::from_be_bytes([back[4], back[5]]), s.local_addr().unwrap().port());
+            assert!(seen.insert(s.local_addr().unwrap().port()));
+        }
+        // Late connections, which nobody will accept (the server has asked for one more and
+        // given up, which leaves a multishot ACCEPT armed); then the listener goes.
+        armed_rx.recv().unwrap();
+        let late: Vec<StdStream> = (0..LATE).map(|_| StdStream::connect(addr).unwrap()).collect();
+        thread::sleep(Duration::from_millis(200));
+        late_tx.send(()).unwrap();
+        for mut s in late {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut b = [0u8; 1];
+            match s.read(&mut b) {
+                Ok(0) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                other => panic!("a connection taken but never accepted was left open: {other:?}"),
+            }
+        }
+    });
+    within(Duration::from_secs(60), "a burst of connections, then the listener dropped", move || {
+        run::<R, _>(|| async move {
+            std_listener.set_nonblocking(true).unwrap();
+            let listener = <R::TcpListener as corepin::TcpListener>::from_std(std_listener).unwrap();
+            go_rx.recv().unwrap();
+            let mut served = Vec::new();
+            for _ in 0..BURST {
+                let (mut s, peer) = corepin::TcpListener::accept(&listener).await.unwrap();
+                served.push(corepin::task::spawn::<R, _>(async move {
+                    let (r, buf) = s.read_exact(Vec::with_capacity(4)).await.into_parts();
+                    r.unwrap();
+                    let mut out = buf;
+                    out.extend_from_slice(&peer.port().to_be_bytes());
+                    let (w, _) = s.write_all(out).await.into_parts();
+                    w.unwrap();
+                    // Kept open until the client has read it.
+                    let _ = s.read(Vec::with_capacity(1)).await;
+                }));
+            }
+            // One more accept, given up: nothing is waiting yet.
+            let more = timeout::<R, _>(Duration::from_millis(100), corepin::TcpListener::accept(&listener)).await;
+            assert!(more.is_err(), "no connection was waiting");
+            armed_tx.send(()).unwrap();
+            // Nobody asks for the late ones; the listener goes once they have arrived.
+            while late_rx.try_recv().is_err() {
+                R::sleep(Duration::from_millis(10)).await;
+            }
+            drop(listener);
+            // Let the engine (and the aux ring) act on the drop before the clients look.
+            R::sleep(Duration::from_millis(200)).await;
+            drop(served);
+        });
+    });
+    clients.join().unwrap();
+}
+
 /// An engine claims its thread: a second engine nested on it is refused with a clear error,
 /// and a panic in the engine's main frees the thread for the next one.
 pub fn an_engine_owns_its_thread_until_it_ends<R: Runtime>() {
@@ -1945,6 +2026,7 @@ corepin::per_runtime_tests! {
     pooled_reads_go_on_when_the_ring_is_lent_out,
     dropped_pooled_reads_give_their_buffers_back,
     a_burst_completes_every_waiting_pooled_read,
+    a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted,
     pooled_file_reads_use_registered_buffers_and_go_on_without_them,
     a_small_locked_memory_share_leaves_reads_working_without_registered_buffers,
     echo_answers_exactly_with_borrowed_and_owned_buffers,

@@ -27,9 +27,62 @@ use crate::to_io;
 /// `IOV_MAX` on Linux: a gather write sends at most this many buffers at once.
 const IOV_MAX: usize = 1024;
 
+/// A glommio accept in flight (`'static`: it holds the listener by `Rc`).
+type AcceptOp = Pin<Box<dyn Future<Output = glommio::Result<glommio::net::AcceptedTcpStream, ()>>>>;
+
 /// A listening TCP socket (glommio `TcpListener`).
+///
+/// Glommio's accept is an `IORING_OP_ACCEPT` once its non-blocking `accept(2)` finds nothing,
+/// and dropping it while the kernel has it only queues a cancel: a connection the ACCEPT takes
+/// before the cancel lands is a descriptor nobody will ever see, and its client waits forever.
+/// So an accept, once started, is kept here until it completes, whatever happens to the
+/// `accept` call that started it (a timeout or a `race` drops those), and the next call
+/// takes its result. When the listener goes, its socket is shut down, which makes an
+/// ACCEPT still in flight end at once, and a task of the core's drops what it returns.
 pub struct TcpListener {
-    inner: glommio::net::TcpListener,
+    inner: std::rc::Rc<glommio::net::TcpListener>,
+    /// The listening socket's descriptor, owned by `inner`.
+    fd: RawFd,
+    pending: std::cell::RefCell<Option<AcceptOp>>,
+}
+
+impl TcpListener {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<glommio::Result<glommio::net::AcceptedTcpStream, ()>> {
+        let mut pending = self.pending.borrow_mut();
+        let op = pending.get_or_insert_with(|| {
+            let listener = std::rc::Rc::clone(&self.inner);
+            Box::pin(async move { listener.shared_accept().await })
+        });
+        let out = std::task::ready!(op.as_mut().poll(cx));
+        *pending = None;
+        Poll::Ready(out)
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        let Some(mut op) = self.pending.get_mut().take() else { return };
+        // Ends an ACCEPT in flight (it fails once the socket is shut down; so do new
+        // connections in the backlog, which get a reset).
+        // SAFETY: shutdown(2) on the listening socket this value owns (the Rc'd listener is
+        // still alive: `op` holds it).
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        // An accepted descriptor is only closed by the stream made of it.
+        let close = |r: glommio::Result<glommio::net::AcceptedTcpStream, ()>| {
+            if let Ok(accepted) = r {
+                drop(accepted.bind_to_executor());
+            }
+        };
+        if let Poll::Ready(r) = op.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            close(r);
+            return;
+        }
+        if require_engine().is_ok() {
+            // The completion is on its way: let the core close what it brings (a connection,
+            // if the ACCEPT took one before the shutdown) when it arrives.
+            glommio::spawn_local(async move { close(op.await) }).detach();
+        }
+    }
 }
 
 impl runtime::TcpListener for TcpListener {
@@ -41,11 +94,11 @@ impl runtime::TcpListener for TcpListener {
         // SAFETY: `fd` is a bound, listening TCP socket whose ownership `into_raw_fd` just
         // gave us; glommio's listener takes it over and closes it on drop.
         let inner = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-        Ok(Self { inner })
+        Ok(Self { inner: std::rc::Rc::new(inner), fd, pending: std::cell::RefCell::new(None) })
     }
 
     async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let stream = self.inner.accept().await.map_err(to_io)?;
+        let stream = poll_fn(|cx| self.poll_accept(cx)).await.map_err(to_io)?.bind_to_executor();
         let peer = stream.peer_addr().map_err(to_io)?;
         Ok((TcpStream { write_watch: None, inner: stream }, peer))
     }

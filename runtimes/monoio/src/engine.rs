@@ -25,7 +25,7 @@ fn native(missing: aux::Missing) -> Native {
         splice: Support::Absent("io_uring runs every SPLICE on an io-wq thread; see docs/zero-copy.md"),
         send_zc: Support::Absent("monoio 0.2 has no SEND_ZC op"),
         registered_buffers: aux::registered_buffers(missing),
-        multishot_accept: Support::Absent("monoio 0.2 has no multishot accept"),
+        multishot_accept: aux::multishot_accept(missing),
         multishot_recv: aux::MULTISHOT_RECV,
         buffer_rings: aux::buffer_rings(missing),
     }

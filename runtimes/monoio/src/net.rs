@@ -15,20 +15,29 @@ use monoio::io::{AsyncReadRent as _, AsyncWriteRent as _};
 
 use crate::buf::{back, IoVecs, Owned};
 
-/// A listening socket.
-pub struct TcpListener(monoio::net::TcpListener);
+/// A listening socket. It accepts with one multishot ACCEPT on corepin's auxiliary ring
+/// (Monoio 0.2 has none of its own), or with Monoio's accept where there is no aux ring.
+pub struct TcpListener {
+    /// Declared first: dropped (its ACCEPT cancelled) while the listener is still open.
+    acceptor: aux::Acceptor,
+    inner: monoio::net::TcpListener,
+}
 
 impl rt::TcpListener for TcpListener {
     type Stream = TcpStream;
     fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
-        monoio::net::TcpListener::from_std(listener).map(Self)
+        monoio::net::TcpListener::from_std(listener).map(|inner| Self { acceptor: aux::Acceptor::default(), inner })
     }
     async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (s, a) = self.0.accept().await?;
+        if let Some(accepted) = self.acceptor.accept(self.inner.as_raw_fd()).await {
+            let (s, a) = accepted?;
+            return Ok((TcpStream(monoio::net::TcpStream::from_std(s)?), a));
+        }
+        let (s, a) = self.inner.accept().await?;
         Ok((TcpStream(s), a))
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.inner.local_addr()
     }
 }
 

@@ -55,7 +55,7 @@ fn native(missing: aux::Missing) -> Native {
         splice: Support::Absent("tokio-uring 0.5 has no splice API"),
         send_zc: Support::Absent("tokio-uring 0.5 has send_zc on UdpSocket only, not on TcpStream"),
         registered_buffers: aux::registered_buffers(missing),
-        multishot_accept: Support::Absent("tokio-uring 0.5 has no multishot accept"),
+        multishot_accept: aux::multishot_accept(missing),
         multishot_recv: aux::MULTISHOT_RECV,
         buffer_rings: aux::buffer_rings(missing),
     }

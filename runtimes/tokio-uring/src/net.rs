@@ -67,6 +67,8 @@ fn with_std_socket<S: FromRawFd, R>(fd: RawFd, f: impl FnOnce(&S) -> R) -> R {
 
 /// A listening TCP socket driven by tokio-uring (`IORING_OP_ACCEPT`, one per connection).
 pub struct TcpListener {
+    /// Declared first: dropped (its ACCEPT cancelled) while the listener is still open.
+    acceptor: aux::Acceptor,
     inner: tokio_uring::net::TcpListener,
 }
 
@@ -74,10 +76,16 @@ impl contract::TcpListener for TcpListener {
     type Stream = TcpStream;
 
     fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
-        Ok(Self { inner: tokio_uring::net::TcpListener::from_std(listener) })
+        Ok(Self { acceptor: aux::Acceptor::default(), inner: tokio_uring::net::TcpListener::from_std(listener) })
     }
 
+    /// One multishot ACCEPT on corepin's auxiliary ring (tokio-uring 0.5 has none), or
+    /// tokio-uring's accept where there is no aux ring.
     async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        if let Some(accepted) = self.acceptor.accept(self.inner.as_raw_fd()).await {
+            let (stream, addr) = accepted?;
+            return Ok((TcpStream::wrap(tokio_uring::net::TcpStream::from_std(stream)), addr));
+        }
         let (stream, addr) = self.inner.accept().await?;
         Ok((TcpStream::wrap(stream), addr))
     }

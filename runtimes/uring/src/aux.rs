@@ -17,11 +17,15 @@
 //! * the flush task, woken by the first submission of a round, runs after the tasks already
 //!   queued and submits every receive they queued with one `io_uring_enter`.
 //!
+//! * a multishot ACCEPT behind a listener's `accept` ([`Acceptor`]): armed once, it delivers
+//!   every connection the listener takes until it ends, instead of one ACCEPT per connection.
+//!
 //! Each `read_pooled` is one single-shot receive. A multishot receive would save its re-arm but
 //! keeps filling ring buffers while the service is not reading, so one chatty connection could
 //! drain the core's ring for everyone; docs/aux-ring.md has the measurement of both.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
@@ -52,6 +56,10 @@ const ENTRIES: u32 = 1024;
 const ENTER_GETEVENTS: u32 = 1;
 /// `user_data` of ASYNC_CANCEL entries, whose own completions are ignored.
 const CANCEL: u64 = u64::MAX;
+/// Accepted connections queued for a listener before its multishot ACCEPT is cancelled, so a
+/// service that stops accepting (at its connection cap) leaves the rest in the listen backlog
+/// rather than in this queue. It is armed again once the queue is taken.
+const ACCEPT_QUEUE_MAX: usize = 64;
 /// How long stopping waits for the kernel to give back what is still in flight.
 const QUIESCE: Duration = Duration::from_secs(1);
 /// Bytes per registered (fixed) buffer: one chunk of the file server's read + write path.
@@ -185,11 +193,13 @@ pub fn note(missing: Missing) -> Option<String> {
     }
     match (missing.ring, missing.fixed) {
         (None, None) => Some(format!(
-            "provided-buffer receives and file reads into registered buffers ({} KiB each) on corepin's auxiliary ring \
-             (docs/aux-ring.md)",
+            "multishot accepts, provided-buffer receives and file reads into registered buffers ({} KiB each) on \
+             corepin's auxiliary ring (docs/aux-ring.md)",
             FIXED_LEN / 1024
         )),
-        (None, Some(_)) => Some("provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into()),
+        (None, Some(_)) => {
+            Some("multishot accepts and provided-buffer receives on corepin's auxiliary ring (docs/aux-ring.md)".into())
+        }
         _ => None,
     }
 }
@@ -291,6 +301,114 @@ pub const MULTISHOT_RECV: Support = Support::Absent(
     "read_pooled arms one receive per read on the auxiliary ring: a multishot receive would keep filling ring \
      buffers while the service is not reading (docs/aux-ring.md)",
 );
+
+/// The capability report's multishot accept for a backend whose listeners accept through the
+/// aux ring ([`Acceptor`]).
+pub fn multishot_accept(missing: Missing) -> Support {
+    match missing.ring {
+        None if !missing.files_only => Support::Native,
+        None => Support::Absent("the auxiliary ring of this backend only reads files"),
+        Some(why) => Support::Absent(why),
+    }
+}
+
+/// Closes a descriptor a multishot ACCEPT delivered that nobody will take (`res` < 0: none).
+fn close_accepted(res: i32) {
+    if res >= 0 {
+        // SAFETY: the kernel just created this descriptor for us and nobody else has seen it.
+        drop(unsafe { OwnedFd::from_raw_fd(res) });
+    }
+}
+
+/// A listener's accepts for a backend that hosts the aux ring: one multishot ACCEPT, armed on
+/// the first [`accept`](Self::accept) and again whenever it ends (an error such as `EMFILE`,
+/// or its queue was full), instead of one ACCEPT per connection (docs/aux-ring.md has what it
+/// saves). One task accepts from a listener at a time. Dropping it cancels the ACCEPT and
+/// closes connections delivered but not taken. The listener must outlive it.
+pub struct Acceptor {
+    state: RefCell<AcceptorState>,
+}
+
+enum AcceptorState {
+    /// Not armed yet, or its last ACCEPT ended.
+    Idle,
+    /// A multishot ACCEPT on the aux ring: its ring, `user_data` and push sequence number.
+    Armed(Rc<Aux>, u64, u64),
+    /// No aux ring on this thread, or the kernel refused multishot accept: the engine accepts.
+    Off,
+}
+
+impl Default for Acceptor {
+    fn default() -> Self {
+        Self { state: RefCell::new(AcceptorState::Idle) }
+    }
+}
+
+impl Acceptor {
+    /// The next connection `listener` takes, as a standard stream with its peer's address, or
+    /// `None` when this thread has no running aux ring (or the kernel has no multishot accept):
+    /// then the caller accepts through its engine, from now on.
+    pub async fn accept(&self, listener: RawFd) -> Option<io::Result<(std::net::TcpStream, std::net::SocketAddr)>> {
+        let res = poll_fn(|cx| self.poll_accept(listener, cx)).await?;
+        Some(res.and_then(|fd| {
+            let stream = std::net::TcpStream::from(fd);
+            // A multishot accept cannot return addresses (one buffer for every completion).
+            let peer = stream.peer_addr()?;
+            Ok((stream, peer))
+        }))
+    }
+
+    fn poll_accept(&self, listener: RawFd, cx: &mut Context<'_>) -> Poll<Option<io::Result<OwnedFd>>> {
+        let mut state = self.state.borrow_mut();
+        loop {
+            let (aux, ud) = match &*state {
+                AcceptorState::Off => return Poll::Ready(None),
+                AcceptorState::Idle => {
+                    let Some(aux) = CURRENT.with(|c| c.borrow().clone()) else {
+                        *state = AcceptorState::Off;
+                        return Poll::Ready(None);
+                    };
+                    match aux.start_accept(listener) {
+                        Some((ud, seq)) => *state = AcceptorState::Armed(aux, ud, seq),
+                        None => *state = AcceptorState::Off,
+                    }
+                    continue;
+                }
+                AcceptorState::Armed(aux, ud, _) => (Rc::clone(aux), *ud),
+            };
+            match aux.poll_accepts(ud, cx) {
+                Accepted::Pending => return Poll::Pending,
+                Accepted::Ended => *state = AcceptorState::Idle,
+                // Kernels before 5.19 refuse the multishot flag: the engine accepts from now on.
+                Accepted::Item(res) if res == -libc::EINVAL => {
+                    *state = AcceptorState::Off;
+                    drop(state);
+                    self.disarm(&aux, ud);
+                    return Poll::Ready(None);
+                }
+                Accepted::Item(res) if res < 0 => return Poll::Ready(Some(Err(io::Error::from_raw_os_error(-res)))),
+                Accepted::Item(fd) => {
+                    // SAFETY: the kernel created this descriptor for this listener's accept;
+                    // it is taken from the queue once, so nothing else owns it.
+                    return Poll::Ready(Some(Ok(unsafe { OwnedFd::from_raw_fd(fd) })));
+                }
+            }
+        }
+    }
+
+    fn disarm(&self, aux: &Aux, ud: u64) {
+        // Its seq no longer matters: the listener stays open (this value does not own it).
+        aux.abandon_accepts(ud, 0);
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        if let AcceptorState::Armed(aux, ud, seq) = &*self.state.borrow() {
+            aux.abandon_accepts(*ud, *seq);
+        }
+    }
+}
 
 /// The capability report's provided-buffer rings for a backend that hosts the aux ring.
 pub fn buffer_rings(missing: Missing) -> Support {
@@ -510,6 +628,27 @@ enum Op {
     },
     /// Its future was dropped while the kernel had it: freed when the completion arrives.
     Abandoned,
+    /// A multishot ACCEPT: the results not taken yet (descriptors, or `-errno`), the waker of
+    /// the accepting task, whether the kernel still has it (its last completion has not come),
+    /// and whether a cancel was sent for it (queue full).
+    Accepts {
+        queue: VecDeque<i32>,
+        waker: Option<Waker>,
+        armed: bool,
+        cancelling: bool,
+    },
+    /// A multishot ACCEPT whose owner is gone: descriptors still delivered are closed, and the
+    /// slot is freed with its last completion.
+    AcceptsAbandoned,
+}
+
+/// How a listener's multishot ACCEPT stands, for [`Acceptor`].
+enum Accepted {
+    /// A result: a descriptor, or `-errno`.
+    Item(i32),
+    /// Nothing queued and the kernel no longer has it: the slot was freed; arm another.
+    Ended,
+    Pending,
 }
 
 fn slot_of(ud: u64) -> usize {
@@ -537,6 +676,14 @@ impl State {
         u64::from(slot.generation) << 32 | i as u64
     }
 
+    /// A free slot for a multishot ACCEPT, armed; its `user_data`.
+    fn take_accepts(&mut self) -> u64 {
+        let ud = self.take();
+        self.slots[slot_of(ud)].op =
+            Op::Accepts { queue: VecDeque::new(), waker: None, armed: true, cancelling: false };
+        ud
+    }
+
     fn release(&mut self, ud: u64) {
         let i = slot_of(ud);
         self.slots[i].op = Op::Free;
@@ -552,6 +699,31 @@ impl State {
         }
         let i = slot_of(ud);
         let live = self.slots.get(i).is_some_and(|s| u64::from(s.generation) == ud >> 32);
+        if live {
+            let last = !cqueue::more(flags);
+            match &mut self.slots[i].op {
+                Op::Accepts { queue, waker, armed, .. } => {
+                    // The end of a cancel this side asked for (queue full) is no result.
+                    if !(last && res == -libc::ECANCELED) {
+                        queue.push_back(res);
+                    }
+                    if last {
+                        *armed = false;
+                        self.in_flight -= 1;
+                    }
+                    return waker.take();
+                }
+                Op::AcceptsAbandoned => {
+                    close_accepted(res);
+                    if last {
+                        self.in_flight -= 1;
+                        self.release(ud);
+                    }
+                    return None;
+                }
+                _ => {}
+            }
+        }
         if !live || cqueue::more(flags) {
             // Not one of ours (or a multishot we never arm): give back whatever it picked.
             if let Some(bid) = cqueue::buffer_select(flags) {
@@ -675,6 +847,84 @@ impl Aux {
         Some((ud, self.pushed.get()))
     }
 
+    /// Queues a multishot ACCEPT on the listening socket `fd`; its `user_data` and push
+    /// sequence number, or `None` if stopped.
+    fn start_accept(&self, fd: RawFd) -> Option<(u64, u64)> {
+        if self.ring.borrow().is_none() {
+            return None;
+        }
+        let ud = self.st.borrow_mut().take_accepts();
+        let entry = opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud);
+        self.push(&entry);
+        Some((ud, self.pushed.get()))
+    }
+
+    /// The next result of the multishot ACCEPT in slot `ud` (see [`Accepted`]), keeping the
+    /// task's waker while there is none. Cancels the ACCEPT when its queue is full.
+    fn poll_accepts(&self, ud: u64, cx: &mut Context<'_>) -> Accepted {
+        let mut cancel = false;
+        let out = {
+            let mut st = self.st.borrow_mut();
+            let out = match &mut st.slots[slot_of(ud)].op {
+                Op::Accepts { queue, waker, armed, cancelling } => {
+                    if *armed && !*cancelling && queue.len() >= ACCEPT_QUEUE_MAX {
+                        *cancelling = true;
+                        cancel = true;
+                    }
+                    match queue.pop_front() {
+                        Some(res) => Accepted::Item(res),
+                        None if *armed => {
+                            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                                *waker = Some(cx.waker().clone());
+                            }
+                            Accepted::Pending
+                        }
+                        None => Accepted::Ended,
+                    }
+                }
+                // Not an ACCEPT's slot (cannot happen): say it ended, so a new one is armed.
+                _ => return Accepted::Ended,
+            };
+            if matches!(out, Accepted::Ended) {
+                st.release(ud);
+            }
+            out
+        };
+        if cancel {
+            self.push(&opcode::AsyncCancel::new(ud).build().user_data(CANCEL));
+        }
+        out
+    }
+
+    /// The owner of the multishot ACCEPT in slot `ud` is gone: what it did not take is closed,
+    /// and if the kernel still has it, it is cancelled (submitted at once if it has not reached
+    /// the kernel yet, as in [`abandon`](Self::abandon): the listener's number may be reused
+    /// as soon as this returns) and its slot freed with its last completion.
+    fn abandon_accepts(&self, ud: u64, seq: u64) {
+        let cancel = {
+            let mut st = self.st.borrow_mut();
+            let i = slot_of(ud);
+            let op = std::mem::replace(&mut st.slots[i].op, Op::AcceptsAbandoned);
+            let Op::Accepts { queue, armed, .. } = op else {
+                st.slots[i].op = op;
+                return;
+            };
+            queue.into_iter().for_each(close_accepted);
+            if !armed {
+                st.release(ud);
+            }
+            armed
+        };
+        if cancel {
+            self.push(&opcode::AsyncCancel::new(ud).build().user_data(CANCEL));
+            if seq > self.flushed.get() {
+                if let Some(ring) = self.ring.borrow_mut().as_mut() {
+                    self.enter(ring, 0);
+                }
+            }
+        }
+    }
+
     /// Queues a READ_FIXED of up to `len` bytes at `pos` of `fd` into a free registered
     /// buffer; its `user_data`, push sequence number and buffer, or `None` if stopped or no
     /// registered buffer is free.
@@ -743,7 +993,7 @@ impl Aux {
                 }
                 return Poll::Pending;
             }
-            Op::Free | Op::Abandoned => None,
+            Op::Free | Op::Abandoned | Op::Accepts { .. } | Op::AcceptsAbandoned => None,
         };
         if done.is_some() {
             st.release(ud);
@@ -906,7 +1156,12 @@ impl Aux {
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| matches!(s.op, Op::Waiting(_) | Op::Abandoned))
+                .filter(|(_, s)| {
+                    matches!(
+                        s.op,
+                        Op::Waiting(_) | Op::Abandoned | Op::AcceptsAbandoned | Op::Accepts { armed: true, .. }
+                    )
+                })
                 .map(|(i, s)| u64::from(s.generation) << 32 | i as u64)
                 .collect();
             for ud in live {
