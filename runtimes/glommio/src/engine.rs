@@ -1,5 +1,7 @@
 //! Building and running one glommio executor: sizing its locked memory to the worker's
-//! budget, the executor knobs corepin sets, and what it declares for the capability report.
+//! budget (shared with corepin's auxiliary ring), the executor knobs corepin sets, and what it
+//! declares for the capability report. Glommio 0.9 is patched (`runtimes/glommio/vendor/`):
+//! its executor could park with a task runnable, which stalled the aux ring's single reap task.
 
 use std::future::Future;
 use std::io;
@@ -10,6 +12,8 @@ use corepin_core::caps::{self, Capabilities, Driver, EngineReport, KernelSupport
 use corepin_core::engine::{self, EngineGuard};
 use corepin_core::runtime::{EngineError, EngineSettings};
 use glommio::{GlommioError, LocalExecutorBuilder, Placement, PoolPlacement, ReactorErrorKind};
+
+use corepin_uring::aux;
 
 use crate::fd::FD_READINESS;
 
@@ -47,20 +51,22 @@ pub(crate) fn require_engine() -> io::Result<()> {
     }
 }
 
-/// What glommio 0.9 does natively among the optional mechanisms.
-const NATIVE: Native = Native {
-    splice: Support::Absent("glommio has no splice API"),
-    send_zc: Support::Absent("glommio has no SEND_ZC"),
-    registered_buffers: Support::Absent(
-        "glommio registers io_memory for its DMA file API only; sockets and buffered files do not use fixed buffers",
-    ),
-    multishot_accept: Support::Absent("glommio accepts with non-blocking accept(2), then one-shot IORING_OP_ACCEPT"),
-    multishot_recv: Support::Absent("glommio reads with non-blocking recv(2), then one-shot POLL_ADD and recv again"),
-    buffer_rings: Support::Absent(
-        "glommio has no provided-buffer rings; corepin's auxiliary ring is not used on it: woken through \
-         glommio's FdWatch it stalled about one echo run in six here (docs/aux-ring.md)",
-    ),
-};
+/// What glommio 0.9 does among the optional mechanisms, with corepin's auxiliary ring
+/// (`corepin_uring::aux`, docs/aux-ring.md) for the provided-buffer receives behind
+/// `read_pooled` and the registered buffers behind `read_pooled_at`; `missing` says what this
+/// engine's aux ring lacks.
+fn native(missing: aux::Missing) -> Native {
+    Native {
+        splice: Support::Absent("glommio has no splice API"),
+        send_zc: Support::Absent("glommio has no SEND_ZC"),
+        registered_buffers: aux::registered_buffers(missing),
+        multishot_accept: Support::Absent(
+            "glommio accepts with non-blocking accept(2), then one-shot IORING_OP_ACCEPT",
+        ),
+        multishot_recv: aux::MULTISHOT_RECV,
+        buffer_rings: aux::buffer_rings(missing),
+    }
+}
 
 /// What the budget buys: the executor's memory and ring sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +85,13 @@ fn ring_bytes(depth: u32) -> usize {
     let e = (depth.max(1) as usize).next_power_of_two();
     let pages = |n: usize| n.div_ceil(PAGE) * PAGE;
     pages(e * 4 + 128) + pages(2 * e * 16 + 128) + pages(e * 64)
+}
+
+impl Plan {
+    /// Bytes of the budget glommio locks with this plan (as the kernel charges them).
+    pub(crate) fn locked(&self) -> usize {
+        RINGS * self.io_memory + if self.rings_charged { RINGS * ring_bytes(self.ring_depth) } else { 0 }
+    }
 }
 
 /// Sizes glommio to the worker's locked-memory budget.
@@ -121,8 +134,36 @@ pub(crate) fn plan(settings: &EngineSettings, process_limit: Option<u64>, rings_
     Ok(Plan { io_memory, ring_depth: depth, rings_charged })
 }
 
+/// Locked memory the aux ring would use at most: its registered buffers and what it keeps
+/// beside them for the rings (`corepin_uring::aux`).
+const AUX_WANT: usize = aux::FIXED_MAX * aux::FIXED_LEN + 512 * 1024;
+
+/// Splits the worker's budget between glommio and corepin's aux ring: the aux ring's
+/// registered buffers (up to [`AUX_WANT`]) come first, as far as the budget leaves glommio its
+/// minimum; glommio's `io_memory` serves only its DMA file API, which corepin does not use.
+/// Returns glommio's plan and the aux ring's share (what glommio's plan leaves).
+pub(crate) fn split_budget(
+    settings: &EngineSettings,
+    process_limit: Option<u64>,
+    rings_charged: bool,
+) -> Result<(Plan, usize), String> {
+    let budget = settings.memlock_budget;
+    // Refuses a budget glommio cannot start on, with its advice, before anything is set aside.
+    let full = plan(settings, process_limit, rings_charged)?;
+    let glommio_min = RINGS * MIN_IO_MEMORY + if rings_charged { RINGS * ring_bytes(full.ring_depth) } else { 0 };
+    let reserve = AUX_WANT.min(budget.saturating_sub(glommio_min));
+    let rest = EngineSettings { memlock_budget: budget - reserve, ..settings.clone() };
+    let plan = plan(&rest, process_limit, rings_charged).unwrap_or(full);
+    Ok((plan, budget.saturating_sub(plan.locked())))
+}
+
 /// The capability report of a glommio engine built with `plan`.
-pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: KernelSupport) -> Capabilities {
+pub(crate) fn capabilities(
+    settings: &EngineSettings,
+    plan: &Plan,
+    kernel: KernelSupport,
+    missing: aux::Missing,
+) -> Capabilities {
     let mut notes = vec![
         "ring flags: glommio creates its rings itself (main and latency rings without setup flags, a storage \
          ring with IOPOLL); corepin cannot pass SINGLE_ISSUER/DEFER_TASKRUN/COOP_TASKRUN/SQPOLL to it"
@@ -135,7 +176,8 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
             if plan.rings_charged { "; this kernel also charges the rings" } else { "" }
         ),
         "copies: TCP reads and writes go straight between the socket and the caller's buffer (non-blocking \
-         recv/send syscalls, io_uring only for readiness); UDP copies through glommio's buffer when a \
+         recv/send syscalls, io_uring only for readiness), except read_pooled, which receives into a buffer \
+         the kernel picks from the auxiliary ring's provided-buffer ring; UDP copies through glommio's buffer when a \
          datagram has to be awaited or a send has to queue; file reads copy once out of glommio's buffer and \
          file writes copy once into a Vec"
             .to_string(),
@@ -151,6 +193,7 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
             plan.ring_depth, settings.ring_entries
         ));
     }
+    notes.extend(aux::note(missing));
     Capabilities::derive(
         EngineReport {
             runtime: NAME,
@@ -158,7 +201,7 @@ pub(crate) fn capabilities(settings: &EngineSettings, plan: &Plan, kernel: Kerne
             ring_flags_requested: settings.ring_flags,
             ring_flags: None,
             ring_entries: plan.ring_depth,
-            native: NATIVE,
+            native: native(missing),
             fd_readiness: FD_READINESS,
             file_transfer:
                 "sendfile(2), waiting for room through an epoll descriptor (EPOLLOUT) watched like any foreign fd",
@@ -217,9 +260,8 @@ where
             format!("io_uring is unavailable ({why}) and glommio has no fallback driver (monoio falls back to epoll)"),
         ));
     }
-    let plan =
-        plan(settings, caps::memlock_limit(), caps::kernel_charges_rings()).map_err(|r| build_error(settings, r))?;
-    let report = capabilities(settings, &plan, KernelSupport::get());
+    let (plan, aux_budget) = split_budget(settings, caps::memlock_limit(), caps::kernel_charges_rings())
+        .map_err(|r| build_error(settings, r))?;
 
     // Placement::Unbound: the launcher has already pinned this thread, and glommio must not
     // re-pin it. (Glommio ignores `spin_before_park` for unbound executors, so none is set;
@@ -255,8 +297,18 @@ where
         ring_depth = plan.ring_depth,
         "glommio engine built"
     );
-    guard.set_capabilities(report);
-    let out = executor.run(async move { main().await });
+    // Built here, on the worker's thread (SINGLE_ISSUER), before the service runs.
+    let aux = aux::build_for_core(settings.cpu, aux_budget);
+    // Stops the aux ring once the executor is gone (also on unwinding).
+    let _stop = aux::UninstallOnDrop;
+    let claimed = &guard;
+    let out = executor.run(async move {
+        let missing = aux::install_for_core::<crate::GlommioRuntime>(settings.cpu, aux);
+        claimed.set_capabilities(capabilities(settings, &plan, KernelSupport::get(), missing));
+        let out = main().await;
+        aux::stop::<crate::GlommioRuntime>().await;
+        out
+    });
     drop(executor);
     drop(guard);
     Ok(out)
@@ -310,6 +362,21 @@ mod tests {
         assert!(RINGS * p.io_memory <= 4 << 20);
         let p = plan(&settings(512 << 20, 1024), None, false).unwrap();
         assert_eq!(p.io_memory, MAX_IO_MEMORY);
+    }
+
+    #[test]
+    fn the_aux_ring_gets_its_registered_buffers_first_and_glommio_the_rest() {
+        let (p, aux) = split_budget(&settings(8 << 20, 1024), Some(8 << 20), false).unwrap();
+        assert_eq!(aux, (8 << 20) - p.locked());
+        assert!(aux >= AUX_WANT, "{aux}");
+        assert!(p.locked() + aux <= 8 << 20);
+        // A budget that leaves glommio only its minimum gives the aux ring what is left.
+        let (p, aux) = split_budget(&settings(1 << 20, 1024), Some(8 << 20), false).unwrap();
+        assert!(p.io_memory >= MIN_IO_MEMORY);
+        assert!(p.locked() + aux <= 1 << 20);
+        assert!(aux > 0 && aux < AUX_WANT);
+        // Too small for glommio: refused as before, nothing set aside.
+        assert!(split_budget(&settings(128 * 1024, 1024), Some(8 << 20), false).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::engine::dup_cloexec;
+use corepin_core::pool::PooledBuf;
 use corepin_core::runtime::{self, Metadata, OpenOptions};
 use glommio::io::BufferedFile;
 
@@ -61,6 +62,12 @@ impl runtime::File for File {
             }
             Err(e) => BufResult(Err(to_io(e)), buf),
         }
+    }
+
+    /// Into one of the core's registered buffers by READ_FIXED on corepin's auxiliary ring
+    /// (`corepin_uring::aux`), or a chunk of the core's pool where there is none.
+    async fn read_pooled_at(&self, pos: u64, len: usize) -> io::Result<PooledBuf> {
+        corepin_uring::aux::read_pooled_at(self, self.inner.as_raw_fd(), pos, len).await
     }
 
     async fn write_at<B: IoBuf>(&self, buf: B, pos: u64) -> BufResult<usize, B> {

@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use corepin_core::buf::{BufResult, IoBuf, IoBufMut};
 use corepin_core::io::{cancelled_error, AsyncReadRent, AsyncWriteRent, CancelToken};
+use corepin_core::pool::PooledBuf;
 use corepin_core::runtime;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
@@ -404,6 +405,16 @@ impl runtime::TcpStream for TcpStream {
 
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    /// A receive with `IOSQE_BUFFER_SELECT` on corepin's auxiliary ring (glommio has no
+    /// provided-buffer rings of its own): the kernel picks a buffer only when data arrives, so
+    /// a waiting connection holds none. Without the aux ring (it could not be set up), or when
+    /// every buffer is lent out (`ENOBUFS`: nothing was consumed), the read takes the core
+    /// pool's fallback.
+    async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
+        let fd = self.inner.as_raw_fd();
+        corepin_uring::aux::read_pooled(self, fd).await
     }
 
     async fn writable(&mut self) -> io::Result<()> {
