@@ -60,9 +60,7 @@ fn native(missing: aux::Missing) -> Native {
         splice: Support::Absent("glommio has no splice API"),
         send_zc: Support::Absent("glommio has no SEND_ZC"),
         registered_buffers: aux::registered_buffers(missing),
-        multishot_accept: Support::Absent(
-            "glommio accepts with non-blocking accept(2), then one-shot IORING_OP_ACCEPT",
-        ),
+        multishot_accept: aux::multishot_accept(missing),
         multishot_recv: aux::MULTISHOT_RECV,
         buffer_rings: aux::buffer_rings(missing),
     }

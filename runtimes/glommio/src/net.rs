@@ -41,6 +41,10 @@ type AcceptOp = Pin<Box<dyn Future<Output = glommio::Result<glommio::net::Accept
 /// takes its result. When the listener goes, its socket is shut down, which makes an
 /// ACCEPT still in flight end at once, and a task of the core's drops what it returns.
 pub struct TcpListener {
+    /// One multishot ACCEPT on corepin's auxiliary ring (glommio has none); glommio's accept
+    /// below where there is no aux ring. Declared first: dropped (its ACCEPT cancelled) while
+    /// the listener is still open.
+    acceptor: corepin_uring::aux::Acceptor,
     inner: std::rc::Rc<glommio::net::TcpListener>,
     /// The listening socket's descriptor, owned by `inner`.
     fd: RawFd,
@@ -95,10 +99,22 @@ impl runtime::TcpListener for TcpListener {
         // SAFETY: `fd` is a bound, listening TCP socket whose ownership `into_raw_fd` just
         // gave us; glommio's listener takes it over and closes it on drop.
         let inner = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-        Ok(Self { inner: std::rc::Rc::new(inner), fd, pending: std::cell::RefCell::new(None) })
+        Ok(Self {
+            acceptor: corepin_uring::aux::Acceptor::default(),
+            inner: std::rc::Rc::new(inner),
+            fd,
+            pending: std::cell::RefCell::new(None),
+        })
     }
 
     async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        if let Some(accepted) = self.acceptor.accept(self.fd).await {
+            let (s, peer) = accepted?;
+            // SAFETY: `into_raw_fd` gives up the connected socket the aux ring's ACCEPT made;
+            // glommio's stream takes it over and closes it on drop.
+            let inner = unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) };
+            return Ok((TcpStream { write_watch: None, inner }, peer));
+        }
         let stream = poll_fn(|cx| self.poll_accept(cx)).await.map_err(to_io)?.bind_to_executor();
         let peer = stream.peer_addr().map_err(to_io)?;
         Ok((TcpStream { write_watch: None, inner: stream }, peer))
