@@ -660,6 +660,9 @@ struct State {
     free: Vec<usize>,
     /// Receives the kernel has not completed yet (waiting or abandoned).
     in_flight: usize,
+    /// Multishot ACCEPTs whose queue just filled up: cancelled once the borrows that
+    /// completions are handled under are released (see `Aux::cancel_full`).
+    full: Vec<u64>,
 }
 
 impl State {
@@ -702,10 +705,16 @@ impl State {
         if live {
             let last = !cqueue::more(flags);
             match &mut self.slots[i].op {
-                Op::Accepts { queue, waker, armed, .. } => {
+                Op::Accepts { queue, waker, armed, cancelling } => {
                     // The end of a cancel this side asked for (queue full) is no result.
                     if !(last && res == -libc::ECANCELED) {
                         queue.push_back(res);
+                    }
+                    // Nobody is taking them (a service at its connection cap): the rest wait
+                    // in the listen backlog instead.
+                    if !last && *armed && !*cancelling && queue.len() >= ACCEPT_QUEUE_MAX {
+                        *cancelling = true;
+                        self.full.push(ud);
                     }
                     if last {
                         *armed = false;
@@ -817,7 +826,7 @@ impl Aux {
         let (fixed, no_fixed) = Fixed::register(&ring, memlock_budget);
         Ok(Self {
             ring: RefCell::new(Some(ring)),
-            st: RefCell::new(State { slots: Vec::new(), free: Vec::new(), in_flight: 0 }),
+            st: RefCell::new(State { slots: Vec::new(), free: Vec::new(), in_flight: 0, full: Vec::new() }),
             bufs,
             fixed,
             no_fixed,
@@ -862,26 +871,19 @@ impl Aux {
     /// The next result of the multishot ACCEPT in slot `ud` (see [`Accepted`]), keeping the
     /// task's waker while there is none. Cancels the ACCEPT when its queue is full.
     fn poll_accepts(&self, ud: u64, cx: &mut Context<'_>) -> Accepted {
-        let mut cancel = false;
-        let out = {
+        {
             let mut st = self.st.borrow_mut();
             let out = match &mut st.slots[slot_of(ud)].op {
-                Op::Accepts { queue, waker, armed, cancelling } => {
-                    if *armed && !*cancelling && queue.len() >= ACCEPT_QUEUE_MAX {
-                        *cancelling = true;
-                        cancel = true;
-                    }
-                    match queue.pop_front() {
-                        Some(res) => Accepted::Item(res),
-                        None if *armed => {
-                            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                                *waker = Some(cx.waker().clone());
-                            }
-                            Accepted::Pending
+                Op::Accepts { queue, waker, armed, .. } => match queue.pop_front() {
+                    Some(res) => Accepted::Item(res),
+                    None if *armed => {
+                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *waker = Some(cx.waker().clone());
                         }
-                        None => Accepted::Ended,
+                        Accepted::Pending
                     }
-                }
+                    None => Accepted::Ended,
+                },
                 // Not an ACCEPT's slot (cannot happen): say it ended, so a new one is armed.
                 _ => return Accepted::Ended,
             };
@@ -889,11 +891,15 @@ impl Aux {
                 st.release(ud);
             }
             out
-        };
-        if cancel {
+        }
+    }
+
+    /// Cancels the multishot ACCEPTs whose queues filled up while completions were handled.
+    fn cancel_full(&self) {
+        let full = std::mem::take(&mut self.st.borrow_mut().full);
+        for ud in full {
             self.push(&opcode::AsyncCancel::new(ud).build().user_data(CANCEL));
         }
-        out
     }
 
     /// The owner of the multishot ACCEPT in slot `ud` is gone: what it did not take is closed,
@@ -974,6 +980,7 @@ impl Aux {
                 wakers.extend(st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.bufs, &self.fixed));
             }
         }
+        self.cancel_full();
         for w in wakers {
             w.wake();
         }
@@ -1101,6 +1108,7 @@ impl Aux {
                 }
             }
         }
+        self.cancel_full();
         for w in wakers {
             w.wake();
         }
