@@ -1205,6 +1205,18 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
         build()
+    else:
+        # Every binary the chosen workloads start, checked now rather than after the earlier
+        # workloads have run for minutes.
+        needed = ["corepin", "corepin-peer-echo", "corepin-loadgen"]
+        needed += ["corepin-peer-h3"] if "h3" in only else []
+        needed += ["examples/crosscore"] if "crosscore" in only else []
+        needed += ["examples/kv"] if "kv" in only else []
+        missing = [n for n in needed if not os.access(TARGET / n, os.X_OK)]
+        if missing:
+            print(f"error: --no-build, but {', '.join(str(TARGET / n) for n in missing)} not built "
+                  "(run without --no-build, or build them: see build() in this file)", file=sys.stderr)
+            return 2
     meta = machine() | {"profile": "quick" if args.quick else "default", "workloads": only}
     print(f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; kernel {meta['kernel']}; "
           f"profile {meta['profile']}", flush=True)
