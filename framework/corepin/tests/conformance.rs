@@ -1399,7 +1399,9 @@ pub fn a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted<R: Runt
     within(Duration::from_secs(60), "a burst of connections, then the listener dropped", move || {
         run::<R, _>(|| async move {
             std_listener.set_nonblocking(true).unwrap();
+            let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&std_listener);
             let listener = <R::TcpListener as corepin::TcpListener>::from_std(std_listener).unwrap();
+            let multishot = R::capabilities().expect("a report inside the engine").multishot_accept.used;
             go_rx.recv().unwrap();
             let mut served = Vec::new();
             for _ in 0..BURST {
@@ -1423,6 +1425,14 @@ pub fn a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted<R: Runt
             while late_rx.try_recv().is_err() {
                 R::sleep(Duration::from_millis(10)).await;
             }
+            // What the report claims, seen in the listen queue: a multishot ACCEPT stays armed
+            // and takes the late connections off it; one accept per call leaves them there.
+            let queued = listen_queue(listener_fd);
+            if multishot {
+                assert_eq!(queued, 0, "multishot accept is reported used, yet {queued} connections wait in the queue");
+            } else {
+                assert_eq!(queued, LATE as u32, "one accept per call leaves the late connections queued");
+            }
             drop(listener);
             // Let the engine (and the aux ring) act on the drop before the clients look.
             R::sleep(Duration::from_millis(200)).await;
@@ -1430,6 +1440,19 @@ pub fn a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted<R: Runt
         });
     });
     clients.join().unwrap();
+}
+
+/// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).
+fn listen_queue(fd: std::os::fd::RawFd) -> u32 {
+    // SAFETY: `tcp_info` is plain data; zeroed is a valid value for it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `info`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+    };
+    assert_eq!(r, 0, "TCP_INFO on the listener: {}", std::io::Error::last_os_error());
+    info.tcpi_unacked
 }
 
 /// An engine claims its thread: a second engine nested on it is refused with a clear error,
