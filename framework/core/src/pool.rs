@@ -49,6 +49,8 @@ enum Store {
 /// engine's ring, or this core's pool. An empty buffer is end of stream.
 pub struct PooledBuf {
     store: Store,
+    /// Bytes at the front already consumed ([`advance`](PooledBuf::advance)).
+    start: usize,
 }
 
 fn out_add(n: isize) {
@@ -59,7 +61,7 @@ fn out_add(n: isize) {
 impl PooledBuf {
     fn own(buf: Vec<u8>) -> Self {
         out_add(1);
-        Self { store: Store::Own(buf) }
+        Self { store: Store::Own(buf), start: 0 }
     }
 
     /// The empty buffer that reports end of stream.
@@ -71,15 +73,22 @@ impl PooledBuf {
     /// registered buffers). One small allocation holds the engine's handle.
     pub fn lent(buf: impl LentBuf) -> Self {
         out_add(1);
-        Self { store: Store::Lent(Box::new(buf)) }
+        Self { store: Store::Lent(Box::new(buf)), start: 0 }
     }
 
     /// The bytes read.
     pub fn as_slice(&self) -> &[u8] {
-        match &self.store {
-            Store::Own(v) => v,
+        let all = match &self.store {
+            Store::Own(v) => v.as_slice(),
             Store::Lent(b) => b.bytes(),
-        }
+        };
+        &all[self.start..]
+    }
+
+    /// Drops the first `n` bytes (all of them if `n` is larger): the rest stays in the same
+    /// buffer, for a reader that took only part of it.
+    pub fn advance(&mut self, n: usize) {
+        self.start += n.min(self.len());
     }
 
     /// Whether the bytes sit in a buffer the engine lent (from its provided-buffer ring, or a
@@ -91,9 +100,13 @@ impl PooledBuf {
     /// Keeps the bytes as a plain vector: the pool's buffer itself, or a copy of a lent one
     /// (which then goes back to its ring).
     pub fn into_vec(mut self) -> Vec<u8> {
+        let start = std::mem::take(&mut self.start);
         match &mut self.store {
-            Store::Own(v) => std::mem::take(v),
-            Store::Lent(b) => b.bytes().to_vec(),
+            Store::Own(v) => {
+                v.drain(..start);
+                std::mem::take(v)
+            }
+            Store::Lent(b) => b.bytes()[start..].to_vec(),
         }
     }
 }
@@ -237,5 +250,27 @@ mod tests {
         assert_eq!((returned.get(), idle(), outstanding()), (1, before, 0));
         let v = PooledBuf::lent(Ring(returned.clone(), b"copied".to_vec())).into_vec();
         assert_eq!((v.as_slice(), returned.get()), (&b"copied"[..], 2));
+    }
+
+    #[test]
+    fn advancing_drops_bytes_from_the_front_of_either_store() {
+        let returned = std::rc::Rc::new(Cell::new(0));
+        let mut lent = PooledBuf::lent(Ring(returned.clone(), b"0123456789".to_vec()));
+        lent.advance(3);
+        assert_eq!((&*lent, lent.bytes_init(), lent.stable_ptr()), (&b"3456789"[..], 7, lent.as_slice().as_ptr()));
+        assert_eq!(lent.into_vec(), b"3456789");
+        assert_eq!(returned.get(), 1, "the lent buffer went back once");
+        let mut own = take();
+        own.extend_from_slice(b"abcdef");
+        let mut own = PooledBuf::own(own);
+        own.advance(2);
+        assert_eq!(&*own, b"cdef");
+        own.advance(100);
+        assert!(own.is_empty(), "advancing past the end empties it");
+        drop(own);
+        let mut own = PooledBuf::own(b"xyz".to_vec());
+        own.advance(1);
+        assert_eq!(own.into_vec(), b"yz");
+        assert_eq!(outstanding(), 0);
     }
 }

@@ -1135,8 +1135,10 @@ pub fn pooled_reads_go_on_when_the_ring_is_lent_out<R: Runtime>() {
 /// A pooled read dropped before it completes (a deadline, the idle timeout of a keep-alive
 /// connection) leaves nothing behind: the buffer a late completion took goes back to the ring,
 /// so after more abandoned reads than the ring has buffers, reads are still lent from it, and
-/// the stream still reads to its end. (Bytes a dropped read took are lost, as with any
-/// dropped read: docs/cancellation.md; `read_cancelable` is the lossless way.)
+/// the stream still reads to its end. Where the report says multishot receive is used, the
+/// bytes stay queued with the stream's receive, so the dropped reads lose none of them;
+/// otherwise bytes a dropped read took are lost, as with any dropped read
+/// (docs/cancellation.md; `read_cancelable` is the lossless way), but never reordered.
 pub fn dropped_pooled_reads_give_their_buffers_back<R: Runtime>() {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = done.clone();
@@ -1155,13 +1157,20 @@ pub fn dropped_pooled_reads_give_their_buffers_back<R: Runtime>() {
         let _ = s.write_all(b"last");
     });
     run::<R, _>(|| async move {
-        let ring = R::capabilities().is_some_and(|c| c.buffer_rings.used);
+        let caps = R::capabilities();
+        let ring = caps.as_ref().is_some_and(|c| c.buffer_rings.used);
+        let multishot = caps.as_ref().is_some_and(|c| c.multishot_recv.used);
         let mut s = R::TcpStream::connect(addr).await.unwrap();
         let mut dropped = 0;
+        let mut got = Vec::new();
         while dropped < 700 {
             match corepin::task::timeout::<R, _>(Duration::from_millis(1), s.read_pooled()).await {
                 Err(_) => dropped += 1,
-                Ok(b) => assert!(!b.unwrap().is_empty(), "end of stream before the peer is done"),
+                Ok(b) => {
+                    let b = b.unwrap();
+                    assert!(!b.is_empty(), "end of stream before the peer is done");
+                    got.extend_from_slice(&b);
+                }
             }
         }
         done.store(true, std::sync::atomic::Ordering::Release);
@@ -1176,6 +1185,15 @@ pub fn dropped_pooled_reads_give_their_buffers_back<R: Runtime>() {
             tail.extend_from_slice(&b);
         }
         assert!(tail.ends_with(b"last"), "the stream reads to its end after the dropped reads");
+        got.extend_from_slice(&tail[..tail.len() - 4]);
+        // The peer sent 0, 1, 2, ... (wrapping): what arrived is in that order, without gaps
+        // where nothing can be lost.
+        let gaps =
+            got.windows(2).filter(|w| w[1] != w[0].wrapping_add(1)).count() + usize::from(got.first() != Some(&0));
+        if multishot {
+            assert_eq!(gaps, 0, "multishot receive is reported used, yet {dropped} dropped reads lost bytes");
+        }
+        assert!(got.len() > 100, "only {} bytes arrived", got.len());
     });
     peer.join().unwrap();
 }
@@ -1440,6 +1458,157 @@ pub fn a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted<R: Runt
         });
     });
     clients.join().unwrap();
+}
+
+/// Bytes waiting in a connected socket's receive queue (`FIONREAD`).
+fn socket_inq(fd: std::os::fd::RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `n`.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// What the report says about multishot receive, seen in the socket: where it is used,
+/// `read_pooled` leaves a receive armed that takes bytes off the socket as they arrive (its
+/// receive queue stays empty while the service is busy elsewhere), and a service that stops
+/// reading makes it stop after a few buffers (the rest waits in the socket, not in the core's
+/// ring); where it is not, the bytes wait in the socket until the next read. Either way every
+/// byte then arrives, in order.
+pub fn multishot_receive_stays_armed_and_stops_for_a_service_that_does_not_read<R: Runtime>() {
+    const BIG: usize = 2 << 20;
+    let (next_tx, next_rx) = mpsc::channel::<()>();
+    let (addr, peer) = std_peer(move |mut s| {
+        s.write_all(b"0123456789").unwrap();
+        next_rx.recv().unwrap();
+        s.write_all(&pattern(100, 1)).unwrap();
+        next_rx.recv().unwrap();
+        // Blocks until the reader reads: the socket buffers hold far less than this.
+        s.write_all(&pattern(BIG, 2)).unwrap();
+    });
+    within(Duration::from_secs(60), "a multishot receive and a reader that pauses", move || {
+        run::<R, _>(|| async move {
+            let multishot = R::capabilities().is_some_and(|c| c.multishot_recv.used);
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let fd = s.as_raw_fd();
+            let mut got = Vec::new();
+            while got.len() < 10 {
+                let b = s.read_pooled().await.unwrap();
+                assert!(!b.is_empty());
+                got.extend_from_slice(&b);
+            }
+            next_tx.send(()).unwrap();
+            R::sleep(Duration::from_millis(150)).await;
+            let waiting = socket_inq(fd);
+            if multishot {
+                assert_eq!(waiting, 0, "multishot receive is reported used, yet {waiting} bytes wait in the socket");
+            } else {
+                assert_eq!(waiting, 100, "with one receive per read, the bytes wait in the socket");
+            }
+            next_tx.send(()).unwrap();
+            R::sleep(Duration::from_millis(300)).await;
+            let waiting = socket_inq(fd);
+            assert!(
+                waiting > 0,
+                "a service that does not read leaves the bytes in the socket, not in the core's buffers"
+            );
+            loop {
+                let b = s.read_pooled().await.unwrap();
+                if b.is_empty() {
+                    break;
+                }
+                got.extend_from_slice(&b);
+            }
+            let mut expect = b"0123456789".to_vec();
+            expect.extend_from_slice(&pattern(100, 1));
+            expect.extend_from_slice(&pattern(BIG, 2));
+            assert!(got == expect, "{} bytes arrived of {}, or out of order", got.len(), expect.len());
+            assert_eq!(corepin::pool::outstanding(), 0);
+        })
+    });
+    peer.join().unwrap();
+}
+
+/// A stream read with `read_pooled` can go on with plain reads, cancelable reads (cancelled
+/// while waiting, too) and its split read half, in any order, and the bytes arrive in order:
+/// a multishot receive armed by `read_pooled` serves the plain reads from what it took (the
+/// rest of a buffer waits for the next read), so no two receives race for the socket.
+pub fn plain_reads_after_pooled_reads_keep_the_byte_order<R: Runtime>() {
+    const TOTAL: usize = 300_000;
+    let data = pattern(TOTAL, 7);
+    let expect = data.clone();
+    let (pause_tx, pause_rx) = mpsc::channel::<()>();
+    let (addr, peer) = std_peer(move |mut s| {
+        s.set_nodelay(true).unwrap();
+        for (i, piece) in data.chunks(1000).enumerate() {
+            s.write_all(piece).unwrap();
+            if i == 10 {
+                // A pause, while the reader's cancelable read waits and is cancelled.
+                pause_rx.recv().unwrap();
+            } else if i % 50 == 0 {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    within(Duration::from_secs(60), "pooled, plain and split reads of one stream", move || {
+        run::<R, _>(|| async move {
+            let mut s = R::TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            let b = s.read_pooled().await.unwrap();
+            got.extend_from_slice(&b);
+            drop(b);
+            // Take what is there with small reads, then wait with nothing to read and cancel.
+            while got.len() < 11_000 {
+                let BufResult(r, b) = s.read(Vec::with_capacity(3)).await;
+                let n = r.unwrap();
+                assert!(n > 0 && n <= 3, "a read of {n} into 3 bytes");
+                got.extend_from_slice(&b[..n]);
+                let b = s.read_pooled().await.unwrap();
+                got.extend_from_slice(&b);
+            }
+            assert_eq!(got.len(), 11_000, "the peer pauses after 11,000 bytes");
+            let BufResult(r, _) =
+                read_timeout::<R, _, _>(&mut s, Vec::with_capacity(100), Duration::from_millis(20)).await;
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut, "nothing to read during the pause");
+            pause_tx.send(()).unwrap();
+            let mut turn = 0usize;
+            while got.len() < TOTAL / 2 {
+                turn += 1;
+                match turn % 3 {
+                    0 => {
+                        let b = s.read_pooled().await.unwrap();
+                        assert!(!b.is_empty(), "end of stream at {}", got.len());
+                        got.extend_from_slice(&b);
+                    }
+                    1 => {
+                        let BufResult(r, b) = s.read(Vec::with_capacity(5000)).await;
+                        let n = r.unwrap();
+                        assert!(n > 0, "end of stream at {}", got.len());
+                        got.extend_from_slice(&b[..n]);
+                    }
+                    _ => {
+                        let token = corepin::io::CancelToken::new();
+                        let BufResult(r, b) = s.read_cancelable(Vec::with_capacity(777), &token).await;
+                        let n = r.unwrap();
+                        assert!(n > 0, "end of stream at {}", got.len());
+                        got.extend_from_slice(&b[..n]);
+                    }
+                }
+            }
+            let (mut rd, _wr) = s.into_split();
+            loop {
+                let BufResult(r, b) = rd.read(Vec::with_capacity(4096)).await;
+                let n = r.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&b[..n]);
+            }
+            assert!(got == expect, "{} bytes arrived of {}, or out of order", got.len(), expect.len());
+            assert_eq!(corepin::pool::outstanding(), 0);
+        })
+    });
+    peer.join().unwrap();
 }
 
 /// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).
@@ -1909,7 +2078,7 @@ pub fn a_split_read_half_reads_cancelably<R: Runtime>() {
         run::<R, _>(|| async move {
             let s = R::TcpStream::connect(addr).await.unwrap();
             let (mut r, mut w) = s.into_split();
-            let token = corepin::CancelToken::new();
+            let token = corepin::io::CancelToken::new();
             let t = token.clone();
             let canceller = spawn::<R, _>(async move {
                 R::sleep(Duration::from_millis(50)).await;
@@ -2050,6 +2219,8 @@ corepin::per_runtime_tests! {
     dropped_pooled_reads_give_their_buffers_back,
     a_burst_completes_every_waiting_pooled_read,
     a_listener_takes_a_burst_and_its_drop_closes_what_nobody_accepted,
+    multishot_receive_stays_armed_and_stops_for_a_service_that_does_not_read,
+    plain_reads_after_pooled_reads_keep_the_byte_order,
     pooled_file_reads_use_registered_buffers_and_go_on_without_them,
     a_small_locked_memory_share_leaves_reads_working_without_registered_buffers,
     echo_answers_exactly_with_borrowed_and_owned_buffers,

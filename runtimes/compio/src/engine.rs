@@ -39,8 +39,9 @@ pub(crate) const NATIVE: Native = Native {
     registered_buffers: Support::Absent("compio 0.19 has no READ_FIXED/WRITE_FIXED for caller-owned buffers"),
     multishot_accept: Support::Native,
     multishot_recv: Support::Absent(
-        "read_pooled arms one receive per read (a multishot receive would keep delivering into ring buffers \
-         while the service is not reading, so an idle-but-chatty connection could drain the core's ring)",
+        "read_pooled arms one receive per read: compio's multishot receive queues its results inside the \
+         driver without a bound and has no total byte limit, so a connection whose service is not reading \
+         could drain the core's ring (docs/compio.md)",
     ),
     buffer_rings: Support::Native,
 };

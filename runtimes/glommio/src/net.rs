@@ -113,11 +113,11 @@ impl runtime::TcpListener for TcpListener {
             // SAFETY: `into_raw_fd` gives up the connected socket the aux ring's ACCEPT made;
             // glommio's stream takes it over and closes it on drop.
             let inner = unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) };
-            return Ok((TcpStream { write_watch: None, inner }, peer));
+            return Ok((TcpStream::wrap(inner), peer));
         }
         let stream = poll_fn(|cx| self.poll_accept(cx)).await.map_err(to_io)?.bind_to_executor();
         let peer = stream.peer_addr().map_err(to_io)?;
-        Ok((TcpStream { write_watch: None, inner: stream }, peer))
+        Ok((TcpStream::wrap(stream), peer))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -127,18 +127,29 @@ impl runtime::TcpListener for TcpListener {
 
 /// A connected TCP stream (glommio `TcpStream`, unbuffered).
 pub struct TcpStream {
-    // Field order matters: the write watch (an epoll instance holding the socket) goes first.
+    // Field order matters: the multishot receive (cancelled on drop) and the write watch (an
+    // epoll instance holding the socket) go before the socket.
+    /// Its multishot receive on corepin's auxiliary ring, once `read_pooled` armed it.
+    rx: corepin_uring::aux::Receiver,
     /// Made on the first [`writable`](runtime::TcpStream::writable) wait.
     write_watch: Option<WriteWatch>,
     inner: glommio::net::TcpStream,
 }
 
 impl TcpStream {
-    /// Reads into `buf` through glommio's readiness-based `poll_read`; with `cancel`, stops
-    /// once it fires if nothing was read yet.
+    fn wrap(inner: glommio::net::TcpStream) -> Self {
+        Self { rx: corepin_uring::aux::Receiver::default(), write_watch: None, inner }
+    }
+
+    /// Reads into `buf`, from the stream's multishot receive while it is armed, else through
+    /// glommio's readiness-based `poll_read`; with `cancel`, stops once it fires if nothing was
+    /// read yet.
     async fn read_into<B: IoBufMut>(&mut self, buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
-        let inner = &mut self.inner;
-        poll_read_into(move |cx, slice| Pin::new(&mut *inner).poll_read(cx, slice), buf, cancel).await
+        let (fd, inner) = (self.inner.as_raw_fd(), &mut self.inner);
+        corepin_uring::aux::read_or(&mut self.rx, fd, buf, cancel, |b| {
+            poll_read_into(move |cx, slice| Pin::new(&mut *inner).poll_read(cx, slice), b, cancel)
+        })
+        .await
     }
 }
 
@@ -302,6 +313,9 @@ fn busy() -> io::Error {
 
 /// The read half of a split [`TcpStream`].
 pub struct TcpReadHalf {
+    /// The stream's multishot receive, if armed; declared first, as in [`TcpStream`].
+    rx: corepin_uring::aux::Receiver,
+    fd: RawFd,
     inner: Shared,
 }
 
@@ -315,14 +329,16 @@ pub struct TcpWriteHalf {
 impl TcpReadHalf {
     async fn read_into<B: IoBufMut>(&mut self, buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
         let inner = &self.inner;
-        poll_read_into(
-            move |cx, slice| match inner.try_borrow_mut() {
-                Ok(mut s) => Pin::new(&mut *s).poll_read(cx, slice),
-                Err(_) => Poll::Ready(Err(busy())),
-            },
-            buf,
-            cancel,
-        )
+        corepin_uring::aux::read_or(&mut self.rx, self.fd, buf, cancel, |b| {
+            poll_read_into(
+                move |cx, slice| match inner.try_borrow_mut() {
+                    Ok(mut s) => Pin::new(&mut *s).poll_read(cx, slice),
+                    Err(_) => Poll::Ready(Err(busy())),
+                },
+                b,
+                cancel,
+            )
+        })
         .await
     }
 }
@@ -388,14 +404,15 @@ impl runtime::TcpStream for TcpStream {
 
     fn into_split(self) -> (TcpReadHalf, TcpWriteHalf) {
         let fd = self.inner.as_raw_fd();
-        let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(self.inner));
-        (TcpReadHalf { inner: shared.clone() }, TcpWriteHalf { inner: shared, fd })
+        let Self { rx, inner, .. } = self;
+        let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(inner));
+        (TcpReadHalf { rx, fd, inner: shared.clone() }, TcpWriteHalf { inner: shared, fd })
     }
 
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
         require_engine()?;
         let inner = glommio::net::TcpStream::connect(addr).await.map_err(to_io)?;
-        Ok(Self { write_watch: None, inner })
+        Ok(Self::wrap(inner))
     }
 
     fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
@@ -404,7 +421,7 @@ impl runtime::TcpStream for TcpStream {
         // SAFETY: `fd` is a connected TCP socket whose ownership `into_raw_fd` just gave us;
         // glommio's stream takes it over and closes it on drop.
         let inner = unsafe { glommio::net::TcpStream::from_raw_fd(fd) };
-        Ok(Self { write_watch: None, inner })
+        Ok(Self::wrap(inner))
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -423,14 +440,14 @@ impl runtime::TcpStream for TcpStream {
         self.inner.as_raw_fd()
     }
 
-    /// A receive with `IOSQE_BUFFER_SELECT` on corepin's auxiliary ring (glommio has no
-    /// provided-buffer rings of its own): the kernel picks a buffer only when data arrives, so
-    /// a waiting connection holds none. Without the aux ring (it could not be set up), or when
-    /// every buffer is lent out (`ENOBUFS`: nothing was consumed), the read takes the core
-    /// pool's fallback.
+    /// The stream's multishot receive into the provided buffers of corepin's auxiliary ring
+    /// (glommio has neither of its own; [`corepin_uring::aux::read_pooled`]): the kernel picks
+    /// a buffer only when data arrives, so a waiting connection holds none, and a dropped read
+    /// loses nothing. Without the aux ring (it could not be set up), or when every buffer is
+    /// lent out (`ENOBUFS`: nothing was consumed), the read takes the core pool's fallback.
     async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
         let fd = self.inner.as_raw_fd();
-        corepin_uring::aux::read_pooled(self, fd).await
+        corepin_uring::aux::read_pooled(self, |s: &mut Self| &mut s.rx, fd).await
     }
 
     async fn writable(&mut self) -> io::Result<()> {

@@ -26,7 +26,7 @@ fn native(missing: aux::Missing) -> Native {
         send_zc: Support::Absent("monoio 0.2 has no SEND_ZC op"),
         registered_buffers: aux::registered_buffers(missing),
         multishot_accept: aux::multishot_accept(missing),
-        multishot_recv: aux::MULTISHOT_RECV,
+        multishot_recv: aux::multishot_recv(missing),
         buffer_rings: aux::buffer_rings(missing),
     }
 }

@@ -31,10 +31,10 @@ impl rt::TcpListener for TcpListener {
     async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         if let Some(accepted) = self.acceptor.accept(self.inner.as_raw_fd()).await {
             let (s, a) = accepted?;
-            return Ok((TcpStream(monoio::net::TcpStream::from_std(s)?), a));
+            return Ok((TcpStream::wrap(monoio::net::TcpStream::from_std(s)?), a));
         }
         let (s, a) = self.inner.accept().await?;
-        Ok((TcpStream(s), a))
+        Ok((TcpStream::wrap(s), a))
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
@@ -42,15 +42,28 @@ impl rt::TcpListener for TcpListener {
 }
 
 /// A connected stream.
-pub struct TcpStream(monoio::net::TcpStream);
+pub struct TcpStream {
+    /// Its multishot receive on corepin's auxiliary ring, once `read_pooled` armed it.
+    /// Declared first: dropped (its RECV cancelled) while the socket is still open.
+    rx: aux::Receiver,
+    inner: monoio::net::TcpStream,
+}
+
+impl TcpStream {
+    fn wrap(inner: monoio::net::TcpStream) -> Self {
+        Self { rx: aux::Receiver::default(), inner }
+    }
+}
 
 impl AsyncReadRent for TcpStream {
     async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        back(self.0.read(Owned(buf)).await)
+        let (fd, inner) = (self.inner.as_raw_fd(), &mut self.inner);
+        aux::read_or(&mut self.rx, fd, buf, None, |b| async move { back(inner.read(Owned(b)).await) }).await
     }
 
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        read_cancelable(&mut self.0, buf, cancel).await
+        let (fd, inner) = (self.inner.as_raw_fd(), &mut self.inner);
+        aux::read_or(&mut self.rx, fd, buf, Some(cancel), |b| read_cancelable(inner, b, cancel)).await
     }
 }
 
@@ -90,14 +103,14 @@ where
 
 impl AsyncWriteRent for TcpStream {
     async fn write<B: IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
-        back(self.0.write(Owned(buf)).await)
+        back(self.inner.write(Owned(buf)).await)
     }
     async fn writev<B: IoBuf>(&mut self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
-        let (res, v) = self.0.writev(IoVecs::new(bufs)).await;
+        let (res, v) = self.inner.writev(IoVecs::new(bufs)).await;
         BufResult(res, v.bufs)
     }
     async fn shutdown(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
+        self.inner.shutdown().await
     }
 }
 
@@ -106,8 +119,14 @@ impl AsyncWriteRent for TcpStream {
 /// Monoio's split shares the stream between the halves and declares it safe to do so
 /// (`unsafe impl Split for TcpStream`): a read and a write are separate io_uring operations
 /// (or separate reader and writer readiness on its epoll driver), so the halves touch disjoint
-/// state. corepin adds no `unsafe` of its own here.
-pub struct TcpReadHalf(monoio::io::OwnedReadHalf<monoio::net::TcpStream>);
+/// state. corepin adds no `unsafe` of its own here. The stream's multishot receive, if armed,
+/// comes with this half.
+pub struct TcpReadHalf {
+    /// Declared first, as in [`TcpStream`].
+    rx: aux::Receiver,
+    fd: RawFd,
+    inner: monoio::io::OwnedReadHalf<monoio::net::TcpStream>,
+}
 
 /// The write half of a split [`TcpStream`]: Monoio's owned write half, whose drop shuts the
 /// write direction down (FIN).
@@ -115,10 +134,12 @@ pub struct TcpWriteHalf(monoio::io::OwnedWriteHalf<monoio::net::TcpStream>);
 
 impl AsyncReadRent for TcpReadHalf {
     async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        back(self.0.read(Owned(buf)).await)
+        let inner = &mut self.inner;
+        aux::read_or(&mut self.rx, self.fd, buf, None, |b| async move { back(inner.read(Owned(b)).await) }).await
     }
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        read_cancelable(&mut self.0, buf, cancel).await
+        let inner = &mut self.inner;
+        aux::read_or(&mut self.rx, self.fd, buf, Some(cancel), |b| read_cancelable(inner, b, cancel)).await
     }
 }
 
@@ -140,43 +161,45 @@ impl rt::TcpStream for TcpStream {
     type WriteHalf = TcpWriteHalf;
 
     fn into_split(self) -> (TcpReadHalf, TcpWriteHalf) {
-        let (r, w) = monoio::io::Splitable::into_split(self.0);
-        (TcpReadHalf(r), TcpWriteHalf(w))
+        let fd = self.inner.as_raw_fd();
+        let Self { rx, inner } = self;
+        let (r, w) = monoio::io::Splitable::into_split(inner);
+        (TcpReadHalf { rx, fd, inner: r }, TcpWriteHalf(w))
     }
 
     async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        monoio::net::TcpStream::connect_addr(addr).await.map(Self)
+        monoio::net::TcpStream::connect_addr(addr).await.map(Self::wrap)
     }
     fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
         stream.set_nonblocking(true)?;
-        monoio::net::TcpStream::from_std(stream).map(Self)
+        monoio::net::TcpStream::from_std(stream).map(Self::wrap)
     }
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.0.peer_addr()
+        self.inner.peer_addr()
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.inner.local_addr()
     }
     fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.0.set_nodelay(on)
+        self.inner.set_nodelay(on)
     }
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.inner.as_raw_fd()
     }
     async fn writable(&mut self) -> io::Result<()> {
         // Not relaxed: on the epoll driver Monoio then re-checks with poll(2) and waits for a
         // fresh edge if its cached readiness is stale (our sendfile just hit EAGAIN).
-        self.0.writable(false).await
+        self.inner.writable(false).await
     }
 
-    /// A receive with `IOSQE_BUFFER_SELECT` on corepin's auxiliary ring (Monoio has no
-    /// provided-buffer rings of its own): the kernel picks a buffer only when data arrives, so
-    /// a waiting connection holds none. Without the aux ring (the epoll driver, or it could not
-    /// be set up), or when every buffer is lent out (`ENOBUFS`: nothing was consumed), the read
-    /// takes the core pool's fallback.
+    /// The stream's multishot receive into the provided buffers of corepin's auxiliary ring
+    /// (Monoio has neither of its own; [`aux::read_pooled`]): the kernel picks a buffer only
+    /// when data arrives, so a waiting connection holds none. Without the aux ring (the epoll
+    /// driver, or it could not be set up), or when every buffer is lent out (`ENOBUFS`:
+    /// nothing was consumed), the read takes the core pool's fallback.
     async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
-        let fd = self.0.as_raw_fd();
-        aux::read_pooled(self, fd).await
+        let fd = self.inner.as_raw_fd();
+        aux::read_pooled(self, |s: &mut Self| &mut s.rx, fd).await
     }
 }
 

@@ -114,8 +114,10 @@ impl AsRawFd for FdRef {
 
 /// A connected TCP stream driven by tokio-uring.
 pub struct TcpStream {
-    // Field order matters: `readiness` is dropped (deregistered from epoll) before `inner` can
-    // close the descriptor it refers to.
+    // Field order matters: `rx` (its multishot RECV cancelled) and `readiness` (deregistered
+    // from epoll) are dropped before `inner` can close the descriptor they refer to.
+    /// Its multishot receive on corepin's auxiliary ring, once `read_pooled` armed it.
+    rx: aux::Receiver,
     /// Lazily made epoll registration used by `read_cancelable` and `writable` (see the
     /// module docs).
     readiness: Option<AsyncFd<FdRef>>,
@@ -125,85 +127,103 @@ pub struct TcpStream {
 
 impl TcpStream {
     fn wrap(inner: tokio_uring::net::TcpStream) -> Self {
-        Self { readiness: None, inner: Rc::new(inner) }
+        Self { rx: aux::Receiver::default(), readiness: None, inner: Rc::new(inner) }
     }
+}
 
-    /// The readiness registration, made on first use.
-    fn readiness(&mut self) -> io::Result<&AsyncFd<FdRef>> {
-        if self.readiness.is_none() {
-            if tokio::runtime::Handle::try_current().is_err() {
-                return Err(io::Error::other("readiness waits need the tokio-uring runtime on this thread"));
-            }
-            let fd = FdRef(self.inner.as_raw_fd());
-            // SAFETY: the descriptor belongs to `self.inner`, which closes it only when the last
-            // `Rc` of the socket (held by `self` and by in-flight receives) is gone; `readiness`
-            // is declared before `inner`, so it is dropped (and deregistered) first, while the
-            // descriptor is still open and refers to the same socket.
-            self.readiness =
-                Some(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?);
+/// The readiness registration `slot` of the stream `inner`, made on first use.
+fn readiness<'a>(
+    slot: &'a mut Option<AsyncFd<FdRef>>,
+    inner: &tokio_uring::net::TcpStream,
+) -> io::Result<&'a AsyncFd<FdRef>> {
+    if slot.is_none() {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other("readiness waits need the tokio-uring runtime on this thread"));
         }
-        match &self.readiness {
-            Some(r) => Ok(r),
-            None => Err(io::Error::other("readiness registration missing")),
-        }
+        let fd = FdRef(inner.as_raw_fd());
+        // SAFETY: `slot` is the `readiness` field of the stream whose socket is `inner`. The
+        // descriptor closes only when the last `Rc` of the socket (held by the stream and by
+        // in-flight receives) is gone; `readiness` is declared before `inner`, so it is dropped
+        // (and deregistered) first, while the descriptor is still open and refers to the same
+        // socket.
+        *slot = Some(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?);
+    }
+    match slot {
+        Some(r) => Ok(r),
+        None => Err(io::Error::other("readiness registration missing")),
     }
 }
 
 impl AsyncReadRent for TcpStream {
     async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        back(self.inner.read(Owned(buf)).await)
+        let inner = &self.inner;
+        aux::read_or(&mut self.rx, inner.as_raw_fd(), buf, None, |b| async move { back(inner.read(Owned(b)).await) })
+            .await
     }
 
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        if cancel.is_cancelled() {
-            return BufResult(Err(cancelled_error()), buf);
-        }
-        let socket = Rc::clone(&self.inner);
-        let readiness = match self.readiness() {
-            Ok(r) => r,
-            Err(e) => return BufResult(Err(e), buf),
+        let (slot, inner) = (&mut self.readiness, &self.inner);
+        aux::read_or(&mut self.rx, inner.as_raw_fd(), buf, Some(cancel), |b| read_cancelable(slot, inner, b, cancel))
+            .await
+    }
+}
+
+/// tokio-uring's read made cancelable: wait for readiness (or the cancel), then a receive that
+/// cannot block.
+async fn read_cancelable<B: IoBufMut>(
+    slot: &mut Option<AsyncFd<FdRef>>,
+    inner: &Rc<tokio_uring::net::TcpStream>,
+    buf: B,
+    cancel: &CancelToken,
+) -> BufResult<usize, B> {
+    if cancel.is_cancelled() {
+        return BufResult(Err(cancelled_error()), buf);
+    }
+    let socket = Rc::clone(inner);
+    let readiness = match readiness(slot, inner) {
+        Ok(r) => r,
+        Err(e) => return BufResult(Err(e), buf),
+    };
+    let mut buf = buf;
+    loop {
+        // Step 1: readable or cancelled, whichever comes first; nothing is armed yet.
+        let waited = {
+            let mut ready = pin!(readiness.readable());
+            let mut cancelled = pin!(cancel.cancelled());
+            poll_fn(|cx| {
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                ready.as_mut().poll(cx).map(Some)
+            })
+            .await
         };
-        let mut buf = buf;
-        loop {
-            // Step 1: readable or cancelled, whichever comes first; nothing is armed yet.
-            let waited = {
-                let mut ready = pin!(readiness.readable());
-                let mut cancelled = pin!(cancel.cancelled());
-                poll_fn(|cx| {
-                    if cancelled.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
-                    ready.as_mut().poll(cx).map(Some)
-                })
-                .await
-            };
-            let mut guard = match waited {
-                None => return BufResult(Err(cancelled_error()), buf),
-                Some(Err(e)) => return BufResult(Err(e), buf),
-                Some(Ok(guard)) => guard,
-            };
-            // Step 2: a receive that cannot block; awaited to completion, never abandoned.
-            let want = buf.bytes_total().min(u32::MAX as usize);
-            let BufResult(res, b) = recv_nowait(&socket, buf).await;
-            buf = b;
-            match res {
-                Ok(n) if n > 0 && n < want => {
-                    // A short TCP read drained the receive queue (tokio's own rule): forget
-                    // the readiness now instead of paying an EAGAIN round trip next time.
-                    // Bytes that arrive later raise a new epoll edge, which tokio keeps.
-                    guard.clear_ready();
-                    return BufResult(Ok(n), buf);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Stale readiness: forget it (tokio keeps any newer edge) and wait again.
-                    guard.clear_ready();
-                    if cancel.is_cancelled() {
-                        return BufResult(Err(cancelled_error()), buf);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => return BufResult(other, buf),
+        let mut guard = match waited {
+            None => return BufResult(Err(cancelled_error()), buf),
+            Some(Err(e)) => return BufResult(Err(e), buf),
+            Some(Ok(guard)) => guard,
+        };
+        // Step 2: a receive that cannot block; awaited to completion, never abandoned.
+        let want = buf.bytes_total().min(u32::MAX as usize);
+        let BufResult(res, b) = recv_nowait(&socket, buf).await;
+        buf = b;
+        match res {
+            Ok(n) if n > 0 && n < want => {
+                // A short TCP read drained the receive queue (tokio's own rule): forget
+                // the readiness now instead of paying an EAGAIN round trip next time.
+                // Bytes that arrive later raise a new epoll edge, which tokio keeps.
+                guard.clear_ready();
+                return BufResult(Ok(n), buf);
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Stale readiness: forget it (tokio keeps any newer edge) and wait again.
+                guard.clear_ready();
+                if cancel.is_cancelled() {
+                    return BufResult(Err(cancelled_error()), buf);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return BufResult(other, buf),
         }
     }
 }
@@ -314,7 +334,7 @@ impl contract::TcpStream for TcpStream {
     }
 
     async fn writable(&mut self) -> io::Result<()> {
-        let mut guard = self.readiness()?.writable().await?;
+        let mut guard = readiness(&mut self.readiness, &self.inner)?.writable().await?;
         // The contract calls this only after a syscall on the descriptor hit EAGAIN, which
         // tokio's edge-triggered reactor did not see: clear what it cached, so a stale
         // readiness costs one retry and the next wait is for a fresh edge.
@@ -322,14 +342,14 @@ impl contract::TcpStream for TcpStream {
         Ok(())
     }
 
-    /// A receive with `IOSQE_BUFFER_SELECT` on corepin's auxiliary ring (tokio-uring has no
-    /// provided-buffer rings of its own): the kernel picks a buffer only when data arrives, so
-    /// a waiting connection holds none, and a dropped read is cancelled. Without the aux ring,
-    /// or when every buffer is lent out (`ENOBUFS`: nothing was consumed), the read takes the
-    /// core pool's fallback.
+    /// The stream's multishot receive into the provided buffers of corepin's auxiliary ring
+    /// (tokio-uring has neither of its own; [`aux::read_pooled`]): the kernel picks a buffer
+    /// only when data arrives, so a waiting connection holds none, and a dropped read loses
+    /// nothing. Without the aux ring, or when every buffer is lent out (`ENOBUFS`: nothing was
+    /// consumed), the read takes the core pool's fallback.
     async fn read_pooled(&mut self) -> io::Result<PooledBuf> {
         let fd = self.inner.as_raw_fd();
-        aux::read_pooled(self, fd).await
+        aux::read_pooled(self, |s: &mut Self| &mut s.rx, fd).await
     }
 }
 

@@ -1,7 +1,8 @@
 //! The auxiliary ring: a per-core `io_uring` of corepin's own beside the host engine's, for
 //! the operations the engine does not have (docs/aux-ring.md). Today those are:
-//! * a receive into a provided-buffer ring behind `read_pooled`: the kernel picks a buffer only
-//!   when data arrives, so a connection waiting for data holds none;
+//! * a multishot receive into a provided-buffer ring behind `read_pooled` ([`Receiver`]): the
+//!   kernel picks a buffer only when data arrives, so a connection waiting for data holds none,
+//!   and one armed RECV per stream serves many reads;
 //! * a file read into one of the core's registered (fixed) buffers behind `read_pooled_at`
 //!   (`IORING_OP_READ_FIXED`): the buffers' pages are pinned once, when they are registered,
 //!   not on every read. How many are registered is bounded by the worker's share of
@@ -20,9 +21,10 @@
 //! * a multishot ACCEPT behind a listener's `accept` ([`Acceptor`]): armed once, it delivers
 //!   every connection the listener takes until it ends, instead of one ACCEPT per connection.
 //!
-//! Each `read_pooled` is one single-shot receive. A multishot receive would save its re-arm but
-//! keeps filling ring buffers while the service is not reading, so one chatty connection could
-//! drain the core's ring for everyone; docs/aux-ring.md has the measurement of both.
+//! A multishot receive keeps filling ring buffers while the service is not reading, so a
+//! stream's is bounded twice: the kernel ends it after [`RECV_TOTAL_MAX`] bytes (Linux 6.17+),
+//! and corepin cancels it when [`RECV_QUEUE_MAX`] results wait untaken; the next read arms it
+//! again. Kernels without multishot receive get one single-shot receive per `read_pooled`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -36,8 +38,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use corepin_core::buf::{BufResult, IoBufMut};
 use corepin_core::caps::Support;
-use corepin_core::io::AsyncReadRent;
+use corepin_core::io::{AsyncReadRent, CancelToken};
 use corepin_core::pool::{LentBuf, PooledBuf};
 use corepin_core::runtime::{FdWatch, Runtime};
 use io_uring_aux::{cqueue, opcode, squeue, types, IoUring};
@@ -60,6 +63,14 @@ const CANCEL: u64 = u64::MAX;
 /// service that stops accepting (at its connection cap) leaves the rest in the listen backlog
 /// rather than in this queue. It is armed again once the queue is taken.
 const ACCEPT_QUEUE_MAX: usize = 64;
+/// Results a stream's multishot RECV may queue (each holding a buffer of the ring) before it is
+/// cancelled, so a connection whose service is not reading stops taking the core's buffers and
+/// its bytes wait in the socket instead. Armed again when the service reads the queue empty.
+const RECV_QUEUE_MAX: usize = 4;
+/// Bytes after which the kernel itself ends a stream's multishot RECV (`sqe->optlen`, Linux
+/// 6.17+): a burst can fill many buffers before the cancel for a full queue lands, so the
+/// kernel stops at about [`RECV_QUEUE_MAX`] full buffers' worth, and the next read arms again.
+const RECV_TOTAL_MAX: u32 = (RECV_QUEUE_MAX * BUF_LEN) as u32;
 /// How long stopping waits for the kernel to give back what is still in flight.
 const QUIESCE: Duration = Duration::from_secs(1);
 /// Bytes per registered (fixed) buffer: one chunk of the file server's read + write path.
@@ -277,30 +288,216 @@ pub fn uninstall() {
     }
 }
 
-/// `read_pooled` for a backend that hosts the aux ring: a receive on `fd` (the descriptor of
-/// `stream`) into the core's provided-buffer ring, so a waiting connection holds no buffer.
+/// `read_pooled` for a backend that hosts the aux ring, on a stream whose descriptor is `fd`
+/// and whose [`Receiver`] `rx` gives: the stream's multishot RECV into the core's
+/// provided-buffer ring (armed by the first call, kept armed across calls), so a waiting
+/// connection holds no buffer and a dropped call loses nothing. Where the kernel refuses
+/// multishot receive (before 6.0), one single-shot receive per call into the same ring.
 /// Without a running aux ring (an epoll driver, or it could not be set up), or when every
 /// buffer is lent out (`ENOBUFS`: nothing was consumed), the core pool's fallback reads from
-/// `stream` instead.
-pub async fn read_pooled<S: AsyncReadRent + ?Sized>(stream: &mut S, fd: RawFd) -> io::Result<PooledBuf> {
-    if let Some(recv) = recv(fd) {
-        match recv.await? {
-            Received::Data(buf) => return Ok(buf),
-            Received::Eof => return Ok(PooledBuf::end_of_stream()),
-            Received::NoBuffers => {
-                tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
-            }
+/// `stream` instead (through its `read`, which serves what the multishot RECV queued first).
+pub async fn read_pooled<S: AsyncReadRent + ?Sized>(
+    stream: &mut S,
+    rx: fn(&mut S) -> &mut Receiver,
+    fd: RawFd,
+) -> io::Result<PooledBuf> {
+    let receiver = rx(stream);
+    if let Some(rest) = receiver.rest.take() {
+        return Ok(rest);
+    }
+    let got = match poll_fn(|cx| receiver.poll_next(fd, true, cx)).await {
+        Some(got) => Some(got?),
+        None => match recv(fd) {
+            Some(recv) => Some(recv.await?),
+            None => None,
+        },
+    };
+    match got {
+        Some(Received::Data(buf)) => return Ok(buf),
+        Some(Received::Eof) => return Ok(PooledBuf::end_of_stream()),
+        Some(Received::NoBuffers) => {
+            tracing::trace!("provided-buffer ring empty; read_pooled takes a buffer of the core's pool")
         }
+        None => {}
     }
     corepin_core::pool::read_fallback(stream).await
 }
 
 /// The capability report's multishot receive for a backend whose `read_pooled` is the aux
-/// ring's: not used, and why.
-pub const MULTISHOT_RECV: Support = Support::Absent(
-    "read_pooled arms one receive per read on the auxiliary ring: a multishot receive would keep filling ring \
-     buffers while the service is not reading (docs/aux-ring.md)",
-);
+/// ring's ([`Receiver`]).
+pub fn multishot_recv(missing: Missing) -> Support {
+    multishot_accept(missing)
+}
+
+/// A stream's receives for a backend that hosts the aux ring: one multishot RECV into the
+/// core's provided-buffer ring, armed by the first `read_pooled` and again whenever it ends
+/// (end of stream, `ENOBUFS`, an error, or its queue held [`RECV_QUEUE_MAX`] results nobody
+/// took), instead of one RECV per read. Its results wait here in order, so a dropped read
+/// loses nothing. Once it is armed, the stream's plain reads take their bytes from it too
+/// ([`read`](Self::read), copying), since a receive of the engine's own would race it for the
+/// socket's bytes. Dropping it cancels the RECV and gives its queued buffers back; the socket
+/// must outlive it (declare it before the socket).
+#[derive(Default)]
+pub struct Receiver {
+    state: RecvState,
+    /// What is left of a buffer a plain read took part of.
+    rest: Option<PooledBuf>,
+}
+
+#[derive(Default)]
+enum RecvState {
+    /// Nothing armed.
+    #[default]
+    Idle,
+    /// A multishot RECV on the aux ring: its ring, `user_data` and push sequence number, and
+    /// whether it was armed with the kernel's byte limit.
+    Armed(Rc<Aux>, u64, u64, bool),
+    /// No aux ring on this thread, or the kernel refused multishot receive: reads go to the
+    /// engine (and `read_pooled` to single-shot receives).
+    Off,
+}
+
+impl Receiver {
+    /// The next result of the multishot RECV, arming it first when `arm` and nothing is armed;
+    /// `None` when nothing is armed or queued (not arming), or this thread cannot (no aux
+    /// ring, or the kernel refused): then the caller reads another way.
+    fn poll_next(&mut self, fd: RawFd, arm: bool, cx: &mut Context<'_>) -> Poll<Option<io::Result<Received>>> {
+        loop {
+            let (aux, ud, capped) = match &self.state {
+                RecvState::Off => return Poll::Ready(None),
+                RecvState::Idle if !arm => return Poll::Ready(None),
+                RecvState::Idle => {
+                    let started = CURRENT.with(|c| c.borrow().clone()).and_then(|aux| {
+                        let capped = aux.recv_limit.get();
+                        let (ud, seq) = aux.start_recv_multi(fd, capped)?;
+                        Some(RecvState::Armed(aux, ud, seq, capped))
+                    });
+                    self.state = started.unwrap_or(RecvState::Off);
+                    continue;
+                }
+                RecvState::Armed(aux, ud, _, capped) => (Rc::clone(aux), *ud, *capped),
+            };
+            match aux.poll_recvs(ud, cx) {
+                Next::Pending => return Poll::Pending,
+                Next::Ended => self.state = RecvState::Idle,
+                Next::Item((res, flags)) if res == -libc::EINVAL && cqueue::buffer_select(flags).is_none() => {
+                    aux.abandon_recvs(ud, 0);
+                    if capped {
+                        // Kernels before 6.17 refuse the byte limit (the field was
+                        // `file_index`, which a RECV must leave zero): arm without it.
+                        tracing::debug!("aux ring: no byte limit for multishot receive on this kernel");
+                        aux.recv_limit.set(false);
+                        self.state = RecvState::Idle;
+                        continue;
+                    }
+                    // Kernels before 6.0 refuse the multishot flag: single-shot receives from now on.
+                    self.state = RecvState::Off;
+                    return Poll::Ready(None);
+                }
+                Next::Item((res, flags)) => {
+                    if aux.recvs_ended(ud) {
+                        // Its last result: free the slot now rather than at the next read.
+                        aux.abandon_recvs(ud, 0);
+                        self.state = RecvState::Idle;
+                    }
+                    return Poll::Ready(Some(received(&aux, res, flags)));
+                }
+            }
+        }
+    }
+
+    /// Whether a plain read must come here ([`read`](Self::read)): a multishot RECV is armed,
+    /// or results or bytes of it wait.
+    pub fn active(&self) -> bool {
+        self.rest.is_some() || matches!(self.state, RecvState::Armed(..))
+    }
+
+    /// A backend's plain `read` (with `cancel`, its `read_cancelable`) on a stream whose
+    /// receiver is [`active`](Self::active): up to `buf`'s capacity of the bytes the multishot
+    /// RECV delivered, in order, copied; the rest of a buffer waits for the next read. Waiting
+    /// stops when `cancel` fires with nothing taken. `Err(buf)` once nothing is armed or
+    /// queued: the caller reads through its engine.
+    pub async fn read<B: IoBufMut>(
+        &mut self,
+        fd: RawFd,
+        mut buf: B,
+        cancel: Option<&CancelToken>,
+    ) -> Result<BufResult<usize, B>, B> {
+        let total = buf.bytes_total();
+        if total == 0 {
+            return Err(buf);
+        }
+        let chunk = match self.rest.take() {
+            Some(rest) => rest,
+            None => {
+                let mut cancelled = cancel.map(CancelToken::cancelled);
+                let next = poll_fn(|cx| {
+                    if let Poll::Ready(r) = self.poll_next(fd, false, cx) {
+                        return Poll::Ready(Ok(r));
+                    }
+                    // Nothing was taken: the results stay queued, so stopping loses nothing.
+                    if let Some(c) = cancelled.as_mut() {
+                        if Pin::new(c).poll(cx).is_ready() {
+                            return Poll::Ready(Err(()));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match next {
+                    Err(()) => return Ok(BufResult(Err(corepin_core::io::cancelled_error()), buf)),
+                    Ok(None) | Ok(Some(Ok(Received::NoBuffers))) => return Err(buf),
+                    Ok(Some(Ok(Received::Eof))) => return Ok(BufResult(Ok(0), buf)),
+                    Ok(Some(Err(e))) => return Ok(BufResult(Err(e), buf)),
+                    Ok(Some(Ok(Received::Data(chunk)))) => chunk,
+                }
+            }
+        };
+        let n = chunk.len().min(total);
+        // SAFETY: `stable_mut_ptr` is valid for writes of `bytes_total` bytes (IoBufMut
+        // contract) and `n` is no more than that; the source is another allocation (a ring
+        // buffer or a pool buffer), so the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(chunk.as_ptr(), buf.stable_mut_ptr(), n);
+            buf.set_init(n);
+        }
+        if n < chunk.len() {
+            let mut rest = chunk;
+            rest.advance(n);
+            self.rest = Some(rest);
+        }
+        Ok(BufResult(Ok(n), buf))
+    }
+}
+
+/// A backend's plain `read` (with `cancel`, its `read_cancelable`) on a stream with the
+/// [`Receiver`] `rx`: from the stream's multishot RECV while it is armed or has bytes waiting
+/// ([`Receiver::read`]), else through `engine`.
+pub async fn read_or<B: IoBufMut, F: Future<Output = BufResult<usize, B>>>(
+    rx: &mut Receiver,
+    fd: RawFd,
+    buf: B,
+    cancel: Option<&CancelToken>,
+    engine: impl FnOnce(B) -> F,
+) -> BufResult<usize, B> {
+    let buf = if rx.active() {
+        match rx.read(fd, buf, cancel).await {
+            Ok(done) => return done,
+            Err(buf) => buf,
+        }
+    } else {
+        buf
+    };
+    engine(buf).await
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let RecvState::Armed(aux, ud, seq, _) = &self.state {
+            aux.abandon_recvs(*ud, *seq);
+        }
+    }
+}
 
 /// The capability report's multishot accept for a backend whose listeners accept through the
 /// aux ring ([`Acceptor`]).
@@ -377,17 +574,17 @@ impl Acceptor {
                 AcceptorState::Armed(aux, ud, _) => (Rc::clone(aux), *ud),
             };
             match aux.poll_accepts(ud, cx) {
-                Accepted::Pending => return Poll::Pending,
-                Accepted::Ended => *state = AcceptorState::Idle,
+                Next::Pending => return Poll::Pending,
+                Next::Ended => *state = AcceptorState::Idle,
                 // Kernels before 5.19 refuse the multishot flag: the engine accepts from now on.
-                Accepted::Item(res) if res == -libc::EINVAL => {
+                Next::Item(res) if res == -libc::EINVAL => {
                     *state = AcceptorState::Off;
                     drop(state);
                     self.disarm(&aux, ud);
                     return Poll::Ready(None);
                 }
-                Accepted::Item(res) if res < 0 => return Poll::Ready(Some(Err(io::Error::from_raw_os_error(-res)))),
-                Accepted::Item(fd) => {
+                Next::Item(res) if res < 0 => return Poll::Ready(Some(Err(io::Error::from_raw_os_error(-res)))),
+                Next::Item(fd) => {
                     // SAFETY: the kernel created this descriptor for this listener's accept;
                     // it is taken from the queue once, so nothing else owns it.
                     return Poll::Ready(Some(Ok(unsafe { OwnedFd::from_raw_fd(fd) })));
@@ -493,30 +690,45 @@ impl Future for Recv {
             return Poll::Ready(Err(io::Error::other("aux ring: receive slot lost")));
         };
         self.finished = true;
-        Poll::Ready(match (res, cqueue::buffer_select(flags)) {
-            (n, Some(bid)) if n > 0 => {
-                let ptr = self.aux.bufs.buf(bid);
-                Ok(Received::Data(PooledBuf::lent(Chunk {
-                    aux: self.aux.clone(),
-                    held: Held::Ring(bid),
-                    len: n as u32,
-                    ptr,
-                })))
+        Poll::Ready(received(&self.aux, res, flags))
+    }
+}
+
+/// `entry` with the `optlen` field of its SQE set, which the io-uring crate does not expose for
+/// RECV (a multishot receive's total byte limit, Linux 6.17+).
+fn with_optlen(entry: squeue::Entry, optlen: u32) -> squeue::Entry {
+    /// Where `optlen` sits in `struct io_uring_sqe` (a union with `splice_fd_in`,
+    /// `file_index` and `addr_len`: include/uapi/linux/io_uring.h).
+    const OPTLEN: usize = 44;
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe` and
+    // nothing else, so it has the size and layout of `[u8; 64]`; every byte pattern is a valid
+    // SQE value for Rust (plain integers), and the kernel checks the fields it reads.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    raw[OPTLEN..OPTLEN + 4].copy_from_slice(&optlen.to_ne_bytes());
+    // SAFETY: as above, back to the same type.
+    unsafe { std::mem::transmute(raw) }
+}
+
+/// What the completion of a receive into the provided-buffer ring (`res`, `flags`) delivered.
+fn received(aux: &Rc<Aux>, res: i32, flags: u32) -> io::Result<Received> {
+    match (res, cqueue::buffer_select(flags)) {
+        (n, Some(bid)) if n > 0 => {
+            let ptr = aux.bufs.buf(bid);
+            Ok(Received::Data(PooledBuf::lent(Chunk { aux: aux.clone(), held: Held::Ring(bid), len: n as u32, ptr })))
+        }
+        (n, Some(bid)) => {
+            // A buffer picked and not filled goes straight back.
+            aux.bufs.give_back(bid);
+            if n == 0 {
+                Ok(Received::Eof)
+            } else {
+                Err(io::Error::from_raw_os_error(-n))
             }
-            (n, Some(bid)) => {
-                // A buffer picked and not filled goes straight back.
-                self.aux.bufs.give_back(bid);
-                if n == 0 {
-                    Ok(Received::Eof)
-                } else {
-                    Err(io::Error::from_raw_os_error(-n))
-                }
-            }
-            (0, None) => Ok(Received::Eof),
-            (n, None) if n == -libc::ENOBUFS => Ok(Received::NoBuffers),
-            (n, None) if n < 0 => Err(io::Error::from_raw_os_error(-n)),
-            (n, None) => Err(io::Error::other(format!("receive of {n} bytes without a buffer"))),
-        })
+        }
+        (0, None) => Ok(Received::Eof),
+        (n, None) if n == -libc::ENOBUFS => Ok(Received::NoBuffers),
+        (n, None) if n < 0 => Err(io::Error::from_raw_os_error(-n)),
+        (n, None) => Err(io::Error::other(format!("receive of {n} bytes without a buffer"))),
     }
 }
 
@@ -640,12 +852,24 @@ enum Op {
     /// A multishot ACCEPT whose owner is gone: descriptors still delivered are closed, and the
     /// slot is freed with its last completion.
     AcceptsAbandoned,
+    /// A stream's multishot RECV ([`Receiver`]): its results not taken yet (`res` and `flags`
+    /// of each completion, in order), the reader's waker, whether the kernel still has it, and
+    /// whether a cancel was sent for it (queue full).
+    Recvs {
+        queue: VecDeque<(i32, u32)>,
+        waker: Option<Waker>,
+        armed: bool,
+        cancelling: bool,
+    },
+    /// A multishot RECV whose stream is gone: buffers still delivered go back to the ring, and
+    /// the slot is freed with its last completion.
+    RecvsAbandoned,
 }
 
-/// How a listener's multishot ACCEPT stands, for [`Acceptor`].
-enum Accepted {
-    /// A result: a descriptor, or `-errno`.
-    Item(i32),
+/// How a multishot operation stands, for its owner ([`Acceptor`], [`Receiver`]).
+enum Next<T> {
+    /// Its next result: for an ACCEPT a descriptor or `-errno`; for a RECV `res` and `flags`.
+    Item(T),
     /// Nothing queued and the kernel no longer has it: the slot was freed; arm another.
     Ended,
     Pending,
@@ -660,7 +884,7 @@ struct State {
     free: Vec<usize>,
     /// Receives the kernel has not completed yet (waiting or abandoned).
     in_flight: usize,
-    /// Multishot ACCEPTs whose queue just filled up: cancelled once the borrows that
+    /// Multishot ACCEPTs and RECVs whose queue just filled up: cancelled once the borrows that
     /// completions are handled under are released (see `Aux::cancel_full`).
     full: Vec<u64>,
 }
@@ -684,6 +908,13 @@ impl State {
         let ud = self.take();
         self.slots[slot_of(ud)].op =
             Op::Accepts { queue: VecDeque::new(), waker: None, armed: true, cancelling: false };
+        ud
+    }
+
+    /// A free slot for a multishot RECV, armed; its `user_data`.
+    fn take_recvs(&mut self) -> u64 {
+        let ud = self.take();
+        self.slots[slot_of(ud)].op = Op::Recvs { queue: VecDeque::new(), waker: None, armed: true, cancelling: false };
         ud
     }
 
@@ -724,6 +955,31 @@ impl State {
                 }
                 Op::AcceptsAbandoned => {
                     close_accepted(res);
+                    if last {
+                        self.in_flight -= 1;
+                        self.release(ud);
+                    }
+                    return None;
+                }
+                Op::Recvs { queue, waker, armed, cancelling } => {
+                    // The end of a cancel this side asked for (queue full) is no result.
+                    if !(last && res == -libc::ECANCELED && cqueue::buffer_select(flags).is_none()) {
+                        queue.push_back((res, flags));
+                    }
+                    if !last && *armed && !*cancelling && queue.len() >= RECV_QUEUE_MAX {
+                        *cancelling = true;
+                        self.full.push(ud);
+                    }
+                    if last {
+                        *armed = false;
+                        self.in_flight -= 1;
+                    }
+                    return waker.take();
+                }
+                Op::RecvsAbandoned => {
+                    if let Some(bid) = cqueue::buffer_select(flags) {
+                        bufs.give_back(bid);
+                    }
                     if last {
                         self.in_flight -= 1;
                         self.release(ud);
@@ -788,6 +1044,9 @@ struct Aux {
     flushed: Cell<u64>,
     /// The reap and flush tasks still running, and who waits for them to end ([`stop`]).
     tasks: Cell<u8>,
+    /// Whether multishot RECVs are armed with the kernel's byte limit ([`RECV_TOTAL_MAX`]);
+    /// off once the kernel refused it.
+    recv_limit: Cell<bool>,
     stopper: Cell<Option<Waker>>,
 }
 
@@ -836,6 +1095,7 @@ impl Aux {
             pushed: Cell::new(0),
             flushed: Cell::new(0),
             tasks: Cell::new(0),
+            recv_limit: Cell::new(true),
             stopper: Cell::new(None),
         })
     }
@@ -868,33 +1128,112 @@ impl Aux {
         Some((ud, self.pushed.get()))
     }
 
+    /// Queues a multishot RECV on the stream socket `fd`, selecting buffers of the core's
+    /// provided-buffer ring; its `user_data` and push sequence number, or `None` if stopped or
+    /// the ring has no provided buffers.
+    fn start_recv_multi(&self, fd: RawFd, capped: bool) -> Option<(u64, u64)> {
+        if self.ring.borrow().is_none() || !self.bufs.is_some() {
+            return None;
+        }
+        let ud = self.st.borrow_mut().take_recvs();
+        // RecvMulti sets IOSQE_BUFFER_SELECT itself.
+        let entry = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build().user_data(ud);
+        let entry = if capped { with_optlen(entry, RECV_TOTAL_MAX) } else { entry };
+        self.push(&entry);
+        Some((ud, self.pushed.get()))
+    }
+
+    /// The next result of the multishot RECV in slot `ud`, keeping the task's waker while
+    /// there is none.
+    fn poll_recvs(&self, ud: u64, cx: &mut Context<'_>) -> Next<(i32, u32)> {
+        let mut st = self.st.borrow_mut();
+        let out = match &mut st.slots[slot_of(ud)].op {
+            Op::Recvs { queue, waker, armed, .. } => match queue.pop_front() {
+                Some(item) => Next::Item(item),
+                None if *armed => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    Next::Pending
+                }
+                None => Next::Ended,
+            },
+            // Not a RECV's slot (cannot happen): say it ended, so a new one is armed.
+            _ => return Next::Ended,
+        };
+        if matches!(out, Next::Ended) {
+            st.release(ud);
+        }
+        out
+    }
+
+    /// Whether the multishot RECV in slot `ud` has nothing queued and has ended (its next poll
+    /// says [`Next::Ended`]).
+    fn recvs_ended(&self, ud: u64) -> bool {
+        matches!(&self.st.borrow().slots[slot_of(ud)].op, Op::Recvs { queue, armed: false, .. } if queue.is_empty())
+    }
+
+    /// The stream of the multishot RECV in slot `ud` is gone: the buffers it queued go back to
+    /// the ring, and if the kernel still has it, it is cancelled (submitted at once if it has
+    /// not reached the kernel yet: the socket's number may be reused as soon as this returns)
+    /// and its slot freed with its last completion.
+    fn abandon_recvs(&self, ud: u64, seq: u64) {
+        let cancel = {
+            let mut st = self.st.borrow_mut();
+            let i = slot_of(ud);
+            let op = std::mem::replace(&mut st.slots[i].op, Op::RecvsAbandoned);
+            let Op::Recvs { queue, armed, .. } = op else {
+                st.slots[i].op = op;
+                return;
+            };
+            for (_, flags) in queue {
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    self.bufs.give_back(bid);
+                }
+            }
+            if !armed {
+                st.release(ud);
+            }
+            armed
+        };
+        if cancel {
+            self.push(&opcode::AsyncCancel::new(ud).build().user_data(CANCEL));
+            if seq > self.flushed.get() {
+                if let Some(ring) = self.ring.borrow_mut().as_mut() {
+                    self.enter(ring, 0);
+                }
+            }
+        }
+    }
+
     /// The next result of the multishot ACCEPT in slot `ud` (see [`Accepted`]), keeping the
     /// task's waker while there is none. Cancels the ACCEPT when its queue is full.
-    fn poll_accepts(&self, ud: u64, cx: &mut Context<'_>) -> Accepted {
+    fn poll_accepts(&self, ud: u64, cx: &mut Context<'_>) -> Next<i32> {
         {
             let mut st = self.st.borrow_mut();
             let out = match &mut st.slots[slot_of(ud)].op {
                 Op::Accepts { queue, waker, armed, .. } => match queue.pop_front() {
-                    Some(res) => Accepted::Item(res),
+                    Some(res) => Next::Item(res),
                     None if *armed => {
                         if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                             *waker = Some(cx.waker().clone());
                         }
-                        Accepted::Pending
+                        Next::Pending
                     }
-                    None => Accepted::Ended,
+                    None => Next::Ended,
                 },
                 // Not an ACCEPT's slot (cannot happen): say it ended, so a new one is armed.
-                _ => return Accepted::Ended,
+                _ => return Next::Ended,
             };
-            if matches!(out, Accepted::Ended) {
+            if matches!(out, Next::Ended) {
                 st.release(ud);
             }
             out
         }
     }
 
-    /// Cancels the multishot ACCEPTs whose queues filled up while completions were handled.
+    /// Cancels the multishot ACCEPTs and RECVs whose queues filled up while completions were
+    /// handled.
     fn cancel_full(&self) {
         let full = std::mem::take(&mut self.st.borrow_mut().full);
         for ud in full {
@@ -1000,7 +1339,12 @@ impl Aux {
                 }
                 return Poll::Pending;
             }
-            Op::Free | Op::Abandoned | Op::Accepts { .. } | Op::AcceptsAbandoned => None,
+            Op::Free
+            | Op::Abandoned
+            | Op::Accepts { .. }
+            | Op::AcceptsAbandoned
+            | Op::Recvs { .. }
+            | Op::RecvsAbandoned => None,
         };
         if done.is_some() {
             st.release(ud);
@@ -1167,7 +1511,12 @@ impl Aux {
                 .filter(|(_, s)| {
                     matches!(
                         s.op,
-                        Op::Waiting(_) | Op::Abandoned | Op::AcceptsAbandoned | Op::Accepts { armed: true, .. }
+                        Op::Waiting(_)
+                            | Op::Abandoned
+                            | Op::AcceptsAbandoned
+                            | Op::Accepts { armed: true, .. }
+                            | Op::RecvsAbandoned
+                            | Op::Recvs { armed: true, .. }
                     )
                 })
                 .map(|(i, s)| u64::from(s.generation) << 32 | i as u64)
