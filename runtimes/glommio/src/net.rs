@@ -145,11 +145,9 @@ impl TcpStream {
     /// glommio's readiness-based `poll_read`; with `cancel`, stops once it fires if nothing was
     /// read yet.
     async fn read_into<B: IoBufMut>(&mut self, buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
-        let (fd, inner) = (self.inner.as_raw_fd(), &mut self.inner);
-        corepin_uring::aux::read_or(&mut self.rx, fd, buf, cancel, |b| {
-            poll_read_into(move |cx, slice| Pin::new(&mut *inner).poll_read(cx, slice), b, cancel)
-        })
-        .await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.inner.as_raw_fd(), buf, cancel);
+        let inner = &mut self.inner;
+        poll_read_into(move |cx, slice| Pin::new(&mut *inner).poll_read(cx, slice), buf, cancel).await
     }
 }
 
@@ -328,17 +326,16 @@ pub struct TcpWriteHalf {
 
 impl TcpReadHalf {
     async fn read_into<B: IoBufMut>(&mut self, buf: B, cancel: Option<&CancelToken>) -> BufResult<usize, B> {
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.fd, buf, cancel);
         let inner = &self.inner;
-        corepin_uring::aux::read_or(&mut self.rx, self.fd, buf, cancel, |b| {
-            poll_read_into(
-                move |cx, slice| match inner.try_borrow_mut() {
-                    Ok(mut s) => Pin::new(&mut *s).poll_read(cx, slice),
-                    Err(_) => Poll::Ready(Err(busy())),
-                },
-                b,
-                cancel,
-            )
-        })
+        poll_read_into(
+            move |cx, slice| match inner.try_borrow_mut() {
+                Ok(mut s) => Pin::new(&mut *s).poll_read(cx, slice),
+                Err(_) => Poll::Ready(Err(busy())),
+            },
+            buf,
+            cancel,
+        )
         .await
     }
 }

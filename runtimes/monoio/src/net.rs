@@ -57,13 +57,13 @@ impl TcpStream {
 
 impl AsyncReadRent for TcpStream {
     async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        let (fd, inner) = (self.inner.as_raw_fd(), &mut self.inner);
-        aux::read_or(&mut self.rx, fd, buf, None, |b| async move { back(inner.read(Owned(b)).await) }).await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.inner.as_raw_fd(), buf, None);
+        back(self.inner.read(Owned(buf)).await)
     }
 
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        let (fd, inner) = (self.inner.as_raw_fd(), &mut self.inner);
-        aux::read_or(&mut self.rx, fd, buf, Some(cancel), |b| read_cancelable(inner, b, cancel)).await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.inner.as_raw_fd(), buf, Some(cancel));
+        read_cancelable(&mut self.inner, buf, cancel).await
     }
 }
 
@@ -134,12 +134,12 @@ pub struct TcpWriteHalf(monoio::io::OwnedWriteHalf<monoio::net::TcpStream>);
 
 impl AsyncReadRent for TcpReadHalf {
     async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        let inner = &mut self.inner;
-        aux::read_or(&mut self.rx, self.fd, buf, None, |b| async move { back(inner.read(Owned(b)).await) }).await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.fd, buf, None);
+        back(self.inner.read(Owned(buf)).await)
     }
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        let inner = &mut self.inner;
-        aux::read_or(&mut self.rx, self.fd, buf, Some(cancel), |b| read_cancelable(inner, b, cancel)).await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.fd, buf, Some(cancel));
+        read_cancelable(&mut self.inner, buf, cancel).await
     }
 }
 

@@ -156,15 +156,13 @@ fn readiness<'a>(
 
 impl AsyncReadRent for TcpStream {
     async fn read<B: IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        let inner = &self.inner;
-        aux::read_or(&mut self.rx, inner.as_raw_fd(), buf, None, |b| async move { back(inner.read(Owned(b)).await) })
-            .await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.inner.as_raw_fd(), buf, None);
+        back(self.inner.read(Owned(buf)).await)
     }
 
     async fn read_cancelable<B: IoBufMut>(&mut self, buf: B, cancel: &CancelToken) -> BufResult<usize, B> {
-        let (slot, inner) = (&mut self.readiness, &self.inner);
-        aux::read_or(&mut self.rx, inner.as_raw_fd(), buf, Some(cancel), |b| read_cancelable(slot, inner, b, cancel))
-            .await
+        let buf = corepin_uring::queued_first!(&mut self.rx, self.inner.as_raw_fd(), buf, Some(cancel));
+        read_cancelable(&mut self.readiness, &self.inner, buf, cancel).await
     }
 }
 

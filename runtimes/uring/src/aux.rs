@@ -303,7 +303,7 @@ pub async fn read_pooled<S: AsyncReadRent + ?Sized>(
 ) -> io::Result<PooledBuf> {
     let receiver = rx(stream);
     if let Some(rest) = receiver.rest.take() {
-        return Ok(rest);
+        return Ok(*rest);
     }
     let got = match poll_fn(|cx| receiver.poll_next(fd, true, cx)).await {
         Some(got) => Some(got?),
@@ -320,7 +320,11 @@ pub async fn read_pooled<S: AsyncReadRent + ?Sized>(
         }
         None => {}
     }
-    corepin_core::pool::read_fallback(stream).await
+    // Boxed: this future lives inside every connection task waiting in `read_pooled`, and the
+    // engine's read (with the receiver's own path in front of it) is far larger than the
+    // receive above; an idle connection should not carry it. It costs one allocation on a
+    // read that could not use the ring.
+    Box::pin(corepin_core::pool::read_fallback(stream)).await
 }
 
 /// The capability report's multishot receive for a backend whose `read_pooled` is the aux
@@ -340,8 +344,9 @@ pub fn multishot_recv(missing: Missing) -> Support {
 #[derive(Default)]
 pub struct Receiver {
     state: RecvState,
-    /// What is left of a buffer a plain read took part of.
-    rest: Option<PooledBuf>,
+    /// What is left of a buffer a plain read took part of (boxed: rare, and the receiver lives
+    /// in every stream).
+    rest: Option<Box<PooledBuf>>,
 }
 
 #[derive(Default)]
@@ -428,7 +433,7 @@ impl Receiver {
             return Err(buf);
         }
         let chunk = match self.rest.take() {
-            Some(rest) => rest,
+            Some(rest) => *rest,
             None => {
                 let mut cancelled = cancel.map(CancelToken::cancelled);
                 let next = poll_fn(|cx| {
@@ -464,31 +469,48 @@ impl Receiver {
         if n < chunk.len() {
             let mut rest = chunk;
             rest.advance(n);
-            self.rest = Some(rest);
+            self.rest = Some(Box::new(rest));
         }
         Ok(BufResult(Ok(n), buf))
     }
 }
 
-/// A backend's plain `read` (with `cancel`, its `read_cancelable`) on a stream with the
-/// [`Receiver`] `rx`: from the stream's multishot RECV while it is armed or has bytes waiting
-/// ([`Receiver::read`]), else through `engine`.
-pub async fn read_or<B: IoBufMut, F: Future<Output = BufResult<usize, B>>>(
-    rx: &mut Receiver,
+/// For a backend's plain `read` (with `cancel`, its `read_cancelable`) on a stream with the
+/// [`Receiver`] `rx`: while the stream's multishot RECV is armed or has bytes waiting, the read
+/// it must make instead of the engine's ([`Receiver::read`]), boxed; otherwise `Err(buf)`, and
+/// the caller reads through its engine. Boxed because it is needed only where a service mixes
+/// `read_pooled` with plain reads, while the caller's future sits in every task that ever
+/// reads: inline, this path would make each of them larger (it made Monoio's echo task 160
+/// bytes larger, one mimalloc size class up).
+/// Use it through [`queued_first!`](crate::queued_first).
+#[allow(clippy::type_complexity)]
+pub fn read_queued<'a, B: IoBufMut>(
+    rx: &'a mut Receiver,
     fd: RawFd,
     buf: B,
-    cancel: Option<&CancelToken>,
-    engine: impl FnOnce(B) -> F,
-) -> BufResult<usize, B> {
-    let buf = if rx.active() {
-        match rx.read(fd, buf, cancel).await {
-            Ok(done) => return done,
+    cancel: Option<&'a CancelToken>,
+) -> Result<Pin<Box<dyn Future<Output = Result<BufResult<usize, B>, B>> + 'a>>, B> {
+    if !rx.active() {
+        return Err(buf);
+    }
+    Ok(Box::pin(rx.read(fd, buf, cancel)))
+}
+
+/// In a backend's `read`/`read_cancelable` (an `async fn` returning `BufResult`):
+/// `let buf = queued_first!(&mut self.rx, fd, buf, cancel);` returns the receiver's read when
+/// the stream's multishot RECV must serve it ([`read_queued`]), and otherwise gives `buf` back
+/// for the engine's read.
+#[macro_export]
+macro_rules! queued_first {
+    ($rx:expr, $fd:expr, $buf:expr, $cancel:expr) => {
+        match $crate::aux::read_queued($rx, $fd, $buf, $cancel) {
+            Ok(queued) => match queued.await {
+                Ok(done) => return done,
+                Err(buf) => buf,
+            },
             Err(buf) => buf,
         }
-    } else {
-        buf
     };
-    engine(buf).await
 }
 
 impl Drop for Receiver {
