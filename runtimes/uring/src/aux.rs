@@ -382,11 +382,11 @@ impl Receiver {
                 }
                 RecvState::Armed(aux, ud, _, capped) => (Rc::clone(aux), *ud, *capped),
             };
-            match aux.poll_recvs(ud, cx) {
+            match aux.poll_multi(ud, cx) {
                 Next::Pending => return Poll::Pending,
                 Next::Ended => self.state = RecvState::Idle,
                 Next::Item((res, flags)) if res == -libc::EINVAL && cqueue::buffer_select(flags).is_none() => {
-                    aux.abandon_recvs(ud, 0);
+                    aux.abandon_multi(ud, 0);
                     if capped {
                         // Kernels before 6.17 refuse the byte limit (the field was
                         // `file_index`, which a RECV must leave zero): arm without it.
@@ -400,9 +400,9 @@ impl Receiver {
                     return Poll::Ready(None);
                 }
                 Next::Item((res, flags)) => {
-                    if aux.recvs_ended(ud) {
+                    if aux.multi_ended(ud) {
                         // Its last result: free the slot now rather than at the next read.
-                        aux.abandon_recvs(ud, 0);
+                        aux.abandon_multi(ud, 0);
                         self.state = RecvState::Idle;
                     }
                     return Poll::Ready(Some(received(&aux, res, flags)));
@@ -516,7 +516,7 @@ macro_rules! queued_first {
 impl Drop for Receiver {
     fn drop(&mut self) {
         if let RecvState::Armed(aux, ud, seq, _) = &self.state {
-            aux.abandon_recvs(*ud, *seq);
+            aux.abandon_multi(*ud, *seq);
         }
     }
 }
@@ -595,7 +595,7 @@ impl Acceptor {
                 }
                 AcceptorState::Armed(aux, ud, _) => (Rc::clone(aux), *ud),
             };
-            match aux.poll_accepts(ud, cx) {
+            match aux.poll_multi(ud, cx).map(|(res, _)| res) {
                 Next::Pending => return Poll::Pending,
                 Next::Ended => *state = AcceptorState::Idle,
                 // Kernels before 5.19 refuse the multishot flag: the engine accepts from now on.
@@ -617,14 +617,14 @@ impl Acceptor {
 
     fn disarm(&self, aux: &Aux, ud: u64) {
         // Its seq no longer matters: the listener stays open (this value does not own it).
-        aux.abandon_accepts(ud, 0);
+        aux.abandon_multi(ud, 0);
     }
 }
 
 impl Drop for Acceptor {
     fn drop(&mut self) {
         if let AcceptorState::Armed(aux, ud, seq) = &*self.state.borrow() {
-            aux.abandon_accepts(*ud, *seq);
+            aux.abandon_multi(*ud, *seq);
         }
     }
 }
@@ -862,30 +862,50 @@ enum Op {
     },
     /// Its future was dropped while the kernel had it: freed when the completion arrives.
     Abandoned,
-    /// A multishot ACCEPT: the results not taken yet (descriptors, or `-errno`), the waker of
-    /// the accepting task, whether the kernel still has it (its last completion has not come),
-    /// and whether a cancel was sent for it (queue full).
-    Accepts {
-        queue: VecDeque<i32>,
-        waker: Option<Waker>,
-        armed: bool,
-        cancelling: bool,
-    },
-    /// A multishot ACCEPT whose owner is gone: descriptors still delivered are closed, and the
-    /// slot is freed with its last completion.
-    AcceptsAbandoned,
-    /// A stream's multishot RECV ([`Receiver`]): its results not taken yet (`res` and `flags`
-    /// of each completion, in order), the reader's waker, whether the kernel still has it, and
-    /// whether a cancel was sent for it (queue full).
-    Recvs {
+    /// A multishot ACCEPT ([`Acceptor`]) or RECV ([`Receiver`]): the results not taken yet
+    /// (`res` and `flags` of each completion, in order: a descriptor or a received length, or
+    /// `-errno`), the waker of the task taking them, whether the kernel still has it (its last
+    /// completion has not come), and whether a cancel was sent for it (queue full).
+    Multi {
+        kind: Multi,
         queue: VecDeque<(i32, u32)>,
         waker: Option<Waker>,
         armed: bool,
         cancelling: bool,
     },
-    /// A multishot RECV whose stream is gone: buffers still delivered go back to the ring, and
-    /// the slot is freed with its last completion.
-    RecvsAbandoned,
+    /// A multishot operation whose owner is gone: what it still delivers is dropped (a
+    /// descriptor closed, a buffer given back), and the slot is freed with its last completion.
+    MultiAbandoned(Multi),
+}
+
+/// Which multishot operation a slot holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Multi {
+    Accept,
+    Recv,
+}
+
+impl Multi {
+    /// Results queued before the operation is cancelled, so that an owner that stops taking
+    /// them leaves the rest in the kernel (the listen backlog, the socket).
+    fn queue_max(self) -> usize {
+        match self {
+            Multi::Accept => ACCEPT_QUEUE_MAX,
+            Multi::Recv => RECV_QUEUE_MAX,
+        }
+    }
+
+    /// Drops a result nobody will take: closes an accepted descriptor, gives a buffer back.
+    fn discard(self, res: i32, flags: u32, bufs: &Buffers) {
+        match self {
+            Multi::Accept => close_accepted(res),
+            Multi::Recv => {
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    bufs.give_back(bid);
+                }
+            }
+        }
+    }
 }
 
 /// How a multishot operation stands, for its owner ([`Acceptor`], [`Receiver`]).
@@ -895,6 +915,16 @@ enum Next<T> {
     /// Nothing queued and the kernel no longer has it: the slot was freed; arm another.
     Ended,
     Pending,
+}
+
+impl<T> Next<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Next<U> {
+        match self {
+            Next::Item(t) => Next::Item(f(t)),
+            Next::Ended => Next::Ended,
+            Next::Pending => Next::Pending,
+        }
+    }
 }
 
 fn slot_of(ud: u64) -> usize {
@@ -925,18 +955,11 @@ impl State {
         u64::from(slot.generation) << 32 | i as u64
     }
 
-    /// A free slot for a multishot ACCEPT, armed; its `user_data`.
-    fn take_accepts(&mut self) -> u64 {
+    /// A free slot for a multishot operation, armed; its `user_data`.
+    fn take_multi(&mut self, kind: Multi) -> u64 {
         let ud = self.take();
         self.slots[slot_of(ud)].op =
-            Op::Accepts { queue: VecDeque::new(), waker: None, armed: true, cancelling: false };
-        ud
-    }
-
-    /// A free slot for a multishot RECV, armed; its `user_data`.
-    fn take_recvs(&mut self) -> u64 {
-        let ud = self.take();
-        self.slots[slot_of(ud)].op = Op::Recvs { queue: VecDeque::new(), waker: None, armed: true, cancelling: false };
+            Op::Multi { kind, queue: VecDeque::new(), waker: None, armed: true, cancelling: false };
         ud
     }
 
@@ -958,37 +981,14 @@ impl State {
         if live {
             let last = !cqueue::more(flags);
             match &mut self.slots[i].op {
-                Op::Accepts { queue, waker, armed, cancelling } => {
-                    // The end of a cancel this side asked for (queue full) is no result.
-                    if !(last && res == -libc::ECANCELED) {
-                        queue.push_back(res);
-                    }
-                    // Nobody is taking them (a service at its connection cap): the rest wait
-                    // in the listen backlog instead.
-                    if !last && *armed && !*cancelling && queue.len() >= ACCEPT_QUEUE_MAX {
-                        *cancelling = true;
-                        self.full.push(ud);
-                    }
-                    if last {
-                        *armed = false;
-                        self.in_flight -= 1;
-                    }
-                    return waker.take();
-                }
-                Op::AcceptsAbandoned => {
-                    close_accepted(res);
-                    if last {
-                        self.in_flight -= 1;
-                        self.release(ud);
-                    }
-                    return None;
-                }
-                Op::Recvs { queue, waker, armed, cancelling } => {
+                Op::Multi { kind, queue, waker, armed, cancelling } => {
                     // The end of a cancel this side asked for (queue full) is no result.
                     if !(last && res == -libc::ECANCELED && cqueue::buffer_select(flags).is_none()) {
                         queue.push_back((res, flags));
                     }
-                    if !last && *armed && !*cancelling && queue.len() >= RECV_QUEUE_MAX {
+                    // Nobody is taking them (a service at its connection cap, or not reading):
+                    // the rest wait in the kernel instead.
+                    if !last && *armed && !*cancelling && queue.len() >= kind.queue_max() {
                         *cancelling = true;
                         self.full.push(ud);
                     }
@@ -998,10 +998,8 @@ impl State {
                     }
                     return waker.take();
                 }
-                Op::RecvsAbandoned => {
-                    if let Some(bid) = cqueue::buffer_select(flags) {
-                        bufs.give_back(bid);
-                    }
+                Op::MultiAbandoned(kind) => {
+                    kind.discard(res, flags, bufs);
                     if last {
                         self.in_flight -= 1;
                         self.release(ud);
@@ -1144,7 +1142,7 @@ impl Aux {
         if self.ring.borrow().is_none() {
             return None;
         }
-        let ud = self.st.borrow_mut().take_accepts();
+        let ud = self.st.borrow_mut().take_multi(Multi::Accept);
         let entry = opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud);
         self.push(&entry);
         Some((ud, self.pushed.get()))
@@ -1157,7 +1155,7 @@ impl Aux {
         if self.ring.borrow().is_none() || !self.bufs.is_some() {
             return None;
         }
-        let ud = self.st.borrow_mut().take_recvs();
+        let ud = self.st.borrow_mut().take_multi(Multi::Recv);
         // RecvMulti sets IOSQE_BUFFER_SELECT itself.
         let entry = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build().user_data(ud);
         let entry = if capped { with_optlen(entry, RECV_TOTAL_MAX) } else { entry };
@@ -1165,12 +1163,12 @@ impl Aux {
         Some((ud, self.pushed.get()))
     }
 
-    /// The next result of the multishot RECV in slot `ud`, keeping the task's waker while
+    /// The next result of the multishot operation in slot `ud`, keeping the task's waker while
     /// there is none.
-    fn poll_recvs(&self, ud: u64, cx: &mut Context<'_>) -> Next<(i32, u32)> {
+    fn poll_multi(&self, ud: u64, cx: &mut Context<'_>) -> Next<(i32, u32)> {
         let mut st = self.st.borrow_mut();
         let out = match &mut st.slots[slot_of(ud)].op {
-            Op::Recvs { queue, waker, armed, .. } => match queue.pop_front() {
+            Op::Multi { queue, waker, armed, .. } => match queue.pop_front() {
                 Some(item) => Next::Item(item),
                 None if *armed => {
                     if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -1180,7 +1178,7 @@ impl Aux {
                 }
                 None => Next::Ended,
             },
-            // Not a RECV's slot (cannot happen): say it ended, so a new one is armed.
+            // Not a multishot slot (cannot happen): say it ended, so a new one is armed.
             _ => return Next::Ended,
         };
         if matches!(out, Next::Ended) {
@@ -1189,29 +1187,26 @@ impl Aux {
         out
     }
 
-    /// Whether the multishot RECV in slot `ud` has nothing queued and has ended (its next poll
-    /// says [`Next::Ended`]).
-    fn recvs_ended(&self, ud: u64) -> bool {
-        matches!(&self.st.borrow().slots[slot_of(ud)].op, Op::Recvs { queue, armed: false, .. } if queue.is_empty())
+    /// Whether the multishot operation in slot `ud` has nothing queued and has ended (its next
+    /// poll says [`Next::Ended`]).
+    fn multi_ended(&self, ud: u64) -> bool {
+        matches!(&self.st.borrow().slots[slot_of(ud)].op, Op::Multi { queue, armed: false, .. } if queue.is_empty())
     }
 
-    /// The stream of the multishot RECV in slot `ud` is gone: the buffers it queued go back to
-    /// the ring, and if the kernel still has it, it is cancelled (submitted at once if it has
-    /// not reached the kernel yet: the socket's number may be reused as soon as this returns)
+    /// The owner of the multishot operation in slot `ud` is gone: what it did not take is
+    /// dropped (descriptors closed, buffers given back), and if the kernel still has it, it is
+    /// cancelled (submitted at once if it has not reached the kernel yet, as in
+    /// [`abandon`](Self::abandon): the socket's number may be reused as soon as this returns)
     /// and its slot freed with its last completion.
-    fn abandon_recvs(&self, ud: u64, seq: u64) {
+    fn abandon_multi(&self, ud: u64, seq: u64) {
         let cancel = {
             let mut st = self.st.borrow_mut();
             let i = slot_of(ud);
-            let op = std::mem::replace(&mut st.slots[i].op, Op::RecvsAbandoned);
-            let Op::Recvs { queue, armed, .. } = op else {
-                st.slots[i].op = op;
-                return;
-            };
-            for (_, flags) in queue {
-                if let Some(bid) = cqueue::buffer_select(flags) {
-                    self.bufs.give_back(bid);
-                }
+            let Op::Multi { kind, .. } = st.slots[i].op else { return };
+            let op = std::mem::replace(&mut st.slots[i].op, Op::MultiAbandoned(kind));
+            let Op::Multi { queue, armed, .. } = op else { return };
+            for (res, flags) in queue {
+                kind.discard(res, flags, &self.bufs);
             }
             if !armed {
                 st.release(ud);
@@ -1225,32 +1220,6 @@ impl Aux {
                     self.enter(ring, 0);
                 }
             }
-        }
-    }
-
-    /// The next result of the multishot ACCEPT in slot `ud` (see [`Accepted`]), keeping the
-    /// task's waker while there is none. Cancels the ACCEPT when its queue is full.
-    fn poll_accepts(&self, ud: u64, cx: &mut Context<'_>) -> Next<i32> {
-        {
-            let mut st = self.st.borrow_mut();
-            let out = match &mut st.slots[slot_of(ud)].op {
-                Op::Accepts { queue, waker, armed, .. } => match queue.pop_front() {
-                    Some(res) => Next::Item(res),
-                    None if *armed => {
-                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                            *waker = Some(cx.waker().clone());
-                        }
-                        Next::Pending
-                    }
-                    None => Next::Ended,
-                },
-                // Not an ACCEPT's slot (cannot happen): say it ended, so a new one is armed.
-                _ => return Next::Ended,
-            };
-            if matches!(out, Next::Ended) {
-                st.release(ud);
-            }
-            out
         }
     }
 
@@ -1260,35 +1229,6 @@ impl Aux {
         let full = std::mem::take(&mut self.st.borrow_mut().full);
         for ud in full {
             self.push(&opcode::AsyncCancel::new(ud).build().user_data(CANCEL));
-        }
-    }
-
-    /// The owner of the multishot ACCEPT in slot `ud` is gone: what it did not take is closed,
-    /// and if the kernel still has it, it is cancelled (submitted at once if it has not reached
-    /// the kernel yet, as in [`abandon`](Self::abandon): the listener's number may be reused
-    /// as soon as this returns) and its slot freed with its last completion.
-    fn abandon_accepts(&self, ud: u64, seq: u64) {
-        let cancel = {
-            let mut st = self.st.borrow_mut();
-            let i = slot_of(ud);
-            let op = std::mem::replace(&mut st.slots[i].op, Op::AcceptsAbandoned);
-            let Op::Accepts { queue, armed, .. } = op else {
-                st.slots[i].op = op;
-                return;
-            };
-            queue.into_iter().for_each(close_accepted);
-            if !armed {
-                st.release(ud);
-            }
-            armed
-        };
-        if cancel {
-            self.push(&opcode::AsyncCancel::new(ud).build().user_data(CANCEL));
-            if seq > self.flushed.get() {
-                if let Some(ring) = self.ring.borrow_mut().as_mut() {
-                    self.enter(ring, 0);
-                }
-            }
         }
     }
 
@@ -1361,12 +1301,7 @@ impl Aux {
                 }
                 return Poll::Pending;
             }
-            Op::Free
-            | Op::Abandoned
-            | Op::Accepts { .. }
-            | Op::AcceptsAbandoned
-            | Op::Recvs { .. }
-            | Op::RecvsAbandoned => None,
+            Op::Free | Op::Abandoned | Op::Multi { .. } | Op::MultiAbandoned(_) => None,
         };
         if done.is_some() {
             st.release(ud);
@@ -1533,12 +1468,7 @@ impl Aux {
                 .filter(|(_, s)| {
                     matches!(
                         s.op,
-                        Op::Waiting(_)
-                            | Op::Abandoned
-                            | Op::AcceptsAbandoned
-                            | Op::Accepts { armed: true, .. }
-                            | Op::RecvsAbandoned
-                            | Op::Recvs { armed: true, .. }
+                        Op::Waiting(_) | Op::Abandoned | Op::MultiAbandoned(_) | Op::Multi { armed: true, .. }
                     )
                 })
                 .map(|(i, s)| u64::from(s.generation) << 32 | i as u64)
