@@ -1062,7 +1062,7 @@ def ingest_markdown(results: list[dict], prof: Profile, backend: str) -> str:
                             f"{ratio} | "
                             f"{fmt_ns(r['machine_ns_per_pkt'])} | {r['limit']} |")
             rows.append(f"| {layout} | {INGEST_URING} | {size} B | | not measured: not in corepin's socket source "
-                        "yet (issue 11) | | | | | | |")
+                        "yet (docs/af_xdp.md, \"Not done\") | | | | | | |")
     return (f"UDP datagrams for one port taken off a 2-queue veth pair between two network namespaces by "
             f"`corepin xdp` ({backend}); `corepin-loadgen udp` sends from the other namespace (sendmmsg, "
             f"{INGEST_SOURCE_PORTS} source ports, one pinned thread per sender CPU). 2 workers: corepin on CPUs 0 "
