@@ -354,7 +354,8 @@ fn xdp_in_namespaces_counts_exactly_and_leaves_nothing_after_sigterm_or_sigkill(
         if Command::new("tcpdump").arg("--version").output().is_ok() {
             let mut n = 0;
             for f in std::fs::read_dir(&dir).unwrap() {
-                let out = Command::new("tcpdump").args(["-nn", "-r"]).arg(f.unwrap().path()).output().unwrap();
+                // `-q`: no dissection by port (49152 would print as "BCM-LI-SHIM", not UDP).
+                let out = Command::new("tcpdump").args(["-nn", "-q", "-r"]).arg(f.unwrap().path()).output().unwrap();
                 assert!(out.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
                 n += String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("UDP, length")).count();
             }
