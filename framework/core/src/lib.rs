@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod arrivals;
 pub mod buf;
 pub mod caps;
 pub mod copy;

@@ -206,7 +206,9 @@ pub struct Elapsed;
 ///
 /// The clock starts when `fut` first has to wait: an operation that completes on its first
 /// poll (a request whose header section already arrived, a send the flow control takes at
-/// once) costs no timer at all.
+/// once) costs no timer at all. The engine's sleep is boxed when it is made: some engines'
+/// sleeps are several hundred bytes (Monoio's), and inline they would widen every future that
+/// awaits a timeout, which is copied whole each time it moves, whether or not it ever waits.
 pub fn timeout<R: Runtime, F: Future>(dur: Duration, fut: F) -> impl Future<Output = Result<F::Output, Elapsed>> {
     Timeout { fut, sleep: None, arm: Some(move || R::sleep(dur)) }
 }
@@ -216,8 +218,7 @@ pin_project_lite::pin_project! {
     struct Timeout<F, S, M> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: Option<S>,
+        sleep: Option<Pin<Box<S>>>,
         arm: Option<M>,
     }
 }
@@ -225,14 +226,14 @@ pin_project_lite::pin_project! {
 impl<F: Future, S: Future<Output = ()>, M: FnOnce() -> S> Future for Timeout<F, S, M> {
     type Output = Result<F::Output, Elapsed>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(v) = this.fut.poll(cx) {
             return Poll::Ready(Ok(v));
         }
         if let Some(arm) = this.arm.take() {
-            this.sleep.set(Some(arm()));
+            *this.sleep = Some(Box::pin(arm()));
         }
-        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+        match this.sleep.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Err(Elapsed)),
             _ => Poll::Pending,
         }

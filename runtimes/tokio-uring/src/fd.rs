@@ -19,7 +19,10 @@
 //!   observed) and wait for the next edge.
 //!
 //! So a second call completes at once while data remains, and waits once the caller has
-//! drained the descriptor. The cost is one `poll(2)` per call.
+//! drained the descriptor. The cost is one `poll(2)` per call that finds readiness cached.
+//! An edge that arrives after the `poll(2)` said "not ready" is fresh (data or room came since
+//! the check), so the call completes on it without a second `poll(2)`: a caller that drained
+//! the descriptor with its own syscalls pays one confirmation per wait, not two.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -47,22 +50,26 @@ impl contract::FdWatch for FdWatch {
     }
 
     async fn readable(&self) -> io::Result<()> {
+        let mut fresh = false;
         loop {
             let mut guard = self.fd.readable().await?;
-            if poll_now(self.fd.get_ref().as_raw_fd(), libc::POLLIN)? {
+            if fresh || poll_now(self.fd.get_ref().as_raw_fd(), libc::POLLIN)? {
                 return Ok(());
             }
             guard.clear_ready();
+            fresh = true;
         }
     }
 
     async fn writable(&self) -> io::Result<()> {
+        let mut fresh = false;
         loop {
             let mut guard = self.fd.writable().await?;
-            if poll_now(self.fd.get_ref().as_raw_fd(), libc::POLLOUT)? {
+            if fresh || poll_now(self.fd.get_ref().as_raw_fd(), libc::POLLOUT)? {
                 return Ok(());
             }
             guard.clear_ready();
+            fresh = true;
         }
     }
 }

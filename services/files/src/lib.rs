@@ -194,6 +194,7 @@ impl FilesFactory {
             metrics: Arc::clone(&self.metrics),
             core: worker.info().index,
             caches: self.caches_for(worker.info().index),
+            counted: false,
         }
     }
 
@@ -249,9 +250,22 @@ pub struct Files {
     metrics: Arc<FileMetrics>,
     core: usize,
     caches: Rc<CoreCaches>,
+    /// Every receive that carries this front end's requests is counted in
+    /// [`corepin_core::arrivals`] (see [`Files::receives_counted`]).
+    counted: bool,
 }
 
 impl Files {
+    /// Says that the front end using this value counts every receive that can carry its
+    /// requests with [`corepin_core::arrivals::note`], made after the receive and before the
+    /// requests it carries are planned. The open-file cache then reads its inotify queue only
+    /// when something was received since it last did, instead of on every lookup: one system
+    /// call per batch of received datagrams, not one per request. A front end that misses a
+    /// receive would be answered from entries of files changed before its request was sent.
+    pub fn receives_counted(mut self) -> Self {
+        self.counted = true;
+        self
+    }
     /// The settings this service runs with.
     pub fn config(&self) -> &FilesConfig {
         &self.cfg

@@ -80,6 +80,8 @@ pub struct OpenFiles<N = ()> {
     /// Inodes (device, inode) whose entries inotify dropped, for the memory cache to forget
     /// too (it validates by size and mtime, which an in-place rewrite can keep).
     changed: Vec<(u64, u64)>,
+    /// The thread's receive count ([`corepin_core::arrivals`]) when the queue was last read.
+    drained_at: Option<u64>,
 }
 
 impl<N: Clone> OpenFiles<N> {
@@ -115,6 +117,7 @@ impl<N: Clone> OpenFiles<N> {
             valid,
             invalidated: 0,
             changed: Vec::new(),
+            drained_at: None,
         }
     }
 
@@ -126,9 +129,17 @@ impl<N: Clone> OpenFiles<N> {
     /// The cached descriptor and metadata for `rel`, if known, unchanged and checked within
     /// the window. Applies the queued inotify events first; if they cannot be read, the cache
     /// turns itself off (and says so) rather than answer from entries it cannot check.
-    pub fn lookup(&mut self, rel: &str, now: Instant) -> (Option<Known<N>>, Lookup) {
+    ///
+    /// `counted`: every receive that can carry the caller's requests is counted in
+    /// [`corepin_core::arrivals`]. Then the queue is read only when something was received
+    /// since it last was (that module says why this is exact); else on every lookup.
+    pub fn lookup(&mut self, rel: &str, now: Instant, counted: bool) -> (Option<Known<N>>, Lookup) {
         if let Some(fd) = self.inotify.as_ref().map(AsRawFd::as_raw_fd) {
-            if !self.by_wd.is_empty() {
+            let received = corepin_core::arrivals::count();
+            // Nothing watched, or a counted caller with nothing received since the last read.
+            let skip = self.by_wd.is_empty() || (counted && self.drained_at == Some(received));
+            if !skip {
+                self.drained_at = Some(received);
                 if let Err(e) = self.drain(fd) {
                     tracing::warn!("open-file cache off on this core (reading inotify: {e})");
                     self.turn_off();
@@ -349,22 +360,22 @@ mod tests {
             assert_eq!(m.len, 1);
             let stale = Metadata { len: 2, ..m };
             c.annotate(name, &stale, "made for other metadata");
-            assert_eq!(c.lookup(name, now).0.unwrap().2, None, "a note for other metadata is not kept");
+            assert_eq!(c.lookup(name, now, false).0.unwrap().2, None, "a note for other metadata is not kept");
             c.annotate(name, &m, name);
         }
-        assert_eq!((c.lookup("a", now).1, c.lookup("b", now).1), (Lookup::Hit, Lookup::Hit));
-        assert_eq!(c.lookup("b", now).0.unwrap().2, Some("b"), "the note comes with the entry");
+        assert_eq!((c.lookup("a", now, false).1, c.lookup("b", now, false).1), (Lookup::Hit, Lookup::Hit));
+        assert_eq!(c.lookup("b", now, false).0.unwrap().2, Some("b"), "the note comes with the entry");
         std::fs::OpenOptions::new().append(true).open(dir.path().join("a")).unwrap().write_all(b"!").unwrap();
-        assert_eq!(c.lookup("a", now).1, Lookup::Miss, "written: dropped");
+        assert_eq!(c.lookup("a", now, false).1, Lookup::Miss, "written: dropped");
         let f = Rc::new(File::open(dir.path().join("a")).unwrap());
         c.insert("a", &f, meta(&f), now);
-        assert_eq!(c.lookup("a", now).0.unwrap().2, None, "the note went with the changed file's entry");
+        assert_eq!(c.lookup("a", now, false).0.unwrap().2, None, "the note went with the changed file's entry");
         c.remove("a");
-        assert_eq!(c.lookup("b", now).1, Lookup::Hit);
+        assert_eq!(c.lookup("b", now, false).1, Lookup::Hit);
         // Replaced by a rename over it: the old inode's link count changes.
         std::fs::write(dir.path().join("b.new"), "B").unwrap();
         std::fs::rename(dir.path().join("b.new"), dir.path().join("b")).unwrap();
-        assert_eq!(c.lookup("b", now).1, Lookup::Miss, "replaced: dropped");
+        assert_eq!(c.lookup("b", now, false).1, Lookup::Miss, "replaced: dropped");
         assert_eq!(c.invalidated(), 2);
         assert!(c.by_wd.is_empty() && c.is_empty());
     }
@@ -379,22 +390,43 @@ mod tests {
         c.insert("x", &f, meta(&f), t0);
         c.insert("./x", &f, meta(&f), t0);
         assert_eq!(c.by_wd.len(), 1, "one inode, one watch");
-        assert_eq!(c.lookup("x", t0 + Duration::from_millis(150)).1, Lookup::Expired);
+        assert_eq!(c.lookup("x", t0 + Duration::from_millis(150), false).1, Lookup::Expired);
         // Opened again after the window: the same inode keeps its one watch.
         let later = t0 + Duration::from_millis(150);
         c.insert("x", &f, meta(&f), later);
-        assert_eq!(c.lookup("x", later + Duration::from_millis(50)).1, Lookup::Hit);
+        assert_eq!(c.lookup("x", later + Duration::from_millis(50), false).1, Lookup::Hit);
         assert_eq!(c.by_wd.len(), 1);
         c.insert("x2", &f, meta(&f), t0);
         assert_eq!(c.len(), 2, "at most `max` entries");
         assert_eq!(c.by_wd.values().map(Vec::len).sum::<usize>(), 2, "the evicted name left the watch's list");
         std::fs::write(dir.path().join("x"), "y").unwrap();
-        assert_eq!(c.lookup("x", t0).1, Lookup::Miss);
+        assert_eq!(c.lookup("x", t0, false).1, Lookup::Miss);
         assert!(c.is_empty(), "every path naming the inode is dropped");
         assert_eq!(c.take_changed().map(Iterator::count), Some(2), "twice the one inode, for the memory cache");
         let dir_fd = Rc::new(File::open(dir.path()).unwrap());
         assert!(c.insert(".", &dir_fd, meta(&dir_fd), t0).is_dir, "a directory's metadata, not cached");
         assert!(c.is_empty() && c.by_wd.is_empty());
         assert!(!OpenFiles::<()>::off().enabled());
+    }
+
+    #[test]
+    fn a_counted_caller_reads_the_queue_only_after_a_receive() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "a").unwrap();
+        let mut c: OpenFiles = OpenFiles::new(8, Duration::from_secs(60)).unwrap();
+        let now = Instant::now();
+        let f = Rc::new(File::open(dir.path().join("a")).unwrap());
+        c.insert("a", &f, meta(&f), now);
+        assert_eq!(c.lookup("a", now, true).1, Lookup::Hit, "the first lookup reads the queue");
+        std::fs::write(dir.path().join("a"), "b").unwrap();
+        // Nothing received since the queue was read: a request served now was received before
+        // the write, so the entry is still the answer it was sent for.
+        assert_eq!(c.lookup("a", now, true).1, Lookup::Hit, "no receive since the last read: queue not read");
+        corepin_core::arrivals::note();
+        assert_eq!(c.lookup("a", now, true).1, Lookup::Miss, "after a receive the write is seen");
+        let f = Rc::new(File::open(dir.path().join("a")).unwrap());
+        c.insert("a", &f, meta(&f), now);
+        std::fs::write(dir.path().join("a"), "c").unwrap();
+        assert_eq!(c.lookup("a", now, false).1, Lookup::Miss, "an uncounted caller reads the queue every time");
     }
 }

@@ -592,7 +592,7 @@ impl Files {
         let now = cache.enabled().then(Instant::now);
         if let Some(now) = now {
             let before = cache.invalidated();
-            let (hit, how) = cache.lookup(rel, now);
+            let (hit, how) = cache.lookup(rel, now, self.counted);
             let counters = self.counters();
             counters.open_lookup(how);
             if cache.invalidated() > before {

@@ -164,9 +164,12 @@ pub(crate) async fn serve_connection<R: Runtime>(
                 if early && !early_counted.replace(true) {
                     CoreCounters::add(&counters.zero_rtt_accepted, 1);
                 }
+                // The task's own future stays small (its captures), and the request's, a few
+                // KiB, is boxed once when the task first runs: a spawn moves its future more
+                // than once on its way into the executor, and each move copies all of it.
                 drop(spawn::<R, _>(async move {
                     let counters = shared.worker.clone();
-                    match catch_panic(serve_request::<R>(resolver, &shared, early)).await {
+                    match catch_panic(Box::pin(serve_request::<R>(resolver, &shared, early))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!("HTTP/3 request ended early: {e}"),
                         Err(message) => {
@@ -493,19 +496,10 @@ async fn respond<R: Runtime>(
             pump.send(html).await?;
             counters.transfer(TransferPath::Memory, n);
         }
-        Body::Fill { file, meta } => {
-            let data = transfer::read_whole::<R>(file, &meta).await?;
-            let short = (data.len() as u64) < meta.len;
-            if !short {
-                files.remember(&meta, data.clone());
-            }
-            let n = data.len() as u64;
-            pump.send(data).await?;
-            counters.transfer(TransferPath::Memory, n);
-            if short {
-                return Err(H3Error::Truncated);
-            }
-        }
+        // The two bodies read through the engine are boxed: their futures (the engine's
+        // reads) would otherwise widen this one, and the request task holding it, for every
+        // request, while most answers come from memory.
+        Body::Fill { file, meta } => Box::pin(pump.fill(files, file, meta)).await?,
         Body::Memory { data, extent } => {
             let n = extent.source_bytes();
             let span = |first: u64, len: u64| Bytes::slice(&data, first as usize..(first + len) as usize);
@@ -521,22 +515,7 @@ async fn respond<R: Runtime>(
             }
             counters.transfer(TransferPath::Memory, n);
         }
-        Body::File { file, extent } => {
-            let file = R::File::from_std(transfer::owned(file)?).map_err(H3Error::Io)?;
-            let chunk = files.config().read_write_chunk.max(4096);
-            let n = extent.source_bytes();
-            match extent {
-                Extent::Span { first, len } => pump.file_range(&file, first, len, chunk).await?,
-                Extent::Multipart { parts, close } => {
-                    for p in parts {
-                        pump.send(p.prefix).await?;
-                        pump.file_range(&file, p.first, p.len, chunk).await?;
-                    }
-                    pump.send(close).await?;
-                }
-            }
-            counters.transfer(TransferPath::ReadWrite, n);
-        }
+        Body::File { file, extent } => Box::pin(pump.file(files, file, extent)).await?,
     }
     CoreCounters::add(&counters.bytes_sent, pump.sent);
     stream.finish().await?;
@@ -563,6 +542,46 @@ impl<R: Runtime> Pump<'_, R> {
             Err(_) => return Err(H3Error::SendTimeout),
         }
         self.sent += n;
+        Ok(())
+    }
+
+    /// A small file's body, read whole, kept in the core's memory cache and sent.
+    async fn fill(
+        &mut self,
+        files: &Files,
+        file: Rc<std::fs::File>,
+        meta: corepin_core::runtime::Metadata,
+    ) -> Result<(), H3Error> {
+        let data = transfer::read_whole::<R>(file, &meta).await?;
+        let short = (data.len() as u64) < meta.len;
+        if !short {
+            files.remember(&meta, data.clone());
+        }
+        let n = data.len() as u64;
+        self.send(data).await?;
+        files.counters().transfer(TransferPath::Memory, n);
+        if short {
+            return Err(H3Error::Truncated);
+        }
+        Ok(())
+    }
+
+    /// A larger file's body (or its ranges), read through the engine a chunk at a time.
+    async fn file(&mut self, files: &Files, file: Rc<std::fs::File>, extent: Extent) -> Result<(), H3Error> {
+        let file = R::File::from_std(transfer::owned(file)?).map_err(H3Error::Io)?;
+        let chunk = files.config().read_write_chunk.max(4096);
+        let n = extent.source_bytes();
+        match extent {
+            Extent::Span { first, len } => self.file_range(&file, first, len, chunk).await?,
+            Extent::Multipart { parts, close } => {
+                for p in parts {
+                    self.send(p.prefix).await?;
+                    self.file_range(&file, p.first, p.len, chunk).await?;
+                }
+                self.send(close).await?;
+            }
+        }
+        files.counters().transfer(TransferPath::ReadWrite, n);
         Ok(())
     }
 

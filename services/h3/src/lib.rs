@@ -394,7 +394,9 @@ impl App for H3Server {
         )
         .map_err(|e| AppError::msg(format!("starting the QUIC endpoint on core {}: {e}", worker.info().cpu)))?;
         let shared = Rc::new(CoreShared {
-            files: self.files.files_for(&worker),
+            // The socket adapter counts every receive (`quic_rt`: each UDP receive, each
+            // datagram forwarded here), so the open-file cache reads inotify once per batch.
+            files: self.files.files_for(&worker).receives_counted(),
             cfg: self.cfg.clone(),
             worker: worker.clone(),
             metrics: Arc::clone(&self.metrics),

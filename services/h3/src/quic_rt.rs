@@ -135,18 +135,21 @@ impl<R: Runtime> AsyncTimer for CoreTimer<R> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let st = &mut *self.get_mut().state;
         loop {
+            // An armed sleep ends no later than the deadline (`reset` drops it when the
+            // deadline moves earlier), so while it has not fired the deadline has not passed:
+            // no clock read. quinn polls each connection's timer on every poll of its driver.
+            if let Some(sleep) = st.sleep.as_mut() {
+                match sleep.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    // Fired for an earlier deadline (or rounded short): look at the clock.
+                    Poll::Ready(()) => st.sleep = None,
+                }
+            }
             let now = Instant::now();
             if now >= st.deadline {
-                st.sleep = None;
                 return Poll::Ready(());
             }
-            let left = st.deadline - now;
-            let sleep = st.sleep.get_or_insert_with(|| Box::pin(R::sleep(left)));
-            match sleep.as_mut().poll(cx) {
-                // Fired for an earlier deadline (or rounded short): arm for what is left.
-                Poll::Ready(()) => st.sleep = None,
-                Poll::Pending => return Poll::Pending,
-            }
+            st.sleep = Some(Box::pin(R::sleep(st.deadline - now)));
         }
     }
 }
@@ -194,12 +197,24 @@ struct UdpIo<R: Runtime> {
     socket: Rc<R::UdpSocket>,
     /// The wait for readability the endpoint driver is parked on, kept across polls.
     readable: std::cell::RefCell<Option<LocalFuture<io::Result<()>>>>,
+    /// The last receive returned fewer datagrams than it had room for, so the socket's queue
+    /// was empty when it returned: the next receive waits for readability first instead of
+    /// making a syscall that would most likely fail with `EAGAIN`.
+    drained: std::cell::Cell<bool>,
     /// The one wait for writability, shared by every poller.
     writable: std::cell::RefCell<Option<LocalFuture<io::Result<()>>>>,
     write_waiters: Arc<WakeAll>,
     /// The last send met a full socket buffer (`EAGAIN`), and no wait for writability has
     /// ended since. Until it does, pollers need not wait: the socket is taken to be writable.
     blocked: std::cell::Cell<bool>,
+}
+
+impl<R: Runtime> UdpIo<R> {
+    /// Arms the engine's wait for readability, which `poll_recv` polls from then on.
+    fn arm_readable(&self) {
+        let socket = Rc::clone(&self.socket);
+        *self.readable.borrow_mut() = Some(Box::pin(async move { socket.readable().await }));
+    }
 }
 
 /// A datagram passed from the core it reached to the core that owns its connection, with what
@@ -329,6 +344,7 @@ impl<R: Runtime> CoreUdpSocket<R> {
         let io = UdpIo {
             socket: Rc::new(socket),
             readable: Default::default(),
+            drained: Default::default(),
             writable: Default::default(),
             write_waiters: Arc::default(),
             blocked: Default::default(),
@@ -384,6 +400,7 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
         if let Some(f) = forward {
             let n = f.take_in(bufs, meta);
             if n > 0 {
+                corepin_core::arrivals::note();
                 return Poll::Ready(Ok(n));
             }
         }
@@ -405,18 +422,28 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
                     }
                 }
             }
+            if io.drained.replace(false) {
+                // The last receive emptied the queue. Every engine's `readable` is level-
+                // triggered (the contract), so this wait completes at once if datagrams came
+                // since; and on io_uring engines its POLL_ADD goes to the kernel with the
+                // engine's next submission, not in a syscall of its own.
+                io.arm_readable();
+                continue;
+            }
             match self.state.recv((&self.borrowed()).into(), bufs, meta) {
                 Ok(n) => {
+                    // `recvmmsg` stops early only when the queue is empty (or at an error,
+                    // which the socket keeps and reports as readable).
+                    io.drained.set(n < bufs.len().min(meta.len()).min(quinn::udp::BATCH_SIZE));
+                    // Counted for the open-file cache, which reads inotify only after a
+                    // receive (`Files::receives_counted`); after the syscall, never before.
+                    corepin_core::arrivals::note();
                     if let Some(f) = forward {
                         f.send_out(bufs, meta, n);
                     }
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Arm the engine's wait; the top of the loop polls it.
-                    let socket = Rc::clone(&io.socket);
-                    *io.readable.borrow_mut() = Some(Box::pin(async move { socket.readable().await }));
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.arm_readable(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
