@@ -13,6 +13,9 @@
 //! for glommio and tokio-uring.
 
 use std::future::Future;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::pin::pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use corepin_core::caps::{
@@ -166,7 +169,7 @@ where
     // Stops the aux ring once the engine is gone (also on unwinding).
     let _stop = aux::UninstallOnDrop;
     let claimed = &guard;
-    let out = rt.block_on(async move {
+    let out = drive(&rt, async move {
         let missing = aux::install_for_core::<crate::CompioRuntime>(settings.cpu, aux);
         let entries = sq_entries(settings.ring_entries);
         claimed.set_capabilities(capabilities(settings.ring_flags, accepted, entries, notes, missing));
@@ -174,6 +177,15 @@ where
         aux::stop::<crate::CompioRuntime>().await;
         out
     });
+    let out = match out {
+        Ok(out) => out,
+        Err(panic) => {
+            // As compio's own `block_on`: the tasks still queued are dropped (by the last
+            // runtime handle's drop) once the unwind has ended, then the panic goes on.
+            drop(rt);
+            resume_unwind(panic)
+        }
+    };
     // Tear the engine down before returning: dropping the last runtime handle drops every task
     // still queued (their in-flight operations submit ASYNC_CANCEL), then the driver closes the
     // ring, which waits out or cancels what the kernel still holds, and only then frees the
@@ -181,6 +193,48 @@ where
     drop(rt);
     drop(guard);
     Ok(out)
+}
+
+/// Executor ticks run between two looks at the ring while tasks are still runnable.
+const TICKS_PER_POLL: usize = 4;
+
+/// Runs `fut` on `rt` as compio's `block_on` does, except for when the ring is looked at.
+/// compio's loop polls its driver (one `io_uring_enter` without waiting) after every executor
+/// tick that leaves tasks runnable, and a tick runs only the tasks that were runnable when it
+/// began. A wake-up that passes through a chain of tasks (quinn hands each datagram from the
+/// endpoint driver to the connection driver, to HTTP/3's connection task, to the request)
+/// then costs one `io_uring_enter` per link: three per HTTP/3 request at one connection
+/// (strace). Here up to [`TICKS_PER_POLL`] ticks run before the ring is polled, as tokio's
+/// scheduler runs a batch of tasks between looks at its driver; with nothing runnable the
+/// loop waits on the ring exactly as compio's does. Uses compio's public low-level API
+/// (`enter`, `run`, `poll`, `poll_with`) only. A panic unwinds out of here (caught by the
+/// caller, which drops the runtime after the unwind, as compio's `block_on` does).
+fn drive<F: Future>(rt: &compio_runtime::Runtime, fut: F) -> std::thread::Result<F::Output> {
+    catch_unwind(AssertUnwindSafe(|| {
+        rt.enter(|| {
+            let waker = rt.waker();
+            let mut cx = Context::from_waker(&waker);
+            let mut fut = pin!(fut);
+            loop {
+                if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                    rt.run();
+                    return out;
+                }
+                let mut runnable = rt.run();
+                for _ in 1..TICKS_PER_POLL {
+                    if !runnable {
+                        break;
+                    }
+                    runnable = rt.run();
+                }
+                if runnable {
+                    rt.poll_with(Some(Duration::ZERO));
+                } else {
+                    rt.poll();
+                }
+            }
+        })
+    }))
 }
 
 #[cfg(test)]
