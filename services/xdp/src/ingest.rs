@@ -579,7 +579,14 @@ async fn run_socket<R: Runtime, S: DatagramService>(
             services.user.on_datagram(&d);
         }
         end_batch(&mut services, counters);
-        if !between_batches(worker, n == shared.cfg.batch).await {
+        let full = n == shared.cfg.batch;
+        if !between_batches(worker, full).await {
+            break;
+        }
+        // A batch that was not full found the queue empty (`recvmmsg` stops at the first
+        // `EAGAIN`): wait for the next datagram rather than make the receive that would fail.
+        // The wait is level-triggered, so what arrived meanwhile completes it at once.
+        if !full && !readable_or_drain(&watch, worker).await? {
             break;
         }
     }
