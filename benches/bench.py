@@ -51,6 +51,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,7 @@ class Profile:
 
 PROFILES = {
     "default": Profile([1, 16, 128, 1000], [64, 1024, 16384], 2.5, 0.5, 19000, ["--secs", "4"], ["--size", "1024"],
-                       [1, 10, 100], 4.0, 3, [64, 1472], ["2 workers", "1 worker"], 3.0, 3),
+                       [1, 10, 100], 4.0, 5, [64, 1472], ["2 workers", "1 worker"], 3.0, 3),
     "quick": Profile([1, 16], [64], 0.5, 0.2, 1000, ["--secs", "1", "--warmup", "0"],
                      ["--size", "64", "--rate", "100M"], [10], 1.0, 1, [64], ["2 workers"], 0.5, 1),
 }
@@ -562,9 +563,10 @@ def run_h3(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
     point is one `corepin-loadgen h3` run: its connections are opened first, then a warm-up,
     then the measured window, whose edges are where the server's CPU time is read (so
     handshakes and warm-up are not in it). One request in flight per connection. Each point
-    is run `h3_reps` times per server, the servers taking turns; the run with the median CPU
-    figure is kept (the others are in `cpu_runs`: corepin's vary by up to about 1.5x from one
-    run to the next)."""
+    is run `h3_reps` times per server, in rounds in which the servers take turns; the run with
+    the median CPU figure is kept (every round's is in `cpu_runs`: a server's vary by up to
+    about 1.5x from one run to the next), and the comparison with the peer is the median of
+    the rounds' paired ratios (`paired_ratios`)."""
 
     out = Outcome()
     servers = [f"corepin-{b}" for b in args.backends] + [H3_PEER]
@@ -582,16 +584,21 @@ def run_h3(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
         for label, path, size, conns, secs in points:
             metric = "server_cpu_us_per_mb" if size >= 1 << 20 else "server_cpu_us_per_req"
             runs: dict[str, list[dict]] = {name: [] for name in servers}
-            for _ in range(prof.h3_reps):
-                for name, server in running.items():
+            for rep in range(prof.h3_reps):
+                # Each round starts one server further on, so no server always runs first or last.
+                order = servers[rep % len(servers):] + servers[:rep % len(servers)]
+                for name in order:
+                    server = running[name]
                     runs[name].append(loadgen(["h3", "--addr", f"127.0.0.1:{server.port}", "--path", f"/{path}",
                                                "--conns", str(conns), "--secs", str(secs), "--warmup",
                                                str(prof.warmup), "--cpu", str(CLIENT_CPU), "--ca", str(cert),
                                                "--server-pid", str(server.proc.pid)]))
             for name in servers:
+                ratios = paired_ratios([x.get(metric) for x in runs[name]], [x.get(metric) for x in runs[H3_PEER]])
                 rs = sorted(runs[name], key=lambda x: x.get(metric) if x.get(metric) is not None else float("inf"))
                 r = rs[len(rs) // 2]
-                r |= {"server": name, "body": label, "size": size, "cpu_runs": [x.get(metric) for x in rs],
+                r |= {"server": name, "body": label, "size": size, "cpu_runs": [x.get(metric) for x in runs[name]],
+                      "vs_peer_runs": ratios, "vs_peer": statistics.median(ratios) if ratios else None,
                       "errors": sum(x["errors"] for x in rs)}
                 out.results.append(r)
                 if size >= 1 << 20:
@@ -608,12 +615,26 @@ def run_h3(args: argparse.Namespace, prof: Profile, stack: contextlib.ExitStack)
     return out
 
 
+def paired_ratios(values: list[float | None], peer: list[float | None]) -> list[float]:
+    """Round by round, a server's figure divided by the peer's from the same round. The VM's
+    speed drifts by more than the servers differ (the peer alone moved by a fifth between runs
+    of one point), and a round's servers run within seconds of each other, so the median of
+    these ratios tells the servers apart where a ratio of two medians taken minutes apart
+    does not."""
+    return [v / b for v, b in zip(values, peer) if v is not None and b]
+
+
 def h3_markdown(results: list[dict], servers: list[str], prof: Profile) -> str:
     def find(server: str, size: int, conns: int) -> dict | None:
         return next((r for r in results if r["server"] == server and r["size"] == size and r["conns"] == conns), None)
 
-    def ratio(v: float | None, base: float | None) -> str:
-        return f"{v / base:.2f}" if v is not None and base else "n/a"
+    def vs(r: dict, base: dict | None, metric: str) -> str:
+        # The median of the rounds' paired ratios; a result without them (an older file) gets
+        # the ratio of the two medians.
+        if r.get("vs_peer") is not None:
+            return f"{r['vs_peer']:.2f}"
+        v, b = r.get(metric), base and base.get(metric)
+        return f"{v / b:.2f}" if v is not None and b else "n/a"
 
     parts = []
     for label, _, size in H3_BODIES:
@@ -631,7 +652,7 @@ def h3_markdown(results: list[dict], servers: list[str], prof: Profile) -> str:
                     continue
                 flag = " ⚠" if r.get("errors") else ""
                 cells.append(f"{r['req_per_sec']:,.0f}{flag} | {fmt_us(r.get('server_cpu_us_per_req'))} | "
-                             f"{ratio(r.get('server_cpu_us_per_req'), base and base.get('server_cpu_us_per_req'))}")
+                             f"{vs(r, base, 'server_cpu_us_per_req')}")
             parts.append(f"| {s} | " + " | ".join(cells) + " |")
         parts.append("")
     label, _, size = H3_BIG
@@ -645,16 +666,17 @@ def h3_markdown(results: list[dict], servers: list[str], prof: Profile) -> str:
         flag = " ⚠" if r.get("errors") else ""
         per = r.get("p50_us")
         parts.append(f"| {s} | {r['bytes_per_sec'] / 1e6:,.0f}{flag} | {fmt_us(r.get('server_cpu_us_per_mb'))} | "
-                     f"{ratio(r.get('server_cpu_us_per_mb'), base and base.get('server_cpu_us_per_mb'))} | "
+                     f"{vs(r, base, 'server_cpu_us_per_mb')} | "
                      f"{f'{per / 1000:,.0f} ms' if per else 'n/a'} |")
     parts.append("")
     reps = f"the median of {prof.h3_reps} runs" if prof.h3_reps > 1 else "one run"
     parts.append(f"Server pinned to CPU {SERVER_CPU} with one worker (corepin: `--cores {SERVER_CPU}-{SERVER_CPU}`; the "
                  f"peer: one tokio current-thread runtime), `corepin-loadgen h3` on CPU {CLIENT_CPU} with one request in "
                  f"flight per connection; CPU is the server's user + system time inside the measured window; each "
-                 f"figure is {reps} ({prof.secs:g} s each, {prof.h3_big_secs:g} s for the big body). vs quinn: "
-                 f"the server's CPU per request (per MB for the {label} body) divided by {H3_PEER}'s; below 1.00 is "
-                 "cheaper. ⚠: the run saw errors.\n")
+                 f"figure is {reps} ({prof.secs:g} s each, {prof.h3_big_secs:g} s for the big body), the servers "
+                 f"taking turns in each round, a different one first each time. vs quinn: the server's CPU per request "
+                 f"(per MB for the {label} body) divided by {H3_PEER}'s in the same round, the median over the rounds "
+                 "(`vs_peer_runs` in h3.json has each round's); below 1.00 is cheaper. ⚠: the run saw errors.\n")
     return "\n".join(parts)
 
 

@@ -5,9 +5,10 @@
 //! route that consumes nothing:
 //!
 //! * **Sockets of AF_UNIX / AF_INET / AF_INET6** that are not listening (corepin's doorbell is
-//!   an AF_UNIX SOCK_DGRAM socketpair): a non-blocking `recv(MSG_PEEK)` of one byte first;
-//!   if the socket is empty, glommio's `peek` on a duplicate of the descriptor, which is an
-//!   `IORING_OP_RECV` with `MSG_PEEK`: native io_uring readiness that leaves the data queued.
+//!   an AF_UNIX SOCK_DGRAM socketpair): a non-blocking `recv(MSG_PEEK)` of one byte first
+//!   (made by glommio's `peek` itself once the wrapper below exists); if the socket is empty,
+//!   glommio's `peek` on a duplicate of the descriptor, which is an `IORING_OP_RECV` with
+//!   `MSG_PEEK`: native io_uring readiness that leaves the data queued.
 //! * **Other descriptors** (eventfd, timerfd, pipes, AF_XDP, listening sockets): a
 //!   non-blocking `poll(2)` first; if not ready, a glommio stream wrapper around a
 //!   duplicate. Glommio arms `IORING_OP_POLL_ADD(POLLIN)` on every stream it wraps and its
@@ -273,7 +274,10 @@ impl runtime::FdWatch for FdWatch {
         require_engine()?;
         match &self.mode {
             Mode::Peek { domain, socket } => loop {
-                if peek_now(self.fd)? {
+                // Once the wrapper exists its `peek` looks first with a non-blocking
+                // `recv(MSG_PEEK)` of its own (glommio's `GlommioStream::peek`), so a look of
+                // ours before it would be the same system call twice per wait.
+                if socket.borrow().is_none() && peek_now(self.fd)? {
                     return Ok(());
                 }
                 let s = self.peek_socket(*domain, socket)?;

@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use corepin_core::runtime::File as _;
-use corepin_core::task::{catch_panic, race, spawn, timeout, Either};
+use corepin_core::task::{catch_panic, race, spawn_detached, timeout, Either};
 use corepin_core::worker::CoreCounters;
 use corepin_core::{BufResult, IoBuf, Runtime};
 use corepin_files::metrics::TransferPath;
@@ -167,7 +167,9 @@ pub(crate) async fn serve_connection<R: Runtime>(
                 // The task's own future stays small (its captures), and the request's, a few
                 // KiB, is boxed once when the task first runs: a spawn moves its future more
                 // than once on its way into the executor, and each move copies all of it.
-                drop(spawn::<R, _>(async move {
+                // Detached: nothing joins a request, so the join handle's shared state would
+                // be one allocation per request for nothing.
+                spawn_detached::<R, _>(async move {
                     let counters = shared.worker.clone();
                     match catch_panic(Box::pin(serve_request::<R>(resolver, &shared, early))).await {
                         Ok(Ok(())) => {}
@@ -181,7 +183,7 @@ pub(crate) async fn serve_connection<R: Runtime>(
                         }
                     }
                     drop(guard);
-                }));
+                });
             }
             Ok(None) => break Ok(()),
             Err(e) if e.is_h3_no_error() => break Ok(()),
