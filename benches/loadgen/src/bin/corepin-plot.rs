@@ -9,8 +9,9 @@
 //!   files_cpu_vs_nginx.svg, https_cpu_vs_nginx.svg (server CPU per request of each server
 //!   relative to nginx's, by request kind),
 //!   h3_cpu_vs_quinn.svg (from "h3": [{"server", "size", "conns", "server_cpu_us_per_req",
-//!   "server_cpu_us_per_mb", ...}]: server CPU per request, or per MB for bodies of 1 MiB and
-//!   more, relative to the "quinn-tokio" peer's),
+//!   "server_cpu_us_per_mb", "vs_peer", ...}]: server CPU per request, or per MB for bodies of
+//!   1 MiB and more, relative to the "quinn-tokio" peer's; the paired "vs_peer" ratios when
+//!   every row has one),
 //!   ingest_cpu_vs_socket.svg and ingest_pps.svg (from "ingest": [{"source", "layout", "size",
 //!   "corepin_ns_per_pkt", "pps", ...}]: corepin's CPU per datagram relative to the socket
 //!   source's, and datagrams/s taken, per layout and payload size).
@@ -227,6 +228,10 @@ fn plot_vs_nginx(dir: &Path, key: &str, groups: &VsNginx) -> Result<Option<PathB
 fn load_h3(root: &Value) -> VsNginx {
     let mut out: VsNginx = Vec::new();
     let Some(rows) = root.get("h3").and_then(Value::as_array) else { return out };
+    // bench.py records each server's ratio to the peer paired round by round ("vs_peer", the
+    // peer's own being 1); the bars show those when every row has one, so they match the
+    // tables, and otherwise (an older file) each server's CPU over the peer's.
+    let paired = rows.iter().all(|r| num(r, "vs_peer").is_some());
     for (i, r) in rows.iter().enumerate() {
         let (Some(server), Some(size), Some(conns)) =
             (r.get("server").and_then(Value::as_str), uint(r, "size"), uint(r, "conns"))
@@ -235,7 +240,13 @@ fn load_h3(root: &Value) -> VsNginx {
             continue;
         };
         let per_mb = size >= 1 << 20;
-        let cpu = if per_mb { num(r, "server_cpu_us_per_mb") } else { num(r, "server_cpu_us_per_req") };
+        let cpu = if paired {
+            num(r, "vs_peer")
+        } else if per_mb {
+            num(r, "server_cpu_us_per_mb")
+        } else {
+            num(r, "server_cpu_us_per_req")
+        };
         let Some(cpu) = cpu else {
             note(format!("h3[{i}]: no server CPU figure; skipped"));
             continue;
