@@ -67,7 +67,7 @@ impl<K: Eq + Hash + Clone> InsertionOrder<K> {
 
 /// Small-file bodies of one core, evicted oldest-inserted first beyond a byte budget.
 pub struct Cache {
-    map: HashMap<(u64, u64), Entry>,
+    map: HashMap<(u64, u64), Entry, foldhash::fast::RandomState>,
     order: InsertionOrder<(u64, u64)>,
     bytes: u64,
     budget: u64,
@@ -76,7 +76,7 @@ pub struct Cache {
 impl Cache {
     /// An empty cache holding at most `budget` bytes of bodies.
     pub fn new(budget: u64) -> Self {
-        Self { map: HashMap::new(), order: InsertionOrder::new(), bytes: 0, budget }
+        Self { map: HashMap::default(), order: InsertionOrder::new(), bytes: 0, budget }
     }
 
     /// The body of the file `meta` describes, if cached and unchanged.

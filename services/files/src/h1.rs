@@ -71,7 +71,7 @@ fn write_head(out: &mut Vec<u8>, plan: &Plan, alt_svc: Option<&str>, keep_alive:
     let h = &plan.headers;
     let mut w = HeadWriter::new(out, plan.status);
     h.for_each_field(plan.status, |name, value| {
-        w.header(name, value);
+        w.field(name, value);
     });
     if let Some(v) = alt_svc {
         w.header("Alt-Svc", v);

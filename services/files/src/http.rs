@@ -247,6 +247,14 @@ impl<'a> HeadWriter<'a> {
         self.out.extend_from_slice(b"\r\n");
         self
     }
+    /// Adds a header field of an answer's plan.
+    pub fn field(&mut self, name: &str, value: crate::resource::FieldValue<'_>) -> &mut Self {
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b": ");
+        value.write_to(self.out);
+        self.out.extend_from_slice(b"\r\n");
+        self
+    }
     /// Ends the head with `Content-Length` and, when closing, `Connection: close`
     /// (HTTP/1.0 clients that asked to keep the connection get `Connection: keep-alive`).
     /// `None` leaves `Content-Length` out (304 responses).

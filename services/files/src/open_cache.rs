@@ -40,6 +40,11 @@ use corepin_core::runtime::Metadata;
 
 use crate::cache::InsertionOrder;
 
+/// The maps' hasher: a request hashes its path once per lookup, and SipHash was most of a
+/// lookup's cost. The keys are paths of files that opened beneath the root, and the seed is
+/// random per process, so a client cannot choose colliding keys.
+type Hasher = foldhash::fast::RandomState;
+
 /// The inode events that make a cached descriptor stale.
 const MASK: u32 = libc::IN_MODIFY | libc::IN_ATTRIB | libc::IN_MOVE_SELF | libc::IN_DELETE_SELF;
 
@@ -71,8 +76,8 @@ pub struct OpenFiles<N = ()> {
     inotify: Option<OwnedFd>,
     /// Where queued inotify events are read into (allocated with the first watch).
     events: Vec<u8>,
-    map: HashMap<String, Entry<N>>,
-    by_wd: HashMap<i32, Vec<String>>,
+    map: HashMap<String, Entry<N>, Hasher>,
+    by_wd: HashMap<i32, Vec<String>, Hasher>,
     order: InsertionOrder<String>,
     max: usize,
     valid: Duration,
@@ -110,8 +115,8 @@ impl<N: Clone> OpenFiles<N> {
         Self {
             inotify,
             events: Vec::new(),
-            map: HashMap::new(),
-            by_wd: HashMap::new(),
+            map: HashMap::default(),
+            by_wd: HashMap::default(),
             order: InsertionOrder::new(),
             max,
             valid,

@@ -113,7 +113,7 @@ impl<'a> IfNoneMatch<'a> {
     /// Whether `tag` matches, by the weak comparison (RFC 9110 §13.1.2).
     pub fn matches(&self, tag: &ETag) -> bool {
         let Ok(v) = std::str::from_utf8(self.0) else { return false };
-        v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag.as_str())
+        v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == tag.as_bytes())
     }
 }
 
@@ -159,7 +159,7 @@ impl<'a> IfRange<'a> {
     }
     fn holds(&self, tag: &ETag, modified: Date) -> bool {
         match *self {
-            IfRange::Tag(t) => t == tag.as_str().as_bytes(), // strong comparison
+            IfRange::Tag(t) => t == tag.as_bytes(), // strong comparison
             IfRange::Date(d) => d == modified,
             IfRange::Invalid => false,
         }
@@ -181,9 +181,9 @@ pub struct Conditions<'a> {
 
 // ---- output ----------------------------------------------------------------------------
 
-/// A strong entity tag, `"len-mtime_ns-inode"` in hex, quotes included.
+/// A strong entity tag, `"len-mtime_ns-inode"` in hex, quotes included (visible ASCII).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ETag(Rc<str>);
+pub struct ETag(Bytes);
 
 impl ETag {
     fn of(meta: &Metadata) -> ETag {
@@ -191,20 +191,20 @@ impl ETag {
         ETag(format!("\"{:x}-{:x}-{:x}\"", meta.len, nanos, meta.ino).into())
     }
     /// The tag as it is sent.
-    pub fn as_str(&self) -> &str {
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }
 
 impl fmt::Display for ETag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(ascii(&self.0))
     }
 }
 
 /// A `Last-Modified` value, rendered (IMF-fixdate).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LastModified(Rc<str>);
+pub struct LastModified(Bytes);
 
 impl LastModified {
     fn of(t: SystemTime) -> Self {
@@ -214,8 +214,13 @@ impl LastModified {
 
 impl fmt::Display for LastModified {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(ascii(&self.0))
     }
+}
+
+/// A value this module rendered from text (always ASCII) as text again.
+fn ascii(b: &[u8]) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
 }
 
 /// What the answers for one file say that changes only when the file does: its validators
@@ -232,7 +237,8 @@ pub struct Facts {
 impl Facts {
     /// The facts of the file `meta` describes, called `name`.
     fn of(meta: &Metadata, name: &str) -> Self {
-        Self { tag: ETag::of(meta), last_modified: LastModified::of(meta.modified), mime: ContentType::of(name) }
+        let mime = ContentType::Rendered(ContentType::of(name).to_string().into());
+        Self { tag: ETag::of(meta), last_modified: LastModified::of(meta.modified), mime }
     }
 }
 
@@ -245,6 +251,8 @@ pub enum ContentType {
     Exact(&'static str),
     /// `multipart/byteranges` with this boundary.
     Multipart(String),
+    /// A complete value rendered once and shared (a file's [`Facts`]).
+    Rendered(Bytes),
 }
 
 impl ContentType {
@@ -266,6 +274,7 @@ impl fmt::Display for ContentType {
             }
             ContentType::Exact(t) => f.write_str(t),
             ContentType::Multipart(boundary) => write!(f, "multipart/byteranges; boundary={boundary}"),
+            ContentType::Rendered(v) => f.write_str(ascii(v)),
         }
     }
 }
@@ -327,22 +336,28 @@ impl Headers {
     /// server sends them (a 304 names its ETag before Last-Modified). Content-Length is left
     /// out: how a body's length is framed is the front end's business (HTTP/1.1 writes it with
     /// the connection fields, HTTP/3 as a field of its own).
-    pub fn for_each_field(&self, status: u16, mut field: impl FnMut(&'static str, &dyn fmt::Display)) {
+    pub fn for_each_field(&self, status: u16, mut field: impl FnMut(&'static str, FieldValue<'_>)) {
         if let Some(t) = &self.content_type {
-            field("Content-Type", t);
+            let value = match t {
+                ContentType::Rendered(v) => FieldValue::Shared(v),
+                ContentType::Exact(v) => FieldValue::Static(v),
+                other => FieldValue::Formatted(other),
+            };
+            field("Content-Type", value);
         }
         if let Some(r) = &self.content_range {
-            field("Content-Range", r);
+            field("Content-Range", FieldValue::Formatted(r));
         }
         if let Some(l) = &self.location {
-            field("Location", l);
+            field("Location", FieldValue::Formatted(l));
         }
         if let Some(a) = self.allow {
-            field("Allow", &a);
+            field("Allow", FieldValue::Static(a));
         }
-        let last_modified = &self.last_modified;
+        let last_modified = self.last_modified.as_ref().map(|d| FieldValue::Shared(&d.0));
+        let etag = self.etag.as_ref().map(|t| FieldValue::Shared(&t.0));
         if status == 304 {
-            if let Some(t) = &self.etag {
+            if let Some(t) = etag {
                 field("ETag", t);
             }
             if let Some(d) = last_modified {
@@ -352,13 +367,48 @@ impl Headers {
             if let Some(d) = last_modified {
                 field("Last-Modified", d);
             }
-            if let Some(t) = &self.etag {
+            if let Some(t) = etag {
                 field("ETag", t);
             }
         }
         if self.accept_ranges {
-            field("Accept-Ranges", &"bytes");
+            field("Accept-Ranges", FieldValue::Static("bytes"));
         }
+    }
+}
+
+/// One header value of an answer, in the form it is held: a front end copies or shares the
+/// first two as they are, and formats only the third.
+#[derive(Clone, Copy)]
+pub enum FieldValue<'a> {
+    /// Rendered once and shared (a file's validators and type, from its [`Facts`]).
+    Shared(&'a Bytes),
+    /// A fixed text.
+    Static(&'static str),
+    /// Rendered for this answer (ranges, redirects, multipart types).
+    Formatted(&'a dyn fmt::Display),
+}
+
+impl FieldValue<'_> {
+    /// Appends the value to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        match self {
+            FieldValue::Shared(v) => out.extend_from_slice(v),
+            FieldValue::Static(v) => out.extend_from_slice(v.as_bytes()),
+            FieldValue::Formatted(v) => {
+                use std::io::Write as _;
+                // Writing into a Vec cannot fail.
+                let _ = write!(out, "{v}");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for FieldValue<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut v = Vec::new();
+        self.write_to(&mut v);
+        f.debug_tuple("FieldValue").field(&String::from_utf8_lossy(&v)).finish()
     }
 }
 
@@ -630,15 +680,14 @@ impl Files {
 
     fn plan_get(&self, path: &SafePath, cond: &Conditions<'_>) -> Plan {
         let rel = path.relative();
-        let (file, meta, facts) = match self.open_known(&rel) {
+        let (file, meta, facts) = match self.open_known(rel) {
             Ok(known) => known,
             Err(e) => return open_error(e),
         };
         if meta.is_dir {
-            if !path.trailing_slash && !path.segments.is_empty() {
+            if !path.trailing_slash && !path.is_root() {
                 let loc: String =
-                    path.segments.iter().map(|s| format!("/{}", utf8_percent_encode(s, SEGMENT))).collect::<String>()
-                        + "/";
+                    path.segments().map(|s| format!("/{}", utf8_percent_encode(s, SEGMENT))).collect::<String>() + "/";
                 let mut plan = Plan::error(301);
                 plan.headers.location = Some(loc);
                 return plan;
@@ -669,8 +718,8 @@ impl Files {
         if !meta.is_file {
             return Plan::error(403);
         }
-        let name = path.segments.last().map_or("", String::as_str);
-        let facts = self.facts(&rel, name, &meta, facts);
+        let name = path.segments().next_back().unwrap_or("");
+        let facts = self.facts(rel, name, &meta, facts);
         self.plan_file(cond, file, meta, &facts)
     }
 
@@ -759,7 +808,7 @@ mod tests {
     use super::*;
 
     fn tag(s: &str) -> ETag {
-        ETag(s.into())
+        ETag(Bytes::copy_from_slice(s.as_bytes()))
     }
 
     #[test]
@@ -777,6 +826,51 @@ mod tests {
         assert!(IfRange::parse(b"Sun, 06 Nov 1994 08:49:37 GMT").holds(&t, date));
         assert!(!IfRange::parse(b"Sun, 06 Nov 1994 08:49:38 GMT").holds(&t, date));
         assert!(!IfRange::parse(b"soon").holds(&t, date));
+    }
+
+    #[test]
+    fn a_files_fields_are_shared_not_formatted() {
+        let meta = Metadata {
+            len: 5,
+            modified: UNIX_EPOCH + std::time::Duration::from_secs(784_111_777),
+            is_file: true,
+            is_dir: false,
+            ino: 42,
+            dev: 1,
+        };
+        let facts = Facts::of(&meta, "page.html");
+        let headers = Headers {
+            content_type: Some(facts.mime.clone()),
+            content_range: Some(ContentRange::Bytes { first: 0, last: 1, len: 5 }),
+            last_modified: Some(facts.last_modified.clone()),
+            etag: Some(facts.tag.clone()),
+            accept_ranges: true,
+            ..Headers::default()
+        };
+        let mut seen = Vec::new();
+        headers.for_each_field(206, |name, value| {
+            let kind = match value {
+                FieldValue::Shared(_) => "shared",
+                FieldValue::Static(_) => "static",
+                FieldValue::Formatted(_) => "formatted",
+            };
+            let mut text = Vec::new();
+            value.write_to(&mut text);
+            seen.push((name, kind, String::from_utf8(text).unwrap()));
+        });
+        let expected = [
+            ("Content-Type", "shared", "text/html; charset=utf-8"),
+            ("Content-Range", "formatted", "bytes 0-1/5"),
+            ("Last-Modified", "shared", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("ETag", "shared", "\"5-ae1b981bc490a00-2a\""),
+            ("Accept-Ranges", "static", "bytes"),
+        ];
+        let seen: Vec<(&str, &str, &str)> = seen.iter().map(|(n, k, v)| (*n, *k, v.as_str())).collect();
+        assert_eq!(seen, expected);
+        // A 304 names the ETag first.
+        let mut order = Vec::new();
+        headers.for_each_field(304, |name, _| order.push(name));
+        assert_eq!(order[2..4], ["ETag", "Last-Modified"]);
     }
 
     #[test]

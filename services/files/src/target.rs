@@ -47,30 +47,39 @@ impl fmt::Display for TargetError {
 /// A request path that is safe to resolve beneath the root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafePath {
-    /// Decoded segments, none empty, `.` or `..`, none containing `/`, `\` or NUL.
-    pub segments: Vec<String>,
+    /// The decoded segments joined by `/` (`.` when there are none), in one allocation. No
+    /// segment is empty, `.` or `..`, or contains `/`, `\` or NUL, so splitting at `/` gives
+    /// the segments back.
+    rel: String,
     /// The request path ended with `/` (a directory was asked for).
     pub trailing_slash: bool,
 }
 
 impl SafePath {
     /// The path relative to the root (`.` for the root itself).
-    pub fn relative(&self) -> String {
-        if self.segments.is_empty() {
-            ".".to_string()
-        } else {
-            self.segments.join("/")
-        }
+    pub fn relative(&self) -> &str {
+        &self.rel
+    }
+
+    /// The decoded segments, in order (none for the root).
+    pub fn segments(&self) -> impl DoubleEndedIterator<Item = &str> + '_ {
+        let rel = if self.is_root() { "" } else { self.rel.as_str() };
+        rel.split('/').filter(|s| !s.is_empty())
+    }
+
+    /// Whether this is the root itself.
+    pub fn is_root(&self) -> bool {
+        self.rel == "."
     }
 
     /// The decoded path as the client sees it, starting with `/`.
     pub fn display(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for seg in &self.segments {
+        let mut s = String::with_capacity(self.rel.len() + 2);
+        for seg in self.segments() {
             s.push('/');
             s.push_str(seg);
         }
-        if self.segments.is_empty() || self.trailing_slash {
+        if self.is_root() || self.trailing_slash {
             s.push('/');
         }
         s
@@ -112,13 +121,18 @@ fn path_part(target: &[u8]) -> Result<&[u8], TargetError> {
 /// Decodes and checks a request-target.
 pub fn parse_target(target: &[u8]) -> Result<SafePath, TargetError> {
     let raw = path_part(target)?;
-    let mut segments = Vec::new();
     let trailing_slash = raw.last() == Some(&b'/');
+    // Each segment is decoded onto the end of `rel`, checked there, and taken back if it is
+    // `.`: one buffer for the whole path, never longer than the raw path.
+    let mut rel: Vec<u8> = Vec::with_capacity(raw.len());
     for seg in raw.split(|&b| b == b'/') {
         if seg.is_empty() {
             continue; // "//" collapses, as in most servers
         }
-        let mut out = Vec::with_capacity(seg.len());
+        let start = if rel.is_empty() { 0 } else { rel.len() + 1 };
+        if start > 0 {
+            rel.push(b'/');
+        }
         let mut i = 0;
         while i < seg.len() {
             let b = seg[i];
@@ -132,30 +146,34 @@ pub fn parse_target(target: &[u8]) -> Result<SafePath, TargetError> {
                     b'/' => return Err(TargetError::EncodedSeparator),
                     b'\\' => return Err(TargetError::Backslash),
                     0 => return Err(TargetError::Nul),
-                    _ => out.push(d),
+                    _ => rel.push(d),
                 }
                 i += 3;
             } else {
                 match b {
                     b'\\' => return Err(TargetError::Backslash),
                     0 => return Err(TargetError::Nul),
-                    _ => out.push(b),
+                    _ => rel.push(b),
                 }
                 i += 1;
             }
         }
-        // Decoded once: a `%25` stays a literal `%` and is never decoded again.
-        let s = String::from_utf8(out).map_err(|_| TargetError::NotUtf8)?;
+        let s = std::str::from_utf8(&rel[start..]).map_err(|_| TargetError::NotUtf8)?;
         if s.chars().any(char::is_control) {
             return Err(TargetError::Control);
         }
-        match s.as_str() {
-            "." => continue,
+        match s {
+            "." => rel.truncate(start.saturating_sub(1)),
             ".." => return Err(TargetError::DotDot),
-            _ => segments.push(s),
+            _ => {}
         }
     }
-    Ok(SafePath { segments, trailing_slash })
+    if rel.is_empty() {
+        rel.push(b'.');
+    }
+    // Every segment was checked to be UTF-8, and `/` joins them.
+    let rel = String::from_utf8(rel).map_err(|_| TargetError::NotUtf8)?;
+    Ok(SafePath { rel, trailing_slash })
 }
 
 #[cfg(test)]
@@ -163,7 +181,7 @@ mod tests {
     use super::*;
 
     fn ok(t: &str) -> String {
-        parse_target(t.as_bytes()).unwrap().relative()
+        parse_target(t.as_bytes()).unwrap().relative().to_string()
     }
     fn err(t: &[u8]) -> TargetError {
         parse_target(t).unwrap_err()
@@ -213,9 +231,13 @@ mod tests {
             let n = rng.gen_range(0..24);
             let t: Vec<u8> = (0..n).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
             if let Ok(p) = parse_target(&t) {
-                for s in &p.segments {
-                    assert!(!s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0']), "{t:?}");
+                let segments: Vec<&str> = p.segments().collect();
+                for s in &segments {
+                    assert!(!s.is_empty() && *s != "." && *s != ".." && !s.contains(['/', '\\', '\0']), "{t:?}");
                 }
+                // The relative path is exactly the segments, joined.
+                let joined = if segments.is_empty() { ".".to_string() } else { segments.join("/") };
+                assert_eq!(p.relative(), joined, "{t:?}");
             }
         }
     }

@@ -21,7 +21,9 @@ use corepin_core::task::{catch_panic, race, spawn_detached, timeout, Either};
 use corepin_core::worker::CoreCounters;
 use corepin_core::{BufResult, IoBuf, Runtime};
 use corepin_files::metrics::TransferPath;
-use corepin_files::resource::{Body, Conditions, Date, Extent, IfNoneMatch, IfRange, Method, Plan, RangeSpec};
+use corepin_files::resource::{
+    Body, Conditions, Date, Extent, FieldValue, IfNoneMatch, IfRange, Method, Plan, RangeSpec,
+};
 use corepin_files::target;
 use corepin_files::transfer::{self, End};
 use corepin_files::Files;
@@ -451,21 +453,28 @@ fn field_name(name: &'static str) -> Option<HeaderName> {
     })
 }
 
-/// The response head of `plan`. The values are written one after another into one buffer,
-/// and each field takes its slice of it: one allocation for the whole head.
+/// The response head of `plan`. A file's validators and type are shared with its cached
+/// facts (no copy), fixed texts are static, and the few values rendered per answer (ranges,
+/// redirects) are written one after another into one buffer, each field taking its slice.
 fn response(plan: &Plan) -> http::Response<()> {
     use std::fmt::Write as _;
     let mut fields = HeaderMap::with_capacity(10);
-    let mut text = bytes::BytesMut::with_capacity(192);
+    let mut text = bytes::BytesMut::new();
     plan.headers.for_each_field(plan.status, |name, value| {
         // Every value the plan holds is visible ASCII; one that is not is left out rather
         // than sent broken.
-        if write!(text, "{value}").is_err() {
-            text.clear();
-            return;
-        }
-        let value = text.split().freeze();
-        if let (Some(name), Ok(value)) = (field_name(name), HeaderValue::from_maybe_shared(value)) {
+        let value = match value {
+            FieldValue::Shared(v) => HeaderValue::from_maybe_shared(v.clone()),
+            FieldValue::Static(v) => HeaderValue::from_maybe_shared(Bytes::from_static(v.as_bytes())),
+            FieldValue::Formatted(v) => {
+                if write!(text, "{v}").is_err() {
+                    text.clear();
+                    return;
+                }
+                HeaderValue::from_maybe_shared(text.split().freeze())
+            }
+        };
+        if let (Some(name), Ok(value)) = (field_name(name), value) {
             fields.append(name, value);
         }
     });
