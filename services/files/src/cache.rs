@@ -65,9 +65,14 @@ impl<K: Eq + Hash + Clone> InsertionOrder<K> {
     }
 }
 
+/// The per-core caches' hasher: a request hashes its key once per lookup, and SipHash was most
+/// of a lookup's cost. The keys are paths of files that opened beneath the root and (device,
+/// inode) pairs, and the seed is random per process, so a client cannot choose colliding keys.
+pub(crate) type Hasher = foldhash::fast::RandomState;
+
 /// Small-file bodies of one core, evicted oldest-inserted first beyond a byte budget.
 pub struct Cache {
-    map: HashMap<(u64, u64), Entry, foldhash::fast::RandomState>,
+    map: HashMap<(u64, u64), Entry, Hasher>,
     order: InsertionOrder<(u64, u64)>,
     bytes: u64,
     budget: u64,

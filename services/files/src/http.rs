@@ -241,11 +241,7 @@ impl<'a> HeadWriter<'a> {
     }
     /// Adds a header field.
     pub fn header(&mut self, name: &str, value: impl std::fmt::Display) -> &mut Self {
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(b": ");
-        let _ = write!(self.out, "{value}");
-        self.out.extend_from_slice(b"\r\n");
-        self
+        self.field(name, crate::resource::FieldValue::Formatted(&value))
     }
     /// Adds a header field of an answer's plan.
     pub fn field(&mut self, name: &str, value: crate::resource::FieldValue<'_>) -> &mut Self {

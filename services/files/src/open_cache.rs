@@ -38,12 +38,7 @@ use std::time::{Duration, Instant};
 
 use corepin_core::runtime::Metadata;
 
-use crate::cache::InsertionOrder;
-
-/// The maps' hasher: a request hashes its path once per lookup, and SipHash was most of a
-/// lookup's cost. The keys are paths of files that opened beneath the root, and the seed is
-/// random per process, so a client cannot choose colliding keys.
-type Hasher = foldhash::fast::RandomState;
+use crate::cache::{Hasher, InsertionOrder};
 
 /// The inode events that make a cached descriptor stale.
 const MASK: u32 = libc::IN_MODIFY | libc::IN_ATTRIB | libc::IN_MOVE_SELF | libc::IN_DELETE_SELF;

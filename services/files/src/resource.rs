@@ -196,12 +196,6 @@ impl ETag {
     }
 }
 
-impl fmt::Display for ETag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(ascii(&self.0))
-    }
-}
-
 /// A `Last-Modified` value, rendered (IMF-fixdate).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastModified(Bytes);
@@ -210,17 +204,6 @@ impl LastModified {
     fn of(t: SystemTime) -> Self {
         Self(httpdate::fmt_http_date(t).into())
     }
-}
-
-impl fmt::Display for LastModified {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(ascii(&self.0))
-    }
-}
-
-/// A value this module rendered from text (always ASCII) as text again.
-fn ascii(b: &[u8]) -> &str {
-    std::str::from_utf8(b).unwrap_or_default()
 }
 
 /// What the answers for one file say that changes only when the file does: its validators
@@ -274,7 +257,8 @@ impl fmt::Display for ContentType {
             }
             ContentType::Exact(t) => f.write_str(t),
             ContentType::Multipart(boundary) => write!(f, "multipart/byteranges; boundary={boundary}"),
-            ContentType::Rendered(v) => f.write_str(ascii(v)),
+            // Rendered from this type's own text, so always UTF-8 (ASCII).
+            ContentType::Rendered(v) => f.write_str(std::str::from_utf8(v).unwrap_or_default()),
         }
     }
 }
@@ -692,7 +676,7 @@ impl Files {
                 plan.headers.location = Some(loc);
                 return plan;
             }
-            let index = if rel == "." { "index.html".to_string() } else { format!("{rel}/index.html") };
+            let index = if path.is_root() { "index.html".to_string() } else { format!("{rel}/index.html") };
             return match self.open_known(&index) {
                 Ok((f, m, facts)) if m.is_file => {
                     let facts = self.facts(&index, "index.html", &m, facts);

@@ -158,6 +158,7 @@ pub fn parse_target(target: &[u8]) -> Result<SafePath, TargetError> {
                 i += 1;
             }
         }
+        // Decoded once: a `%25` stays a literal `%` and is never decoded again.
         let s = std::str::from_utf8(&rel[start..]).map_err(|_| TargetError::NotUtf8)?;
         if s.chars().any(char::is_control) {
             return Err(TargetError::Control);
