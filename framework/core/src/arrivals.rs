@@ -12,11 +12,16 @@
 //! when its caller says so; a front end that says so must call [`note`] after every receive
 //! that can carry request bytes (the HTTP/3 front end counts each UDP receive and each datagram
 //! forwarded to it by another core, so one count covers every request of a batch).
+//!
+//! Where the cache has a [`Posted`](crate::posted::Posted) notice on its queue, it needs no
+//! count for receives this thread made itself, only for bytes handed over by another core
+//! ([`note_handed`]), which reach it without a system call of its own.
 
 use std::cell::Cell;
 
 thread_local! {
     static RECEIVED: Cell<u64> = const { Cell::new(0) };
+    static HANDED: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Records that bytes were just taken from the network on this thread.
@@ -31,14 +36,32 @@ pub fn count() -> u64 {
     RECEIVED.with(Cell::get)
 }
 
+/// Records that bytes another core received were just handed to this thread through memory
+/// (HTTP/3's datagrams forwarded to the core that owns their connection): a receive for
+/// [`count`], and one this thread made no system call for, which a [`Posted`](crate::posted)
+/// notice is not ordered with.
+#[inline]
+pub fn note_handed() {
+    note();
+    HANDED.with(|c| c.set(c.get().wrapping_add(1)));
+}
+
+/// The number of hand-overs [`note_handed`] recorded on this thread so far.
+#[inline]
+pub fn handed() -> u64 {
+    HANDED.with(Cell::get)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn counts_per_thread() {
         let before = super::count();
+        let handed = super::handed();
         super::note();
-        super::note();
-        assert_eq!(super::count(), before + 2);
+        super::note_handed();
+        assert_eq!(super::count(), before + 2, "a hand-over is a receive too");
+        assert_eq!(super::handed(), handed + 1);
         let other = std::thread::spawn(|| {
             super::note();
             super::count()

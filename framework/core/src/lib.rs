@@ -3,8 +3,10 @@
 //! Owned-buffer I/O ([`buf`], [`io`], [`copy`](mod@copy)), the contract every backend implements ([`runtime`]),
 //! the service abstraction ([`service`]) and its datagram counterpart ([`datagram`]), the thread-per-core launcher ([`launcher`],
 //! [`topology`], [`worker`]), cross-core messaging ([`mesh`]), the capability report
-//! ([`caps`]), the metrics endpoint every service registers with ([`metrics`]) and a
-//! page-cache probe that keeps disk reads off the worker ([`pagecache`]).
+//! ([`caps`]), the metrics endpoint every service registers with ([`metrics`]), a
+//! page-cache probe that keeps disk reads off the worker ([`pagecache`]), and, for per-core
+//! caches that learn of changes from a kernel queue, an exact check of that queue without a
+//! system call ([`posted`], with [`arrivals`] where it cannot be had).
 //! No engine is named here; backends are leaf crates that implement [`runtime`].
 
 #![warn(missing_docs)]
@@ -21,6 +23,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod pagecache;
 pub mod pool;
+pub mod posted;
 pub mod runtime;
 pub mod service;
 pub mod sharded;

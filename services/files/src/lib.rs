@@ -258,10 +258,12 @@ pub struct Files {
 impl Files {
     /// Says that the front end using this value counts every receive that can carry its
     /// requests with [`corepin_core::arrivals::note`], made after the receive and before the
-    /// requests it carries are planned. The open-file cache then reads its inotify queue only
-    /// when something was received since it last did, instead of on every lookup: one system
-    /// call per batch of received datagrams, not one per request. A front end that misses a
-    /// receive would be answered from entries of files changed before its request was sent.
+    /// requests it carries are planned. Where the open-file cache has no posted notice on its
+    /// inotify queue (no io_uring, an SQPOLL engine: `corepin_core::posted`), it then reads
+    /// the queue only when something was received since it last did, instead of on every
+    /// lookup: one system call per batch of received datagrams, not one per request. A front
+    /// end that misses a receive would be answered from entries of files changed before its
+    /// request was sent.
     pub fn receives_counted(mut self) -> Self {
         self.counted = true;
         self

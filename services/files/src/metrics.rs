@@ -60,6 +60,8 @@ pub struct CoreFileCounters {
     pub open_lookups: [AtomicU64; 3],
     /// Open-file cache entries dropped because their file changed.
     pub open_invalidated: AtomicU64,
+    /// Reads of the open-file cache's inotify queue.
+    pub open_queue_reads: AtomicU64,
 }
 
 impl CoreFileCounters {
@@ -93,6 +95,10 @@ impl CoreFileCounters {
     /// Counts open-file cache entries dropped because their file changed.
     pub fn open_invalidated(&self, n: u64) {
         CoreCounters::add(&self.open_invalidated, n);
+    }
+    /// Counts reads of the open-file cache's inotify queue.
+    pub fn open_queue_reads(&self, n: u64) {
+        CoreCounters::add(&self.open_queue_reads, n);
     }
     /// Counts one body sent by `path`.
     pub fn transfer(&self, path: TransferPath, bytes: u64) {
@@ -210,6 +216,14 @@ impl Collector for FilesCollector {
             n,
             |c, _| get(&files.core(c).open_invalidated),
         )?;
+        per_core_counter(
+            &mut enc,
+            "corepin_file_open_cache_queue_reads",
+            "Reads of the open-file cache's inotify queue (only when it holds events, where a posted io_uring poll says so; else one per lookup or per receive)",
+            None,
+            n,
+            |c, _| get(&files.core(c).open_queue_reads),
+        )?;
         Ok(())
     }
 }
@@ -230,6 +244,7 @@ mod tests {
         files.core(0).cold(7);
         files.core(1).open_lookup(crate::open_cache::Lookup::Hit);
         files.core(1).open_invalidated(3);
+        files.core(0).open_queue_reads(2);
         let mut registry = Registry::default();
         FilesCollector::new(files).register(&mut registry);
         let text = corepin_core::metrics::render(&registry);
@@ -250,6 +265,7 @@ mod tests {
             "corepin_file_open_cache_lookups_all_cores_total{result=\"hit\"} 1",
             "corepin_file_open_cache_lookups_all_cores_total{result=\"miss\"} 0",
             "corepin_file_open_cache_invalidations_total{core=\"1\"} 3",
+            "corepin_file_open_cache_queue_reads_all_cores_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "no line `{line}` in\n{text}");
         }

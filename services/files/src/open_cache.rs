@@ -12,11 +12,16 @@
 //! - the file's bytes or attributes (written, truncated, chmod, unlinked or replaced by a
 //!   rename over it, renamed away): inotify reports it on the file's own inode (`IN_MODIFY`,
 //!   `IN_ATTRIB` covers the link count, `IN_MOVE_SELF`, `IN_DELETE_SELF`). The kernel queues
-//!   the event inside the writer's system call, and every lookup first reads what is queued
-//!   (one non-blocking `read`, usually `EAGAIN`), so a change made before a request was sent
-//!   is always seen by that request. (A watcher task woken by the descriptor's readiness would
-//!   save that `read`, but whether it runs before the connection task that reads the next
-//!   request depends on the engine: on Monoio's epoll driver it did not.)
+//!   the event inside the writer's system call, and every lookup first applies what is queued,
+//!   so a change made before a request was sent is always seen by that request. Whether
+//!   anything is queued is known without a system call: a [`Posted`] poll on the inotify
+//!   descriptor is in this thread's memory before the receive that took the request returned
+//!   (that module says why), so the queue is `read` only when it holds events. Where `Posted`
+//!   is not exact (no io_uring, an SQPOLL engine), every lookup reads the queue (one
+//!   non-blocking `read`, usually `EAGAIN`), or once per receive for a counting caller
+//!   ([`corepin_core::arrivals`]). (A watcher task woken by the descriptor's readiness would
+//!   not do: whether it runs before the connection task that reads the next request depends on
+//!   the engine, and on Monoio's epoll driver it did not.)
 //! - the names above the file (a directory on its path renamed or replaced, a symlink
 //!   retargeted with `--follow-symlinks`): no watch sees those, so every entry is trusted for
 //!   at most `valid` (1 s by default), after which the path is opened and checked again.
@@ -32,10 +37,11 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use corepin_core::posted::Posted;
 use corepin_core::runtime::Metadata;
 
 use crate::cache::{Hasher, InsertionOrder};
@@ -82,6 +88,25 @@ pub struct OpenFiles<N = ()> {
     changed: Vec<(u64, u64)>,
     /// The thread's receive count ([`corepin_core::arrivals`]) when the queue was last read.
     drained_at: Option<u64>,
+    /// How the queue's events are noticed: `Unknown` until the first watch (made on the
+    /// worker thread, whose engine decides whether [`Posted`] is exact there).
+    notice: Notice,
+    /// The thread's count of datagrams handed over by other cores when the queue was last
+    /// read: those reach this thread without a system call, so `Posted` does not cover them.
+    handed_at: u64,
+    /// Times the queue was read.
+    reads: u64,
+}
+
+/// How a cache learns that its inotify queue holds events.
+#[derive(Debug)]
+enum Notice {
+    /// Not decided yet (no watch so far).
+    Unknown,
+    /// A poll posted into this thread's memory: the queue is read only when it is set.
+    Posted(Box<Posted>),
+    /// Read the queue at every lookup (once per receive for a counting caller).
+    Read,
 }
 
 impl<N: Clone> OpenFiles<N> {
@@ -118,6 +143,9 @@ impl<N: Clone> OpenFiles<N> {
             invalidated: 0,
             changed: Vec::new(),
             drained_at: None,
+            notice: Notice::Unknown,
+            handed_at: 0,
+            reads: 0,
         }
     }
 
@@ -130,20 +158,16 @@ impl<N: Clone> OpenFiles<N> {
     /// the window. Applies the queued inotify events first; if they cannot be read, the cache
     /// turns itself off (and says so) rather than answer from entries it cannot check.
     ///
-    /// `counted`: every receive that can carry the caller's requests is counted in
-    /// [`corepin_core::arrivals`]. Then the queue is read only when something was received
-    /// since it last was (that module says why this is exact); else on every lookup.
+    /// With a posted notice the queue is read only when it holds events (or after datagrams
+    /// another core handed over). Without one, `counted` matters: every receive that can carry
+    /// the caller's requests is counted in [`corepin_core::arrivals`], and the queue is read
+    /// only when something was received since it last was (that module says why this is
+    /// exact); else on every lookup.
     pub fn lookup(&mut self, rel: &str, now: Instant, counted: bool) -> (Option<Known<N>>, Lookup) {
-        if let Some(fd) = self.inotify.as_ref().map(AsRawFd::as_raw_fd) {
-            let received = corepin_core::arrivals::count();
-            // Nothing watched, or a counted caller with nothing received since the last read.
-            let skip = self.by_wd.is_empty() || (counted && self.drained_at == Some(received));
-            if !skip {
-                self.drained_at = Some(received);
-                if let Err(e) = self.drain(fd) {
-                    tracing::warn!("open-file cache off on this core (reading inotify: {e})");
-                    self.turn_off();
-                }
+        if self.inotify.is_some() && !self.by_wd.is_empty() && self.may_have_events(counted) {
+            if let Err(e) = self.apply_queue() {
+                tracing::warn!("open-file cache off on this core (reading inotify: {e})");
+                self.turn_off();
             }
         }
         match self.map.get(rel) {
@@ -171,6 +195,7 @@ impl<N: Clone> OpenFiles<N> {
 
     fn keep(&mut self, inotify: RawFd, rel: &str, file: &Rc<File>, now: Instant) -> Option<Metadata> {
         self.remove(rel);
+        self.choose_notice();
         let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
         // SAFETY: `inotify` is this cache's open inotify descriptor and `proc_path` a valid C
         // string; the magic link resolves to the open file's own inode, whatever its name now.
@@ -266,6 +291,45 @@ impl<N: Clone> OpenFiles<N> {
         self.order.clear();
     }
 
+    /// Whether the inotify queue may hold events this lookup has not applied.
+    fn may_have_events(&mut self, counted: bool) -> bool {
+        match &mut self.notice {
+            Notice::Posted(p) => p.is_set() || corepin_core::arrivals::handed() != self.handed_at,
+            // A counted caller with nothing received since the last read skips it.
+            _ => !(counted && self.drained_at == Some(corepin_core::arrivals::count())),
+        }
+    }
+
+    /// Reads and applies the queued events, then arms the notice again (behind the read, so
+    /// nothing queued after it is missed).
+    fn apply_queue(&mut self) -> io::Result<()> {
+        let Some(inotify) = &self.inotify else { return Ok(()) };
+        let fd = inotify.as_raw_fd();
+        self.drained_at = Some(corepin_core::arrivals::count());
+        self.handed_at = corepin_core::arrivals::handed();
+        self.reads += 1;
+        self.drain(fd)?;
+        if let (Notice::Posted(p), Some(inotify)) = (&mut self.notice, &self.inotify) {
+            if let Err(e) = p.rearm(inotify.as_fd()) {
+                tracing::debug!("open-file cache reads inotify at every lookup from now on (re-arming its poll: {e})");
+                self.notice = Notice::Read;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides, at the first watch, how the queue's events will be noticed.
+    fn choose_notice(&mut self) {
+        let (Notice::Unknown, Some(inotify)) = (&self.notice, &self.inotify) else { return };
+        self.notice = match Posted::watch(inotify.as_fd()) {
+            Ok(p) => Notice::Posted(Box::new(p)),
+            Err(e) => {
+                tracing::debug!("open-file cache reads inotify at every lookup ({e})");
+                Notice::Read
+            }
+        };
+    }
+
     /// Reads the queued events (non-blocking) and applies them, until none are left.
     fn drain(&mut self, inotify: RawFd) -> io::Result<()> {
         if self.events.is_empty() {
@@ -292,6 +356,7 @@ impl<N: Clone> OpenFiles<N> {
     /// Drops every entry and caches nothing from now on (inotify failed).
     pub fn turn_off(&mut self) {
         self.clear();
+        self.notice = Notice::Read;
         self.inotify = None;
     }
 
@@ -323,6 +388,11 @@ impl<N: Clone> OpenFiles<N> {
     /// Entries dropped because their file changed (or the event queue overflowed).
     pub fn invalidated(&self) -> u64 {
         self.invalidated
+    }
+
+    /// Times the inotify queue was read.
+    pub fn queue_reads(&self) -> u64 {
+        self.reads
     }
 }
 
@@ -414,6 +484,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), "a").unwrap();
         let mut c: OpenFiles = OpenFiles::new(8, Duration::from_secs(60)).unwrap();
+        // The way without a posted notice (no io_uring, or an SQPOLL engine).
+        c.notice = Notice::Read;
         let now = Instant::now();
         let f = Rc::new(File::open(dir.path().join("a")).unwrap());
         c.insert("a", &f, meta(&f), now);
@@ -428,5 +500,35 @@ mod tests {
         c.insert("a", &f, meta(&f), now);
         std::fs::write(dir.path().join("a"), "c").unwrap();
         assert_eq!(c.lookup("a", now, false).1, Lookup::Miss, "an uncounted caller reads the queue every time");
+    }
+
+    #[test]
+    fn with_a_posted_notice_the_queue_is_read_only_when_it_holds_events() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "a").unwrap();
+        let mut c: OpenFiles = OpenFiles::new(8, Duration::from_secs(60)).unwrap();
+        let now = Instant::now();
+        let f = Rc::new(File::open(dir.path().join("a")).unwrap());
+        c.insert("a", &f, meta(&f), now);
+        if !matches!(c.notice, Notice::Posted(_)) {
+            return eprintln!("skipped: no private io_uring here ({:?})", c.notice);
+        }
+        for _ in 0..100 {
+            assert_eq!(c.lookup("a", now, false).1, Lookup::Hit);
+        }
+        assert_eq!(c.reads, 0, "nothing queued: no read, whatever the caller counts");
+        std::fs::write(dir.path().join("a"), "b").unwrap();
+        assert_eq!(c.lookup("a", now, false).1, Lookup::Miss, "a change is seen by the next lookup");
+        assert_eq!(c.reads, 1);
+        let f = Rc::new(File::open(dir.path().join("a")).unwrap());
+        c.insert("a", &f, meta(&f), now);
+        assert_eq!(c.lookup("a", now, true).1, Lookup::Hit);
+        assert_eq!(c.reads, 1, "armed again behind the read: still nothing queued");
+        // Bytes handed over by another core came without a system call here: read once.
+        corepin_core::arrivals::note_handed();
+        assert_eq!(c.lookup("a", now, true).1, Lookup::Hit);
+        assert_eq!(c.reads, 2);
+        assert_eq!(c.lookup("a", now, true).1, Lookup::Hit);
+        assert_eq!(c.reads, 2);
     }
 }

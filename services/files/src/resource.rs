@@ -625,12 +625,15 @@ impl Files {
         let mut cache = self.caches.open_files.borrow_mut();
         let now = cache.enabled().then(Instant::now);
         if let Some(now) = now {
-            let before = cache.invalidated();
+            let (before, reads_before) = (cache.invalidated(), cache.queue_reads());
             let (hit, how) = cache.lookup(rel, now, self.counted);
             let counters = self.counters();
             counters.open_lookup(how);
             if cache.invalidated() > before {
                 counters.open_invalidated(cache.invalidated() - before);
+            }
+            if cache.queue_reads() > reads_before {
+                counters.open_queue_reads(cache.queue_reads() - reads_before);
             }
             // Bodies of files found changed go too: an in-place rewrite can keep size and mtime.
             if let Some(changed) = cache.take_changed() {

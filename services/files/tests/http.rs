@@ -905,6 +905,16 @@ pub fn changed_files_are_served_changed_through_the_open_file_cache<R: Runtime>(
         assert_eq!(fetch(path).status, 200);
     }
     assert!(lookups(0) >= 4, "the second request for each file is a hit: {} hits", lookups(0));
+    let reads = || -> u64 {
+        (0..srv.metrics.len()).map(|c| srv.metrics.core(c).open_queue_reads.load(Ordering::Relaxed)).sum()
+    };
+    // Nothing has changed yet. With a posted notice on the inotify queue (wherever io_uring
+    // is), the queue was never read; without one, every lookup read it.
+    if corepin::posted::available() {
+        assert_eq!(reads(), 0, "an empty queue is known empty without a read");
+    } else {
+        assert!(reads() >= lookups(0), "{} reads for {} hits", reads(), lookups(0));
+    }
     let rewrite = |p: &str, body: &[u8]| {
         let path = root.join(p);
         let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
@@ -937,6 +947,7 @@ pub fn changed_files_are_served_changed_through_the_open_file_cache<R: Runtime>(
     let dropped: u64 =
         (0..srv.metrics.len()).map(|c| srv.metrics.core(c).open_invalidated.load(Ordering::Relaxed)).sum();
     assert!(dropped >= 4, "rewrites, the rename over and the delete were reported: {dropped}");
+    assert!(reads() >= 1, "the changes were read from the queue");
     drop(s);
     srv.stop();
 }

@@ -400,7 +400,7 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
         if let Some(f) = forward {
             let n = f.take_in(bufs, meta);
             if n > 0 {
-                corepin_core::arrivals::note();
+                corepin_core::arrivals::note_handed();
                 return Poll::Ready(Ok(n));
             }
         }

@@ -291,18 +291,34 @@ pub fn ranges_and_conditional_requests<R: Runtime>() {
 
 /// A file rewritten in place (same length, its mtime put back, so only the open-file cache's
 /// inotify watch can tell) is served changed by the next request on the same connection, from
-/// the memory-cached path and the chunked one. The HTTP/3 front end lets the cache read inotify
-/// only after a receive the socket adapter counted (`corepin_core::arrivals`): a receive it
-/// failed to count would leave the old bytes here.
+/// the memory-cached path and the chunked one. The cache reads inotify only when a poll posted
+/// into the worker's memory says the queue holds events (`corepin_core::posted`), or, without
+/// one, after a receive the socket adapter counted (`corepin_core::arrivals`): a notice that
+/// came late, or a receive left uncounted, would leave the old bytes here.
 pub fn changed_files_are_served_changed<R: Runtime>() {
     let site = site();
     let srv = serve::<R>(&site, Duration::from_secs(10));
     let hits = || -> u64 {
         (0..srv.files.len()).map(|c| srv.files.core(c).open_lookups[0].load(std::sync::atomic::Ordering::Relaxed)).sum()
     };
+    let reads = || -> u64 {
+        (0..srv.files.len())
+            .map(|c| srv.files.core(c).open_queue_reads.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    };
     client_rt().block_on(async {
         let ep = client_endpoint(&srv.cert_pem);
         let c = connect(&ep, srv.addr).await;
+        for _ in 0..3 {
+            assert_eq!(get(&c.send, "/4k.bin").await.status, 200);
+        }
+        // Nothing changed yet: with a posted notice on the inotify queue (wherever io_uring
+        // is) the queue was never read; without one, once per counted receive.
+        if corepin::posted::available() {
+            assert_eq!(reads(), 0, "an empty queue is known empty without a read");
+        } else {
+            assert!(reads() >= 1);
+        }
         for (name, len) in [("4k.bin", 4096usize), ("40k.bin", 40 * 1024)] {
             let path = site.root.join(name);
             let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
@@ -324,6 +340,7 @@ pub fn changed_files_are_served_changed<R: Runtime>() {
             }
             assert!(hits() >= before + 3, "{name}: the unchanged requests were open-file cache hits ({})", hits());
         }
+        assert!(reads() >= 1, "the rewrites were read from the queue");
         drop(c);
         ep.wait_idle().await;
     });
