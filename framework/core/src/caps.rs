@@ -367,7 +367,7 @@ pub fn ring_memory_advice() -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -381,7 +381,8 @@ mod tests {
         assert!(charges_rings("7.0"));
     }
 
-    fn engine(driver: Driver, native: Native) -> EngineReport {
+    /// A report of a test engine (also used by other modules' tests).
+    pub(crate) fn engine(driver: Driver, native: Native) -> EngineReport {
         EngineReport {
             runtime: "test",
             driver,
@@ -397,7 +398,7 @@ mod tests {
         }
     }
 
-    const ALL_NATIVE: Native = Native {
+    pub(crate) const ALL_NATIVE: Native = Native {
         splice: Support::Native,
         send_zc: Support::Native,
         registered_buffers: Support::Native,

@@ -150,16 +150,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_change_on_this_thread_is_posted_and_rearming_clears_it() {
+    /// A file, an inotify watch on it and a notice on the watch; `None` (printed) without a
+    /// private io_uring here.
+    fn watched() -> Option<(tempfile::TempDir, std::path::PathBuf, OwnedFd, Posted)> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, "a").unwrap();
         let fd = inotify_on(&path);
-        let mut p = match Posted::watch(fd.as_fd()) {
-            Ok(p) => p,
-            Err(e) => return eprintln!("skipped: no private io_uring here ({e})"),
-        };
+        match Posted::watch(fd.as_fd()) {
+            Ok(p) => Some((dir, path, fd, p)),
+            Err(e) => {
+                eprintln!("skipped: no private io_uring here ({e})");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn a_change_on_this_thread_is_posted_and_rearming_clears_it() {
+        let Some((_dir, path, fd, mut p)) = watched() else { return };
         assert!(!p.is_set(), "nothing changed yet");
         std::fs::write(&path, "b").unwrap();
         assert!(p.is_set(), "the write's own return ran the poll's task work");
@@ -177,39 +186,21 @@ mod tests {
 
     #[test]
     fn no_notice_on_a_thread_whose_engine_asked_for_sqpoll() {
-        use crate::caps::{Capabilities, Driver, EngineReport, KernelSupport, Native, Support};
+        use crate::caps::tests::{engine, ALL_NATIVE};
+        use crate::caps::{Capabilities, Driver, KernelSupport};
         use crate::runtime::RingFlags;
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let native = Native {
-            splice: Support::Native,
-            send_zc: Support::Native,
-            registered_buffers: Support::Native,
-            multishot_accept: Support::Native,
-            multishot_recv: Support::Native,
-            buffer_rings: Support::Native,
-        };
-        let report = |flags: RingFlags| EngineReport {
-            runtime: "test",
-            driver: Driver::IoUring,
-            ring_flags_requested: flags,
-            ring_flags: Some(RingFlags { sqpoll_idle_ms: None, ..flags }),
-            ring_entries: 8,
-            native,
-            fd_readiness: "poll",
-            file_transfer: "sendfile",
-            file_reads: "read",
-            rent_copies: false,
-            notes: Vec::new(),
-        };
         let kernel = KernelSupport { io_uring: true, ..Default::default() };
+        let caps = |requested: RingFlags| {
+            let mut report = engine(Driver::IoUring, ALL_NATIVE);
+            report.ring_flags_requested = requested;
+            Capabilities::derive(report, kernel)
+        };
         let guard = crate::engine::EngineGuard::claim("test", 0).unwrap();
-        guard.set_capabilities(Capabilities::derive(
-            report(RingFlags { sqpoll_idle_ms: Some(1000), ..RingFlags::BEST }),
-            kernel,
-        ));
+        guard.set_capabilities(caps(RingFlags { sqpoll_idle_ms: Some(1000), ..RingFlags::BEST }));
         let err = Posted::watch(a.as_fd()).expect_err("SQPOLL was asked for: no notice");
         assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
-        guard.set_capabilities(Capabilities::derive(report(RingFlags::BEST), kernel));
+        guard.set_capabilities(caps(RingFlags::BEST));
         if available() {
             Posted::watch(a.as_fd()).expect("an engine without SQPOLL keeps the notice");
         }
@@ -221,14 +212,7 @@ mod tests {
     /// them, the notice must already be in the ring. Repeated, so a race would show.
     #[test]
     fn a_change_made_before_bytes_were_sent_is_posted_when_they_are_received() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, "a").unwrap();
-        let fd = inotify_on(&path);
-        let mut p = match Posted::watch(fd.as_fd()) {
-            Ok(p) => p,
-            Err(e) => return eprintln!("skipped: no private io_uring here ({e})"),
-        };
+        let Some((_dir, path, fd, mut p)) = watched() else { return };
         let (mut here, mut there) = std::os::unix::net::UnixStream::pair().unwrap();
         let rounds = 2_000;
         let writer = {
