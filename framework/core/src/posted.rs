@@ -7,13 +7,21 @@
 //! descriptor, submitted by the thread that checks it. The ring is set up without
 //! `DEFER_TASKRUN` or `COOP_TASKRUN`. When the descriptor becomes readable, the kernel's wake-up
 //! (for inotify: inside the writer's own system call) queues the poll's completion as task work
-//! for this thread, with `TWA_SIGNAL`. The kernel runs a thread's queued task work before that
-//! thread returns to user space, whatever it entered the kernel for. Task work of all of a
-//! thread's rings shares one list, so it also runs before or with any completion queued later.
-//! So once this thread has returned from a system call made after the descriptor became
-//! readable, the completion is in the ring. That system call may be the receive that took a
-//! request sent after a change, or the engine's wait that collected the receive's completion.
-//! [`Posted::is_set`] then sees the completion with one acquire load of the ring's tail.
+//! for this thread, with `TWA_SIGNAL` (`TIF_NOTIFY_SIGNAL` is set before the writer's call
+//! returns). The kernel runs a thread's queued task work before that thread returns to user
+//! space, whatever it entered the kernel for (`exit_to_user_mode_loop`). A ring's completions
+//! made by task work for this thread (a receive's, on any ring without `DEFER_TASKRUN`) go on
+//! the same per-thread list and are run with it; a `DEFER_TASKRUN` ring's are posted inside
+//! this thread's `io_uring_enter`, which runs the list before it returns. So once this thread
+//! has returned from a system call made after the descriptor became readable, the completion is
+//! in the ring. That system call may be the receive that took a request sent after a change, or
+//! the engine's wait that collected the receive's completion. [`Posted::is_set`] then sees the
+//! completion with one acquire load of the ring's tail. (Read against the 6.18 sources:
+//! `io_uring/poll.c` `io_poll_wake`, `io_uring/io_uring.c` `io_req_normal_work_add`,
+//! `kernel/task_work.c`, `kernel/entry/common.c`.)
+//!
+//! A side effect: the notice interrupts this thread's `epoll_wait` (`EINTR`, which every
+//! engine's reactor retries); blocking calls that restart, and io_uring waits, do not notice.
 //!
 //! Where that order does not hold, [`Posted::watch`] refuses and the caller reads its queue
 //! as before:
@@ -24,6 +32,16 @@
 //! Bytes handed over by another core through memory (HTTP/3's forwarded datagrams) also reach
 //! this thread without a system call of its own. A caller must not trust the check for those;
 //! [`arrivals::note_handed`](crate::arrivals::note_handed) counts them.
+//!
+//! Two orders the kernel does not promise, each a window of microseconds at most:
+//! - a socket receive that io_uring hands to an io-wq worker (never asked for by the engines
+//!   here; the kernel does it when it cannot arm a poll, or after 128 poll retries) posts its
+//!   completion from that worker on a ring without `DEFER_TASKRUN`. If the engine reads that
+//!   completion from user space without a system call, only the IPI the notice sent at the
+//!   change stands between it and this thread's user code;
+//! - on a kernel where spinlocks can be preempted (`PREEMPT_RT`), another ring's completion
+//!   being added to the thread's empty task-work list at the same instant can delay the
+//!   `TIF_NOTIFY_SIGNAL` that the change's notice relies on.
 
 use std::io;
 use std::marker::PhantomData;
