@@ -38,8 +38,8 @@ pub fn count() -> u64 {
 
 /// Records that bytes another core received were just handed to this thread through memory
 /// (HTTP/3's datagrams forwarded to the core that owns their connection): a receive for
-/// [`count`], and one this thread made no system call for, which a [`Posted`](crate::posted)
-/// notice is not ordered with.
+/// [`count`], and one this thread made no system call for, which a
+/// [`Posted`](crate::posted::Posted) notice is not ordered with.
 #[inline]
 pub fn note_handed() {
     note();

@@ -5,8 +5,9 @@
 //! [`topology`], [`worker`]), cross-core messaging ([`mesh`]), the capability report
 //! ([`caps`]), the metrics endpoint every service registers with ([`metrics`]), a
 //! page-cache probe that keeps disk reads off the worker ([`pagecache`]), and, for per-core
-//! caches that learn of changes from a kernel queue, an exact check of that queue without a
-//! system call ([`posted`], with [`arrivals`] where it cannot be had).
+//! caches that learn of changes from a kernel queue, a check of that queue without a system
+//! call, exact but for the windows its module names ([`posted`], with [`arrivals`] where it
+//! cannot be had).
 //! No engine is named here; backends are leaf crates that implement [`runtime`].
 
 #![warn(missing_docs)]

@@ -1,7 +1,8 @@
 //! A descriptor's readiness, written into this thread's memory by the kernel before any of this
 //! thread's system calls returns. It gives a per-core cache that learns of changes from a
-//! kernel queue (the file server's open-file cache and its inotify descriptor) an exact
-//! "has anything been queued?" check that costs one load instead of a system call.
+//! kernel queue (the file server's open-file cache and its inotify descriptor) a "has anything
+//! been queued?" check that costs two memory accesses instead of a system call, and is exact
+//! but for the two windows named below.
 //!
 //! How: [`Posted`] keeps a private io_uring with one one-shot `IORING_OP_POLL_ADD` on the
 //! descriptor, submitted by the thread that checks it. The ring is set up without
@@ -33,19 +34,22 @@
 //! this thread without a system call of its own. A caller must not trust the check for those;
 //! [`arrivals::note_handed`](crate::arrivals::note_handed) counts them.
 //!
-//! Two orders the kernel does not promise, each a window of microseconds at most:
+//! Two orders the kernel does not promise. Each needs a coincidence, and lasts at most until
+//! this thread's next system call or scheduler tick:
 //! - a socket receive that io_uring hands to an io-wq worker (never asked for by the engines
 //!   here; the kernel does it when it cannot arm a poll, or after 128 poll retries) posts its
 //!   completion from that worker on a ring without `DEFER_TASKRUN`. If the engine reads that
-//!   completion from user space without a system call, only the IPI the notice sent at the
-//!   change stands between it and this thread's user code;
-//! - on a kernel where spinlocks can be preempted (`PREEMPT_RT`), another ring's completion
-//!   being added to the thread's empty task-work list at the same instant can delay the
-//!   `TIF_NOTIFY_SIGNAL` that the change's notice relies on.
+//!   completion from user space without a system call, only the IPI the notice sends at the
+//!   change stands between it and this thread's user code, and there is no IPI when the
+//!   thread's task-work list already held work of a `COOP_TASKRUN` ring (the aux ring's);
+//! - the kernel sets `TIF_NOTIFY_SIGNAL` only when it adds to an empty task-work list. If
+//!   another CPU has just added this thread's first item and is stopped before setting the
+//!   flag (a preempted `PREEMPT_RT` spinlock, a paused vCPU), a change made then is not
+//!   flagged until that CPU goes on.
 
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
 
@@ -56,6 +60,8 @@ const POLL: u64 = 1;
 /// docs). Bound to the thread that made it: only that thread's system calls order it.
 pub struct Posted {
     ring: IoUring,
+    /// The descriptor polled (the caller keeps it open).
+    fd: RawFd,
     /// Whether a poll is in the kernel or completed and not yet consumed.
     armed: bool,
     _thread: PhantomData<*const ()>,
@@ -81,26 +87,34 @@ impl Posted {
         }
         // Two entries: a re-arm can never find the queue full.
         let ring = IoUring::builder().build(2)?;
-        let mut posted = Self { ring, armed: false, _thread: PhantomData };
+        let mut posted = Self { ring, fd: fd.as_raw_fd(), armed: false, _thread: PhantomData };
         posted.arm(fd)?;
         Ok(posted)
     }
 
-    /// Whether the descriptor has become readable since it was last armed: one load.
+    /// Whether the descriptor has become readable since it was last armed: a load of the
+    /// ring's tail (and a store of its head), no system call.
     #[inline]
     pub fn is_set(&mut self) -> bool {
         !self.ring.completion().is_empty()
     }
 
     /// Consumes the notice and arms the poll again. Call it after emptying the descriptor's
-    /// queue: anything queued after that makes the new poll complete at once.
+    /// queue: anything queued after that makes the new poll complete at once. A poll that
+    /// ended in an error is an error here: the caller stops trusting the notice.
     pub fn rearm(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let mut done = false;
+        debug_assert_eq!(fd.as_raw_fd(), self.fd, "re-armed on another descriptor than it watches");
+        let mut failed = None;
         for cqe in self.ring.completion() {
-            done |= cqe.user_data() == POLL;
+            if cqe.user_data() == POLL {
+                self.armed = false;
+                if cqe.result() < 0 {
+                    failed = Some(io::Error::from_raw_os_error(-cqe.result()));
+                }
+            }
         }
-        if done {
-            self.armed = false;
+        if let Some(e) = failed {
+            return Err(e);
         }
         if self.armed {
             return Ok(());

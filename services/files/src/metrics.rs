@@ -219,7 +219,7 @@ impl Collector for FilesCollector {
         per_core_counter(
             &mut enc,
             "corepin_file_open_cache_queue_reads",
-            "Reads of the open-file cache's inotify queue (only when it holds events, where a posted io_uring poll says so; else one per lookup or per receive)",
+            "Reads of the open-file cache's inotify queue (only when it holds events, a change or a removed watch, where a posted io_uring poll says so; else one per lookup or per receive)",
             None,
             n,
             |c, _| get(&files.core(c).open_queue_reads),

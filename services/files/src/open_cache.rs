@@ -295,8 +295,9 @@ impl<N: Clone> OpenFiles<N> {
     fn may_have_events(&mut self, counted: bool) -> bool {
         match &mut self.notice {
             Notice::Posted(p) => p.is_set() || corepin_core::arrivals::handed() != self.handed_at,
-            // A counted caller with nothing received since the last read skips it.
-            _ => !(counted && self.drained_at == Some(corepin_core::arrivals::count())),
+            // A counted caller with nothing received since the last read skips it. (Unknown:
+            // no watch yet, so the caller found nothing to read.)
+            Notice::Unknown | Notice::Read => !(counted && self.drained_at == Some(corepin_core::arrivals::count())),
         }
     }
 
@@ -311,7 +312,9 @@ impl<N: Clone> OpenFiles<N> {
         self.drain(fd)?;
         if let (Notice::Posted(p), Some(inotify)) = (&mut self.notice, &self.inotify) {
             if let Err(e) = p.rearm(inotify.as_fd()) {
-                tracing::debug!("open-file cache reads inotify at every lookup from now on (re-arming its poll: {e})");
+                tracing::info!(
+                    "open-file cache reads inotify at every lookup from now on (its posted notice failed: {e})"
+                );
                 self.notice = Notice::Read;
             }
         }
@@ -322,9 +325,13 @@ impl<N: Clone> OpenFiles<N> {
     fn choose_notice(&mut self) {
         let (Notice::Unknown, Some(inotify)) = (&self.notice, &self.inotify) else { return };
         self.notice = match Posted::watch(inotify.as_fd()) {
-            Ok(p) => Notice::Posted(Box::new(p)),
+            Ok(p) => {
+                // Hand-overs before this one are older than the notice: nothing to read for them.
+                self.handed_at = corepin_core::arrivals::handed();
+                Notice::Posted(Box::new(p))
+            }
             Err(e) => {
-                tracing::debug!("open-file cache reads inotify at every lookup ({e})");
+                tracing::info!("open-file cache reads inotify at every lookup or receive (no posted notice: {e})");
                 Notice::Read
             }
         };

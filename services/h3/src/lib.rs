@@ -395,7 +395,8 @@ impl App for H3Server {
         .map_err(|e| AppError::msg(format!("starting the QUIC endpoint on core {}: {e}", worker.info().cpu)))?;
         let shared = Rc::new(CoreShared {
             // The socket adapter counts every receive (`quic_rt`: each UDP receive, each
-            // datagram forwarded here), so the open-file cache reads inotify once per batch.
+            // datagram forwarded here). Where the open-file cache has no posted notice on its
+            // inotify queue (`corepin_core::posted`), it then reads the queue once per batch.
             files: self.files.files_for(&worker).receives_counted(),
             cfg: self.cfg.clone(),
             worker: worker.clone(),

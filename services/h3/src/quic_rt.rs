@@ -435,8 +435,9 @@ impl<R: Runtime> AsyncUdpSocket for CoreUdpSocket<R> {
                     // `recvmmsg` stops early only when the queue is empty (or at an error,
                     // which the socket keeps and reports as readable).
                     io.drained.set(n < bufs.len().min(meta.len()).min(quinn::udp::BATCH_SIZE));
-                    // Counted for the open-file cache, which reads inotify only after a
-                    // receive (`Files::receives_counted`); after the syscall, never before.
+                    // Counted for the open-file cache, which without a posted notice reads
+                    // inotify only after a receive (`Files::receives_counted`); after the
+                    // syscall, never before.
                     corepin_core::arrivals::note();
                     if let Some(f) = forward {
                         f.send_out(bufs, meta, n);
