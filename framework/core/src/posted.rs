@@ -62,7 +62,7 @@ pub struct Posted {
     ring: IoUring,
     /// The descriptor polled (the caller keeps it open).
     fd: RawFd,
-    /// Whether a poll is in the kernel or completed and not yet consumed.
+    /// Whether a poll is in the kernel, or completed and not yet consumed.
     armed: bool,
     _thread: PhantomData<*const ()>,
 }
@@ -76,8 +76,8 @@ impl std::fmt::Debug for Posted {
 impl Posted {
     /// Arms the poll for `fd` becoming readable. Fails where the check would not be exact on
     /// this thread (see the module docs) or the ring cannot be made; the caller then reads its
-    /// queue on every check instead. `fd` must stay open while this value lives (the kernel
-    /// holds the file, so closing it early loses only the notices, never memory safety).
+    /// queue on every check instead. `fd` must stay open while this value lives: a re-arm polls
+    /// it by number (closing it early loses only the notices, never memory safety).
     pub fn watch(fd: BorrowedFd<'_>) -> io::Result<Self> {
         if engine_may_post_without_this_thread() {
             return Err(io::Error::new(
@@ -88,7 +88,7 @@ impl Posted {
         // Two entries: a re-arm can never find the queue full.
         let ring = IoUring::builder().build(2)?;
         let mut posted = Self { ring, fd: fd.as_raw_fd(), armed: false, _thread: PhantomData };
-        posted.arm(fd)?;
+        posted.arm()?;
         Ok(posted)
     }
 
@@ -102,8 +102,7 @@ impl Posted {
     /// Consumes the notice and arms the poll again. Call it after emptying the descriptor's
     /// queue: anything queued after that makes the new poll complete at once. A poll that
     /// ended in an error is an error here: the caller stops trusting the notice.
-    pub fn rearm(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        debug_assert_eq!(fd.as_raw_fd(), self.fd, "re-armed on another descriptor than it watches");
+    pub fn rearm(&mut self) -> io::Result<()> {
         let mut failed = None;
         for cqe in self.ring.completion() {
             if cqe.user_data() == POLL {
@@ -119,13 +118,14 @@ impl Posted {
         if self.armed {
             return Ok(());
         }
-        self.arm(fd)
+        self.arm()
     }
 
-    fn arm(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32).build().user_data(POLL);
+    fn arm(&mut self) -> io::Result<()> {
+        let poll = opcode::PollAdd::new(types::Fd(self.fd), libc::POLLIN as u32).build().user_data(POLL);
         // SAFETY: a poll request points at no user memory; the kernel takes its own reference
-        // to the file, so the entry is valid whatever happens to `fd` afterwards.
+        // to the file (a descriptor closed meanwhile fails the poll with EBADF), so the entry
+        // is valid whatever happens to the descriptor afterwards.
         unsafe { self.ring.submission().push(&poll) }
             .map_err(|_| io::Error::other("the private ring's submission queue is full"))?;
         self.ring.submit()?;
@@ -205,14 +205,14 @@ mod tests {
         std::fs::write(&path, "b").unwrap();
         assert!(p.is_set(), "the write's own return ran the poll's task work");
         assert!(drain(&fd) > 0);
-        p.rearm(fd.as_fd()).unwrap();
+        p.rearm().unwrap();
         assert!(!p.is_set(), "emptied and armed again");
         // Queued between the drain and the re-arm: the new poll completes at once.
         std::fs::write(&path, "c").unwrap();
-        p.rearm(fd.as_fd()).unwrap();
+        p.rearm().unwrap();
         assert!(p.is_set(), "a change before the re-arm is not lost");
         assert!(drain(&fd) > 0);
-        p.rearm(fd.as_fd()).unwrap();
+        p.rearm().unwrap();
         assert!(!p.is_set());
     }
 
@@ -269,7 +269,7 @@ mod tests {
             here.read_exact(&mut got).unwrap();
             assert!(p.is_set(), "round {round}: bytes sent after a change arrived before its notice");
             assert!(drain(&fd) > 0);
-            p.rearm(fd.as_fd()).unwrap();
+            p.rearm().unwrap();
         }
         writer.join().unwrap();
     }

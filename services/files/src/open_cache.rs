@@ -310,8 +310,8 @@ impl<N: Clone> OpenFiles<N> {
         self.handed_at = corepin_core::arrivals::handed();
         self.reads += 1;
         self.drain(fd)?;
-        if let (Notice::Posted(p), Some(inotify)) = (&mut self.notice, &self.inotify) {
-            if let Err(e) = p.rearm(inotify.as_fd()) {
+        if let Notice::Posted(p) = &mut self.notice {
+            if let Err(e) = p.rearm() {
                 tracing::info!(
                     "open-file cache reads inotify at every lookup from now on (its posted notice failed: {e})"
                 );
