@@ -796,8 +796,8 @@ impl Beside {
 fn h3_banner_lines(app: &corepin_h3::H3Server) -> Vec<String> {
     vec![
         format!(
-            "h3: one QUIC endpoint per core on udp {} (quinn over corepin's runtime: quinn-udp GSO/GRO/ECN, \
-             engine timers and readiness), TLS 1.3 with ALPN h3, one reset key and token key for all cores",
+            "h3: one QUIC endpoint per core on udp {} (quinn-proto driven by one task per core: quinn-udp \
+             GSO/GRO/ECN, engine timers and readiness), TLS 1.3 with ALPN h3, one reset key and token key for all cores",
             app.local_addr()
         ),
         format!("h3: UDP offloads: {}", app.offloads()),

@@ -9,7 +9,7 @@
 //! filling the memory cache is, as in HTTP/1.1).
 //!
 //! Must not touch: the file system, validators, ranges, content types or the cache's contents
-//! (all in `corepin_files::resource`); sockets and QUIC (quinn, through `quic_rt`).
+//! (all in `corepin_files::resource`); sockets and QUIC (`crate::quic`).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -31,16 +31,18 @@ use h3::error::{Code, ConnectionError, StreamError};
 use h3::server::RequestStream;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::h3_quic::{H3Bidi, H3Conn};
+use crate::quic::{Conn, Incoming};
 use crate::{CoreShared, Tracker, H3_NO_ERROR};
 
-type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+type Stream = RequestStream<H3Bidi<Bytes>, Bytes>;
 
 /// Why serving a connection or a request ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum H3Error {
     /// The QUIC handshake failed.
     #[error("handshake: {0}")]
-    Handshake(#[from] quinn::ConnectionError),
+    Handshake(#[from] quinn_proto::ConnectionError),
     /// The HTTP/3 connection failed (the peer broke the protocol, or the connection closed).
     #[error("HTTP/3 connection: {0}")]
     Connection(#[from] ConnectionError),
@@ -75,43 +77,30 @@ impl From<End> for H3Error {
 /// Completes the handshake of `incoming` and serves its requests, each in a task of its own,
 /// until the client goes away, the connection fails, or the worker drains (then GOAWAY, the
 /// requests in flight finish, and the connection closes with `H3_NO_ERROR`).
-pub(crate) async fn serve_connection<R: Runtime>(
-    incoming: quinn::Incoming,
-    shared: Rc<CoreShared>,
-) -> Result<(), H3Error> {
+pub(crate) async fn serve_connection<R: Runtime>(incoming: Incoming, shared: Rc<CoreShared>) -> Result<(), H3Error> {
     let counters = shared.metrics.core(shared.worker.info().index);
     // Whether the handshake is complete. With 0-RTT the connection is served from the client's
     // first flight on, and a request that arrives before completion is early data.
     let confirmed = Cell::new(false);
-    // With 0-RTT: resolves when the handshake completes or the connection fails first (to
-    // false on a server, either way: quinn-proto records 0-RTT acceptance on clients only).
-    // quinn's connection driver handles the client's Finished before any 1-RTT packet after it,
-    // so a look at it when a request arrives tells early data from the rest.
-    let mut done: Option<quinn::ZeroRttAccepted> = None;
-    let quic = if shared.cfg.zero_rtt {
-        let connecting = match incoming.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                CoreCounters::add(&counters.handshakes_failed, 1);
-                return Err(e.into());
-            }
-        };
-        match connecting.into_0rtt() {
-            Ok((quic, accepted)) => {
-                done = Some(accepted);
-                quic
-            }
-            // A server's 0.5-RTT conversion always succeeds; should it not, wait as without 0-RTT.
-            Err(connecting) => handshake(connecting.await, &confirmed, counters)?,
+    // With 0-RTT the handshake is still going on while requests are served: `true` until its
+    // end has been recorded. The driver handles the client's Finished before any 1-RTT packet
+    // after it, so a look at the connection when a request arrives tells early data from the rest.
+    let quic = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            CoreCounters::add(&counters.handshakes_failed, 1);
+            return Err(e.into());
         }
-    } else {
-        handshake(incoming.await, &confirmed, counters)?
     };
+    let mut done = shared.cfg.zero_rtt;
+    if !done {
+        handshake(quic.handshake().await, &confirmed, counters)?;
+    }
 
     let first_peer = quic.remote_address();
     let mut conn = h3::server::builder()
         .max_field_section_size(shared.cfg.max_field_section_size)
-        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
+        .build::<_, Bytes>(H3Conn::new(quic.clone()))
         .await?;
     let early_counted = Cell::new(false);
     let requests = Rc::new(Tracker::default());
@@ -120,10 +109,10 @@ pub(crate) async fn serve_connection<R: Runtime>(
     let result = loop {
         // The next request, or (with 0-RTT) the end of the handshake, recorded as it happens.
         let accept = async {
-            match race(conn.accept(), handshake_end(&mut done)).await {
+            match race(conn.accept(), handshake_end(done, &quic)).await {
                 Either::Left(r) => Some(r),
-                Either::Right(zero_rtt) => {
-                    record(zero_rtt, &quic, &confirmed, counters);
+                Either::Right(()) => {
+                    record(&quic, &confirmed, counters);
                     None
                 }
             }
@@ -134,7 +123,7 @@ pub(crate) async fn serve_connection<R: Runtime>(
             match race(accept, requests.idle()).await {
                 Either::Left(Some(r)) => r,
                 Either::Left(None) => {
-                    done = None;
+                    done = false;
                     continue;
                 }
                 Either::Right(()) => break Ok(()),
@@ -143,7 +132,7 @@ pub(crate) async fn serve_connection<R: Runtime>(
             match race(accept, worker.draining()).await {
                 Either::Left(Some(r)) => r,
                 Either::Left(None) => {
-                    done = None;
+                    done = false;
                     continue;
                 }
                 Either::Right(()) => {
@@ -207,11 +196,11 @@ pub(crate) async fn serve_connection<R: Runtime>(
     CoreCounters::add(&counters.packets_sent, stats.path.sent_packets);
     CoreCounters::add(&counters.packets_lost, stats.path.lost_packets);
     settle(&mut done, &quic, &confirmed, counters);
-    if done.is_some() {
+    if done {
         // Ended before its handshake did.
         CoreCounters::add(&counters.handshakes_failed, 1);
     }
-    quic.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"");
+    quic.close(H3_NO_ERROR.into(), b"");
     result
 }
 
@@ -221,7 +210,7 @@ const LINGER_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 /// Waits until the peer closes `quic`, or the connection has sent nothing for a tick (what it
 /// had to deliver is acknowledged: a QUIC sender keeps retransmitting until it is), or `limit`
 /// has passed.
-async fn linger<R: Runtime>(quic: &quinn::Connection, limit: std::time::Duration) {
+async fn linger<R: Runtime>(quic: &Conn, limit: std::time::Duration) {
     let until = Instant::now() + limit;
     let mut sent = quic.stats().udp_tx.bytes;
     while Instant::now() < until {
@@ -237,39 +226,28 @@ async fn linger<R: Runtime>(quic: &quinn::Connection, limit: std::time::Duration
 }
 
 /// Looks, without waiting, whether a 0-RTT connection's handshake has ended; when it has,
-/// records it and forgets the future.
-fn settle(
-    done: &mut Option<quinn::ZeroRttAccepted>,
-    quic: &quinn::Connection,
-    confirmed: &Cell<bool>,
-    counters: &crate::metrics::CoreH3Counters,
-) {
-    let Some(fut) = done.as_mut() else { return };
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if let std::task::Poll::Ready(zero_rtt) = std::future::Future::poll(std::pin::Pin::new(fut), &mut cx) {
-        *done = None;
-        record(zero_rtt, quic, confirmed, counters);
+/// records it and stops looking.
+fn settle(done: &mut bool, quic: &Conn, confirmed: &Cell<bool>, counters: &crate::metrics::CoreH3Counters) {
+    if *done && (quic.is_connected() || quic.close_reason().is_some()) {
+        *done = false;
+        record(quic, confirmed, counters);
     }
 }
 
-/// Resolves when a 0-RTT connection's handshake ends (to false on a server); never when there
-/// is nothing to wait for.
-async fn handshake_end(done: &mut Option<quinn::ZeroRttAccepted>) -> bool {
-    match done {
-        Some(f) => f.await,
-        None => std::future::pending().await,
+/// Resolves when a 0-RTT connection's handshake ends (or the connection first); never when
+/// there is nothing to wait for.
+async fn handshake_end(done: bool, quic: &Conn) {
+    if done {
+        let _ = quic.handshake().await;
+    } else {
+        std::future::pending::<()>().await;
     }
 }
 
 /// Counts the end of a 0-RTT connection's handshake and marks the connection confirmed, or
 /// counts a failure when the connection closed first.
-fn record(
-    _accepted: bool,
-    quic: &quinn::Connection,
-    confirmed: &Cell<bool>,
-    counters: &crate::metrics::CoreH3Counters,
-) {
-    if quic.close_reason().is_some() {
+fn record(quic: &Conn, confirmed: &Cell<bool>, counters: &crate::metrics::CoreH3Counters) {
+    if quic.close_reason().is_some() && !quic.is_connected() {
         CoreCounters::add(&counters.handshakes_failed, 1);
         return;
     }
@@ -279,15 +257,15 @@ fn record(
 
 /// The end of a handshake: counted, and the connection marked confirmed.
 fn handshake(
-    done: Result<quinn::Connection, quinn::ConnectionError>,
+    done: Result<(), quinn_proto::ConnectionError>,
     confirmed: &Cell<bool>,
     counters: &crate::metrics::CoreH3Counters,
-) -> Result<quinn::Connection, H3Error> {
+) -> Result<(), H3Error> {
     match done {
-        Ok(q) => {
+        Ok(()) => {
             CoreCounters::add(&counters.handshakes, 1);
             confirmed.set(true);
-            Ok(q)
+            Ok(())
         }
         Err(e) => {
             CoreCounters::add(&counters.handshakes_failed, 1);
@@ -300,7 +278,7 @@ fn handshake(
 /// handshake completed (0-RTT data, which an attacker could replay): only GET and HEAD are
 /// served then, anything else is told 425 Too Early (RFC 8470 §5.2) and may retry.
 async fn serve_request<R: Runtime>(
-    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    resolver: h3::server::RequestResolver<H3Conn, Bytes>,
     shared: &CoreShared,
     early: bool,
 ) -> Result<(), H3Error> {
@@ -346,8 +324,8 @@ const REQUEST_END_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 const REQUEST_BODY_DROP: usize = 64 * 1024;
 
 /// Reads the rest of an answered request (a GET or HEAD has nothing but its end), so the
-/// stream closes cleanly. Dropping a request stream that is still open for reading would make
-/// quinn send STOP_SENDING with code 0, which is no HTTP/3 code, and a client that sends its
+/// stream closes cleanly. Dropping a request stream that is still open for reading sends
+/// STOP_SENDING with code 0 (`quic::RecvStream`, as quinn does), which is no HTTP/3 code, and a client that sends its
 /// FIN a moment after the header section (h3's own client does) would see its request fail
 /// although the answer is complete. A request that does not end soon, or sends a body, is
 /// told to stop with H3_NO_ERROR, as RFC 9114 §4.1.2 asks of a server that has answered.

@@ -2,9 +2,11 @@
 //! against corepin's traits and run on every backend.
 //!
 //! Per core: one UDP socket of a `SO_REUSEPORT` group (bound on the launching thread, in core
-//! order), one `quinn::Endpoint` driven by that core's engine through [`quic_rt`] (no tokio
-//! runtime runs in a worker; tokio's `sync` types inside quinn and h3 are runtime-free), HTTP/3
-//! framing by the `h3` crate over `h3-quinn`, TLS 1.3 by rustls with ALPN `h3`. Requests are
+//! order), one `quinn_proto::Endpoint` and its connections driven by one task of that core's
+//! executor (`quic`: no task, channel or lock per connection; request tasks read and write
+//! their streams in the core's QUIC state directly), HTTP/3 framing by the `h3` crate over
+//! `h3`'s QUIC traits implemented on that state (`h3_quic`), TLS 1.3 by rustls with ALPN `h3`.
+//! No tokio runtime runs in a worker (h3 uses tokio's runtime-free `sync` types). Requests are
 //! answered by the file server's protocol-independent part ([`corepin_files::resource`]):
 //! this crate only maps HTTP/3 fields to its typed inputs and its [`Plan`] to a response,
 //! and pumps the body ([`front`]).
@@ -20,8 +22,9 @@
 #![warn(missing_docs)]
 
 pub mod front;
+pub(crate) mod h3_quic;
 pub mod metrics;
-pub mod quic_rt;
+pub(crate) mod quic;
 pub mod steer;
 
 use std::cell::{Cell, RefCell};
@@ -37,10 +40,10 @@ use corepin_core::worker::CoreCounters;
 use corepin_core::{Runtime, Sharded, Worker};
 use corepin_files::{Files, FilesFactory};
 use corepin_tls::CertStore;
-use quinn::crypto::rustls::QuicServerConfig;
+use quinn_proto::crypto::rustls::QuicServerConfig;
 
 use crate::metrics::H3Metrics;
-use crate::quic_rt::{CoreRuntime, CoreUdpSocket, ForwardInbox, Forwarding};
+use crate::quic::{CoreSocket, Endpoint, ForwardInbox, Forwarding};
 pub use crate::steer::{Steering, SteeringReport};
 
 /// The ALPN protocol id of HTTP/3.
@@ -81,7 +84,7 @@ pub struct H3Config {
     pub zero_rtt: bool,
     /// When a client must prove its address with a Retry round trip before its handshake.
     pub retry: Retry,
-    /// How long each of the server's connection IDs is used before quinn issues a new one
+    /// How long each of the server's connection IDs is used before quinn-proto issues a new one
     /// and retires the old (RFC 9000 §5.1.2), so that a long connection cannot be followed
     /// across address changes by one identifier; `None`: never retired. Every new ID names the
     /// same core, so steering is unaffected.
@@ -136,7 +139,7 @@ pub enum SetupError {
     /// The UDP sockets could not be bound.
     #[error(transparent)]
     Listen(#[from] ListenError),
-    /// The TLS configuration was refused (by rustls or by quinn's QUIC TLS layer).
+    /// The TLS configuration was refused (by rustls or by quinn-proto's QUIC TLS layer).
     #[error("TLS configuration for QUIC: {0}")]
     Tls(String),
     /// The system's random source failed while making the shared keys.
@@ -169,8 +172,8 @@ pub struct H3Server {
     local_addr: SocketAddr,
     offloads: UdpOffloads,
     files: FilesFactory,
-    endpoint_config: quinn::EndpointConfig,
-    server_config: quinn::ServerConfig,
+    endpoint_config: quinn_proto::EndpointConfig,
+    server_config: Arc<quinn_proto::ServerConfig>,
     cfg: H3Config,
     workers: usize,
     steering: SteeringReport,
@@ -189,13 +192,13 @@ impl H3Server {
         cfg: H3Config,
     ) -> Result<Self, SetupError> {
         let endpoint_config = Self::endpoint_config()?;
-        let server_config = server_config(certs, &cfg, workers.max(1))?;
+        let server_config = Arc::new(server_config(certs, &cfg, workers.max(1))?);
         let sockets = corepin_core::udp::reuseport_group(addr, workers, cfg.socket_buffer)?;
         let local_addr = sockets[0].local_addr().map_err(|source| ListenError::Io { addr, source })?;
         // quinn-udp probes the kernel when it takes a socket; ask it once here for the banner
         // (every core's socket is the same kind, and adopting it again later is harmless).
         let probe =
-            quinn::udp::UdpSocketState::new((&sockets[0]).into()).map_err(|source| ListenError::Io { addr, source })?;
+            quinn_udp::UdpSocketState::new((&sockets[0]).into()).map_err(|source| ListenError::Io { addr, source })?;
         let offloads = UdpOffloads { gso_segments: probe.max_gso_segments(), gro_segments: probe.gro_segments() };
         let steering = match cfg.steering {
             _ if workers <= 1 => SteeringReport::OneCore,
@@ -225,12 +228,12 @@ impl H3Server {
     /// The endpoint configuration every core shares: one stateless-reset key, so a reset
     /// made on any core for a connection is recognised whichever core the client's next
     /// packet reaches. Each core adds its own connection-ID generator ([`steer::CoreCids`]).
-    fn endpoint_config() -> Result<quinn::EndpointConfig, SetupError> {
+    fn endpoint_config() -> Result<quinn_proto::EndpointConfig, SetupError> {
         let mut seed = [0u8; 64];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
             .map_err(|e| SetupError::Random(e.to_string()))?;
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed);
-        let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let mut config = quinn_proto::EndpointConfig::new(Arc::new(reset_key));
         config.supported_versions(vec![1]);
         Ok(config)
     }
@@ -272,7 +275,7 @@ impl H3Server {
 
 /// The QUIC server configuration every core shares: TLS 1.3 with ALPN `h3` presenting the
 /// certificate store's current certificate, one address-validation token key, the limits.
-fn server_config(certs: Arc<CertStore>, cfg: &H3Config, cores: usize) -> Result<quinn::ServerConfig, SetupError> {
+fn server_config(certs: Arc<CertStore>, cfg: &H3Config, cores: usize) -> Result<quinn_proto::ServerConfig, SetupError> {
     let provider = Arc::new(corepin_tls::provider());
     let mut tls = corepin_tls::rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&corepin_tls::rustls::version::TLS13])
@@ -294,18 +297,18 @@ fn server_config(certs: Arc<CertStore>, cfg: &H3Config, cores: usize) -> Result<
         .map_err(|e| SetupError::Random(e.to_string()))?;
     let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&seed);
 
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_concurrent_streams));
+    let mut transport = quinn_proto::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(quinn_proto::VarInt::from_u32(cfg.max_concurrent_streams));
     // HTTP/3 needs three unidirectional streams of each side (control, QPACK encoder and
     // decoder); a few more leave room for extensions and GREASE.
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(8));
-    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout)
+    transport.max_concurrent_uni_streams(quinn_proto::VarInt::from_u32(8));
+    let idle = quinn_proto::IdleTimeout::try_from(cfg.idle_timeout)
         .map_err(|_| SetupError::Limit(format!("idle timeout {:?} is too long for QUIC", cfg.idle_timeout)))?;
     transport.max_idle_timeout(Some(idle));
 
-    let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
+    let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
     server.transport_config(Arc::new(transport));
-    // quinn's limits on attempts not yet accepted (65,536 of them, 100 MiB of their early
+    // quinn-proto's limits on attempts not yet accepted (65,536 of them, 100 MiB of their early
     // datagrams) are per endpoint: shared out over the cores, they hold for the process.
     server.max_incoming(((1usize << 16) / cores).max(64));
     server.incoming_buffer_size_total(((100u64 << 20) / cores as u64).max(10 << 20));
@@ -367,7 +370,7 @@ impl App for H3Server {
             .get_mut(index)
             .and_then(Option::take)
             .ok_or_else(|| AppError::msg(format!("no UDP socket prepared for worker {index}")))?;
-        let mut socket = CoreUdpSocket::<R>::adopt(socket)
+        let mut socket = CoreSocket::<R>::adopt(socket)
             .map_err(|e| AppError::msg(format!("adopting the UDP socket on core {}: {e}", worker.info().cpu)))?;
         let mut endpoint_config = self.endpoint_config.clone();
         // Every mode uses this generator (its IDs name the core whether or not anything routes
@@ -386,17 +389,13 @@ impl App for H3Server {
                 })
                 .map_err(|e| AppError::msg(e.to_string()))?;
         }
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            endpoint_config,
-            Some(self.server_config.clone()),
-            Arc::new(socket),
-            Arc::new(CoreRuntime::<R>::here()),
-        )
-        .map_err(|e| AppError::msg(format!("starting the QUIC endpoint on core {}: {e}", worker.info().cpu)))?;
+        let (endpoint, driver) = Endpoint::new::<R>(endpoint_config, Arc::clone(&self.server_config), socket);
+        // The core's QUIC driver: every datagram in and out of this core goes through it.
+        let driver = spawn::<R, _>(driver);
         let shared = Rc::new(CoreShared {
-            // The socket adapter counts every receive (`quic_rt`: each UDP receive, each
-            // datagram forwarded here). Where the open-file cache has no posted notice on its
-            // inotify queue (`corepin_core::posted`), it then reads the queue once per batch.
+            // The driver counts every receive (each UDP receive, each datagram forwarded here).
+            // Where the open-file cache has no posted notice on its inotify queue
+            // (`corepin_core::posted`), it then reads the queue once per batch.
             files: self.files.files_for(&worker).receives_counted(),
             cfg: self.cfg.clone(),
             worker: worker.clone(),
@@ -408,7 +407,7 @@ impl App for H3Server {
 
         // Draining: no new connections; each open one has sent GOAWAY and closes once its
         // requests are done. Wait for them up to the drain deadline (or an order to close).
-        endpoint.set_server_config(None);
+        endpoint.refuse_new();
         let deadline = R::sleep(self.cfg.drain_timeout);
         if let Either::Right(_) = race(connections.idle(), race(deadline, worker.closing())).await {
             tracing::info!(
@@ -417,9 +416,27 @@ impl App for H3Server {
                 "drain deadline passed; closing open HTTP/3 connections"
             );
         }
-        endpoint.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"server shutting down");
-        // Let the CONNECTION_CLOSE frames leave (bounded: a peer that vanished is not waited for).
-        let _ = timeout::<R, _>(Duration::from_secs(1), endpoint.wait_idle()).await;
+        endpoint.close(H3_NO_ERROR.into(), b"server shutting down");
+        // Let the CONNECTION_CLOSE frames leave (bounded: a peer that vanished is not waited
+        // for); the driver ends once every connection has drained.
+        match timeout::<R, _>(quic::CLOSE_LINGER, driver).await {
+            Ok(Ok(Err(e))) => {
+                return Err(AppError::msg(format!("the QUIC socket on core {} failed: {e}", worker.info().cpu)))
+            }
+            Ok(Err(panicked)) => {
+                return Err(AppError::msg(format!(
+                    "the QUIC driver on core {} panicked: {}",
+                    worker.info().cpu,
+                    panicked.0
+                )))
+            }
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => tracing::debug!(
+                core = worker.info().cpu,
+                left = endpoint.open_connections(),
+                "connections still closing when the worker stopped"
+            ),
+        }
         Ok(())
     }
 }
@@ -444,7 +461,7 @@ impl HandshakeRate {
 }
 
 /// Accepts connections until the worker drains.
-async fn accept_loop<R: Runtime>(endpoint: &quinn::Endpoint, shared: &Rc<CoreShared>, connections: &Rc<Tracker>) {
+async fn accept_loop<R: Runtime>(endpoint: &Endpoint, shared: &Rc<CoreShared>, connections: &Rc<Tracker>) {
     let worker = &shared.worker;
     let mut rate = HandshakeRate { window: std::time::Instant::now(), started: 0 };
     loop {

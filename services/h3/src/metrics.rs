@@ -27,7 +27,7 @@ pub struct CoreH3Counters {
     /// Connections that ended on another client address than the one they started on (the
     /// client migrated or its NAT rebound, and the connection went on).
     pub migrated: AtomicU64,
-    /// QUIC packets sent by connections that have ended (quinn's path statistics).
+    /// QUIC packets sent by connections that have ended (quinn-proto's path statistics).
     pub packets_sent: AtomicU64,
     /// Of those, packets declared lost.
     pub packets_lost: AtomicU64,

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use corepin_core::worker::CoreCounters;
 
-use quinn::{ConnectionId, ConnectionIdGenerator};
+use quinn_proto::{ConnectionId, ConnectionIdGenerator};
 
 use crate::metrics::H3Metrics;
 

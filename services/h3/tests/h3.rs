@@ -505,6 +505,49 @@ pub fn truncated_and_replayed_datagrams_do_no_harm<R: Runtime>() {
     srv.stop();
 }
 
+/// A client that falls silent mid-connection (its path goes dead: no close, no datagram) is
+/// timed out by the server's own timers on an otherwise quiet core: the connection ends, is
+/// no longer counted open, and the core goes on serving new clients.
+pub fn silent_clients_are_timed_out<R: Runtime>() {
+    let site = site();
+    let cfg = H3Config {
+        idle_timeout: Duration::from_millis(1500),
+        drain_timeout: Duration::from_secs(5),
+        ..H3Config::default()
+    };
+    let srv = serve_cfg::<R>(&site, cfg);
+    let relay = MeddlingRelay::start(srv.addr);
+    let rt = client_rt();
+    let ep = rt.block_on(async {
+        let ep = client_endpoint(&srv.cert_pem);
+        let c = connect(&ep, relay.addr).await;
+        assert_eq!(get(&c.send, "/4k.bin").await.status, 200);
+        // Keep the client's side of the connection open while its path dies.
+        std::mem::forget(c);
+        ep
+    });
+    assert_eq!(total(&srv.metrics, |c| &c.open), 1, "the connection is open before its path dies");
+    drop(relay);
+    let t = Instant::now();
+    while total(&srv.metrics, |c| &c.open) != 0 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    assert_eq!(total(&srv.metrics, |c| &c.open), 0, "a silent client's connection ends on the server's timers");
+    eprintln!("{}: the silent connection ended after {took:?} (idle timeout 1.5 s)", R::NAME);
+    // The server still serves a new client on the same cores.
+    rt.block_on(async {
+        let ep2 = client_endpoint(&srv.cert_pem);
+        let c = connect(&ep2, srv.addr).await;
+        assert_eq!(get(&c.send, "/4k.bin").await.status, 200);
+        drop(c);
+        ep2.wait_idle().await;
+    });
+    drop(ep);
+    rt.shutdown_background();
+    srv.stop();
+}
+
 /// Draining sends GOAWAY and closes a connection with no request in flight at once with
 /// H3_NO_ERROR, long before the drain deadline; the server then stops cleanly.
 pub fn draining_closes_idle_connections_with_goaway<R: Runtime>() {
@@ -982,6 +1025,7 @@ corepin::per_runtime_tests! {
     traversal_attempts_get_4xx,
     garbage_datagrams_leave_the_server_serving,
     truncated_and_replayed_datagrams_do_no_harm,
+    silent_clients_are_timed_out,
     draining_closes_idle_connections_with_goaway,
     aioquic_fetches_every_size,
 }
