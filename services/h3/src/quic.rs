@@ -79,7 +79,8 @@ struct State {
     incoming: VecDeque<proto::Incoming>,
     accept_waker: Option<Waker>,
     driver: Option<Waker>,
-    /// The driver is polled again before it is woken by anything else (it is mid-pass).
+    /// The driver is mid-pass: it looks for new work when the pass ends, so nothing needs to
+    /// wake it meanwhile.
     driver_running: bool,
     /// Stateless answers (version negotiation, refusals, Retries, resets): at most
     /// `MAX_RESPONSES` wait for the socket; more are dropped, as quinn drops one the socket
@@ -94,6 +95,7 @@ struct State {
     closed: bool,
     /// The driver ends once every connection has drained.
     stop: bool,
+    /// Connections the endpoint still has (open, closing or draining).
     live: usize,
 }
 
@@ -135,7 +137,7 @@ impl Slot {
     }
 }
 
-fn wake_slot(w: &mut Option<Waker>, cx: &Context<'_>) {
+fn store_waker(w: &mut Option<Waker>, cx: &Context<'_>) {
     match w {
         Some(old) if old.will_wake(cx.waker()) => {}
         _ => *w = Some(cx.waker().clone()),
@@ -542,7 +544,7 @@ impl Endpoint {
             match st.incoming.pop_front() {
                 Some(i) => Poll::Ready(Some(Incoming { quic: Rc::clone(&self.quic), inner: Some(i) })),
                 None => {
-                    wake_slot(&mut st.accept_waker, cx);
+                    store_waker(&mut st.accept_waker, cx);
                     Poll::Pending
                 }
             }
@@ -806,7 +808,7 @@ impl Conn {
         if let Some(e) = &s.error {
             return Poll::Ready(Err(e.clone()));
         }
-        wake_slot(&mut s.accept[dir as usize], cx);
+        store_waker(&mut s.accept[dir as usize], cx);
         Poll::Pending
     }
 
@@ -1427,7 +1429,7 @@ impl<R: Runtime> Future for Driver<R> {
         let this = self.get_mut();
         {
             let mut st = this.quic.state.borrow_mut();
-            wake_slot(&mut st.driver, cx);
+            store_waker(&mut st.driver, cx);
             st.driver_running = true;
         }
         let result = this.pass(cx);
