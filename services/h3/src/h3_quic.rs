@@ -102,44 +102,34 @@ fn open_send<B: Buf>(conn: &Conn, cx: &mut Context<'_>) -> Poll<Result<H3Send<B>
     Poll::Ready(Ok(H3Send { inner: conn.send_stream(id), writing: None }))
 }
 
-impl<B: Buf> quic::OpenStreams<B> for H3Conn {
-    type BidiStream = H3Bidi<B>;
-    type SendStream = H3Send<B>;
-
-    fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<H3Bidi<B>, StreamErrorIncoming>> {
-        open_bidi(&self.conn, cx)
-    }
-
-    fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<H3Send<B>, StreamErrorIncoming>> {
-        open_send(&self.conn, cx)
-    }
-
-    fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        self.conn.close(code.value(), reason);
-    }
-}
-
 /// What `h3` opens streams with.
 pub(crate) struct H3Opener {
     conn: Conn,
 }
 
-impl<B: Buf> quic::OpenStreams<B> for H3Opener {
-    type BidiStream = H3Bidi<B>;
-    type SendStream = H3Send<B>;
+/// `OpenStreams` for the connection and for its opener: both open streams on `self.conn`.
+macro_rules! open_streams {
+    ($($ty:ty),+) => {$(
+        impl<B: Buf> quic::OpenStreams<B> for $ty {
+            type BidiStream = H3Bidi<B>;
+            type SendStream = H3Send<B>;
 
-    fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<H3Bidi<B>, StreamErrorIncoming>> {
-        open_bidi(&self.conn, cx)
-    }
+            fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<H3Bidi<B>, StreamErrorIncoming>> {
+                open_bidi(&self.conn, cx)
+            }
 
-    fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<H3Send<B>, StreamErrorIncoming>> {
-        open_send(&self.conn, cx)
-    }
+            fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<H3Send<B>, StreamErrorIncoming>> {
+                open_send(&self.conn, cx)
+            }
 
-    fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        self.conn.close(code.value(), reason);
-    }
+            fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
+                self.conn.close(code.value(), reason);
+            }
+        }
+    )+};
 }
+
+open_streams!(H3Conn, H3Opener);
 
 /// A receiving stream for `h3`.
 pub(crate) struct H3Recv {
