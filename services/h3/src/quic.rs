@@ -118,12 +118,9 @@ struct Slot {
     watchers: Vec<Waker>,
 }
 
-/// A datagram (or a GSO batch) waiting for the socket to take it.
+/// A datagram (or a GSO batch) waiting for the socket to take it: where it goes, and its bytes.
 struct Owned {
-    destination: SocketAddr,
-    ecn: Option<proto::EcnCodepoint>,
-    src_ip: Option<std::net::IpAddr>,
-    segment_size: Option<usize>,
+    t: proto::Transmit,
     data: Vec<u8>,
 }
 
@@ -144,6 +141,15 @@ fn store_waker(w: &mut Option<Waker>, cx: &Context<'_>) {
     }
 }
 
+fn store_stream_waker(map: &mut FastMap<StreamId, Waker>, id: StreamId, cx: &Context<'_>) {
+    match map.get_mut(&id) {
+        Some(w) => w.clone_from(cx.waker()),
+        None => {
+            map.insert(id, cx.waker().clone());
+        }
+    }
+}
+
 fn register(list: &mut Vec<Waker>, cx: &Context<'_>) {
     if !list.iter().any(|w| w.will_wake(cx.waker())) {
         list.push(cx.waker().clone());
@@ -158,11 +164,7 @@ impl State {
 
     /// Marks a connection for the driver's next pass and wakes the driver.
     fn touch(&mut self, id: usize) {
-        let slot = self.conns[id].as_mut().expect("a connection slot outlives its handles");
-        if !slot.dirty {
-            slot.dirty = true;
-            self.dirty.push(id);
-        }
+        self.mark(id);
         self.wake_driver();
     }
 
@@ -249,16 +251,9 @@ impl State {
             buf.clear();
             let Some(t) = slot.conn.poll_transmit(now, gso, buf) else { break };
             sent += t.segment_size.map_or(1, |s| t.size.div_ceil(s));
-            let what = Owned {
-                destination: t.destination,
-                ecn: t.ecn,
-                src_ip: t.src_ip,
-                segment_size: t.segment_size,
-                data: Vec::new(),
-            };
-            if !sender.send(&what, &buf[..t.size]) {
+            if !sender.send(&t, &buf[..t.size]) {
                 // The socket's buffer is full: keep the datagram, and the connection's turn.
-                self.blocked = Some(Owned { data: buf[..t.size].to_vec(), ..what });
+                self.blocked = Some(owned(t, buf));
                 self.mark(id);
                 blocked = true;
                 break;
@@ -277,6 +272,7 @@ impl State {
         !blocked
     }
 
+    /// Marks a connection for the driver's next pass.
     fn mark(&mut self, id: usize) {
         let slot = self.slot(id);
         if !slot.dirty {
@@ -331,10 +327,7 @@ impl State {
             }
             slot.deadline = None;
             slot.conn.handle_timeout(now);
-            if !slot.dirty {
-                slot.dirty = true;
-                self.dirty.push(id);
-            }
+            self.mark(id);
         }
         // Stale entries pile up (a connection's deadline moves on most packets): rebuild from
         // the connections' deadlines when they outnumber the live ones by far.
@@ -363,14 +356,10 @@ impl State {
             }
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 let Some(id) = self.by_handle.get(handle.0).copied().flatten() else { return };
-                let slot = self.slot(id);
-                slot.conn.handle_event(event);
-                if !slot.dirty {
-                    slot.dirty = true;
-                    self.dirty.push(id);
-                }
+                self.slot(id).conn.handle_event(event);
+                self.mark(id);
             }
-            Some(DatagramEvent::Response(t)) => self.respond(&t, buf),
+            Some(DatagramEvent::Response(t)) => self.respond(t, buf),
             None => {}
         }
     }
@@ -383,7 +372,7 @@ impl State {
     }
 
     /// Queues a stateless answer for the socket, or drops it when too many wait already.
-    fn respond(&mut self, t: &proto::Transmit, buf: &[u8]) {
+    fn respond(&mut self, t: proto::Transmit, buf: &[u8]) {
         if self.responses.len() < MAX_RESPONSES {
             self.responses.push_back(owned(t, buf));
         }
@@ -417,14 +406,8 @@ impl State {
     }
 }
 
-fn owned(t: &proto::Transmit, buf: &[u8]) -> Owned {
-    Owned {
-        destination: t.destination,
-        ecn: t.ecn,
-        src_ip: t.src_ip,
-        segment_size: t.segment_size,
-        data: buf[..t.size].to_vec(),
-    }
+fn owned(t: proto::Transmit, buf: &[u8]) -> Owned {
+    Owned { data: buf[..t.size].to_vec(), t }
 }
 
 fn app_events(slot: &mut Slot) {
@@ -489,7 +472,7 @@ fn udp_ecn(ecn: proto::EcnCodepoint) -> quinn_udp::EcnCodepoint {
 
 /// Where the driver's datagrams go: `false` when the socket's buffer is full.
 trait Sender {
-    fn send(&mut self, what: &Owned, data: &[u8]) -> bool;
+    fn send(&mut self, t: &proto::Transmit, data: &[u8]) -> bool;
     /// Datagrams one GSO send may carry now (quinn-udp lowers it if the kernel refuses GSO).
     fn max_segments(&self) -> usize;
 }
@@ -497,7 +480,6 @@ trait Sender {
 // ---- the endpoint ----------------------------------------------------------------------
 
 /// One core's QUIC endpoint: what the accept loop and the drain use.
-#[derive(Clone)]
 pub(crate) struct Endpoint {
     quic: Rc<Quic>,
 }
@@ -557,12 +539,11 @@ impl Endpoint {
         let mut st = self.quic.state.borrow_mut();
         st.endpoint.set_server_config(None);
         st.closed = true;
-        let pending: Vec<_> = st.incoming.drain(..).collect();
         let mut buf = Vec::new();
-        for i in pending {
+        for i in std::mem::take(&mut st.incoming) {
             buf.clear();
             let t = st.endpoint.refuse(i, &mut buf);
-            st.respond(&t, &buf);
+            st.respond(t, &buf);
         }
         if let Some(w) = st.accept_waker.take() {
             w.wake();
@@ -628,7 +609,7 @@ impl Incoming {
         let mut st = self.quic.state.borrow_mut();
         let mut buf = Vec::new();
         let t = st.endpoint.refuse(i, &mut buf);
-        st.respond(&t, &buf);
+        st.respond(t, &buf);
     }
 
     /// Answers with a Retry carrying an address-validation token.
@@ -638,7 +619,7 @@ impl Incoming {
         let mut buf = Vec::new();
         match st.endpoint.retry(i, &mut buf) {
             Ok(t) => {
-                st.respond(&t, &buf);
+                st.respond(t, &buf);
                 Ok(())
             }
             Err(e) => {
@@ -657,7 +638,7 @@ impl Incoming {
         let mut buf = Vec::new();
         if st.closed {
             let t = st.endpoint.refuse(i, &mut buf);
-            st.respond(&t, &buf);
+            st.respond(t, &buf);
             return Err(ConnectionError::LocallyClosed);
         }
         match st.endpoint.accept(i, Instant::now(), &mut buf, None) {
@@ -669,7 +650,7 @@ impl Incoming {
             }
             Err(e) => {
                 if let Some(t) = e.response {
-                    st.respond(&t, &buf);
+                    st.respond(t, &buf);
                 }
                 Err(e.cause)
             }
@@ -897,13 +878,7 @@ impl RecvStream {
             Err(proto::ReadError::Blocked) => match &s.error {
                 Some(e) => Poll::Ready(Err(ReadError::Connection(e.clone()))),
                 None => {
-                    match s.readers.get_mut(&self.id) {
-                        Some(w) if w.will_wake(cx.waker()) => {}
-                        Some(w) => w.clone_from(cx.waker()),
-                        None => {
-                            s.readers.insert(self.id, cx.waker().clone());
-                        }
-                    }
+                    store_stream_waker(&mut s.readers, self.id, cx);
                     Poll::Pending
                 }
             },
@@ -965,13 +940,7 @@ impl SendStream {
                 Poll::Ready(Ok(n))
             }
             Err(proto::WriteError::Blocked) => {
-                match s.writers.get_mut(&self.id) {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    Some(w) => w.clone_from(cx.waker()),
-                    None => {
-                        s.writers.insert(self.id, cx.waker().clone());
-                    }
-                }
+                store_stream_waker(&mut s.writers, self.id, cx);
                 Poll::Pending
             }
             Err(proto::WriteError::Stopped(code)) => Poll::Ready(Err(WriteError::Stopped(code.into_inner()))),
@@ -1178,7 +1147,7 @@ impl<R: Runtime> Sender for SocketSender<'_, R> {
         self.socket.state.max_gso_segments()
     }
 
-    fn send(&mut self, what: &Owned, data: &[u8]) -> bool {
+    fn send(&mut self, what: &proto::Transmit, data: &[u8]) -> bool {
         if self.full.get() {
             return false;
         }
@@ -1357,13 +1326,13 @@ impl<R: Runtime> Driver<R> {
             let mut sender = SocketSender { socket: &self.socket, full: &self.full };
             let mut st = self.quic.state.borrow_mut();
             if let Some(b) = st.blocked.take() {
-                if !sender.send(&b, &b.data) {
+                if !sender.send(&b.t, &b.data) {
                     st.blocked = Some(b);
                 }
             }
             while !self.full.get() {
                 let Some(r) = st.responses.pop_front() else { break };
-                if !sender.send(&r, &r.data) {
+                if !sender.send(&r.t, &r.data) {
                     st.responses.push_front(r);
                 }
             }
@@ -1375,13 +1344,9 @@ impl<R: Runtime> Driver<R> {
                         break;
                     }
                 }
-                // Stopped by a full buffer: the others keep their turn for a later pass.
-                for id in rest {
-                    if let Some(slot) = st.conns[id].as_mut() {
-                        slot.dirty = true;
-                        st.dirty.push(id);
-                    }
-                }
+                // Stopped by a full buffer: the others (still marked) keep their turn for a later
+                // pass.
+                st.dirty.extend(rest);
             }
             if !self.full.get() {
                 return;
