@@ -1090,6 +1090,10 @@ impl LocalForwarding {
         }
     }
 
+    fn has_pending(&self) -> bool {
+        !self.inbox.queue.borrow().is_empty()
+    }
+
     fn park(&self, waker: &Waker) {
         let mut slot = self.inbox.waker.borrow_mut();
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
@@ -1134,6 +1138,24 @@ impl<R: Runtime> CoreSocket<R> {
         // with `self`, so the descriptor is open for the lifetime of this borrow.
         unsafe { BorrowedFd::borrow_raw(self.fd) }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// The engine's wait for the socket to become readable or writable, as a future the driver
+/// keeps across passes.
+fn readiness<R: Runtime>(socket: &Rc<R::UdpSocket>, dir: Direction) -> LocalFuture<io::Result<()>> {
+    let socket = Rc::clone(socket);
+    Box::pin(async move {
+        match dir {
+            Direction::Read => socket.readable().await,
+            Direction::Write => socket.writable().await,
+        }
+    })
 }
 
 /// The socket's send side during a pass: sends until the kernel's buffer is full.
@@ -1182,7 +1204,9 @@ impl<R: Runtime> Sender for SocketSender<'_, R> {
 pub(crate) struct Driver<R: Runtime> {
     quic: Rc<Quic>,
     socket: CoreSocket<R>,
+    /// `BATCH_SIZE` entries of `RECV_ENTRY` bytes, and what the kernel said of each.
     recv_buf: Box<[u8]>,
+    metas: [RecvMeta; quinn_udp::BATCH_SIZE],
     send_buf: Vec<u8>,
     response_buf: Vec<u8>,
     /// The wait for readability, armed when a receive found the queue empty.
@@ -1206,6 +1230,7 @@ impl<R: Runtime> Driver<R> {
             quic,
             socket,
             recv_buf,
+            metas: [RecvMeta::default(); quinn_udp::BATCH_SIZE],
             send_buf: Vec::with_capacity(64 * 1024),
             response_buf: Vec::with_capacity(1500),
             readable: None,
@@ -1221,87 +1246,98 @@ impl<R: Runtime> Driver<R> {
     /// connections, waking the tasks whose streams it concerns; `true` if the bound stopped it
     /// with more perhaps queued.
     fn receive(&mut self, cx: &mut Context<'_>, now: Instant) -> io::Result<bool> {
-        const BATCH: usize = quinn_udp::BATCH_SIZE;
-        let chunk = self.recv_buf.len() / BATCH;
-        let mut metas = [RecvMeta::default(); BATCH];
-        let mut iovs: [IoSliceMut<'_>; BATCH] = {
-            let mut bufs = self.recv_buf.chunks_mut(chunk).map(IoSliceMut::new);
-            // `recv_buf` is BATCH chunks long (`Driver::new`).
-            std::array::from_fn(|_| bufs.next().expect("one chunk per batch entry"))
-        };
         let mut more = true;
         for _ in 0..MAX_RECV_BATCHES {
-            let mut n = match &self.socket.forward {
-                Some(f) => f.take_in(&mut iovs, &mut metas),
-                None => 0,
-            };
-            if n > 0 {
-                corepin_core::arrivals::note_handed();
-            } else {
-                if let Some(wait) = self.readable.as_mut() {
-                    match wait.as_mut().poll(cx) {
-                        Poll::Pending => {
-                            if let Some(f) = &self.socket.forward {
-                                f.park(cx.waker());
-                            }
-                            more = false;
-                            break;
-                        }
-                        Poll::Ready(res) => {
-                            self.readable = None;
-                            res?;
-                        }
-                    }
-                } else if self.drained {
-                    // The last receive emptied the queue: wait first. Every engine's `readable`
-                    // is level-triggered (the contract), so this completes at once if datagrams
-                    // came since, and on io_uring engines its POLL_ADD goes in with the engine's
-                    // next submission, not in a syscall of its own.
-                    self.drained = false;
-                    let socket = Rc::clone(&self.socket.socket);
-                    self.readable = Some(Box::pin(async move { socket.readable().await }));
-                    continue;
+            let handed = self.socket.forward.as_ref().is_some_and(LocalForwarding::has_pending);
+            if !handed && !self.socket_ready(cx)? {
+                if let Some(f) = &self.socket.forward {
+                    f.park(cx.waker());
                 }
-                match self.socket.state.recv((&self.socket.borrowed()).into(), &mut iovs, &mut metas) {
-                    Ok(got) => {
-                        n = got;
-                        // On Linux, `recvmmsg` stops short only when the queue is empty (one
-                        // datagram per call elsewhere, where this only costs a wait).
-                        self.drained = got < BATCH;
-                        // Counted for the open-file cache (`corepin_core::arrivals`), after the
-                        // syscall, never before.
-                        corepin_core::arrivals::note();
-                        if let Some(f) = &self.socket.forward {
-                            f.send_out(&mut iovs, &mut metas, n);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let socket = Rc::clone(&self.socket.socket);
-                        self.readable = Some(Box::pin(async move { socket.readable().await }));
-                        continue;
-                    }
-                    // ECONNRESET is undefined in QUIC and may be injected: ignored, as quinn does.
-                    Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset) => {
-                        continue
-                    }
-                    Err(e) => return Err(e),
-                }
+                more = false;
+                break;
             }
-            let mut st = self.quic.state.borrow_mut();
-            for (meta, buf) in metas.iter().zip(iovs.iter()).take(n) {
-                let stride = meta.stride.max(1);
-                let mut at = 0;
-                while at < meta.len {
-                    let end = (at + stride).min(meta.len);
-                    st.handle_datagram(now, meta, BytesMut::from(&buf[at..end]), &mut self.response_buf);
-                    at = end;
-                }
-            }
+            self.receive_batch(now, handed)?;
         }
         // Wake the tasks now; what the connections send goes in the next pass, after the tasks
         // have run, so their answers leave with the acknowledgements.
         self.quic.state.borrow_mut().events();
         Ok(more)
+    }
+
+    /// Whether a receive may find datagrams: no wait for readability is pending. Most passes
+    /// are for the tasks' writes and end here, without a syscall.
+    fn socket_ready(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        loop {
+            if let Some(wait) = self.readable.as_mut() {
+                return match wait.as_mut().poll(cx) {
+                    Poll::Pending => Ok(false),
+                    Poll::Ready(res) => {
+                        self.readable = None;
+                        res.map(|()| true)
+                    }
+                };
+            }
+            if !self.drained {
+                return Ok(true);
+            }
+            // The last receive emptied the queue: wait first. Every engine's `readable` is
+            // level-triggered (the contract), so this completes at once if datagrams came
+            // since, and on io_uring engines its POLL_ADD goes in with the engine's next
+            // submission, not in a syscall of its own.
+            self.drained = false;
+            self.readable = Some(readiness::<R>(&self.socket.socket, Direction::Read));
+        }
+    }
+
+    /// One batch: the datagrams other cores handed here (`handed`), or one `recvmmsg`, to the
+    /// endpoint and the connections.
+    fn receive_batch(&mut self, now: Instant, handed: bool) -> io::Result<()> {
+        const BATCH: usize = quinn_udp::BATCH_SIZE;
+        let metas = &mut self.metas;
+        let mut iovs: [IoSliceMut<'_>; BATCH] = {
+            let mut bufs = self.recv_buf.chunks_mut(RECV_ENTRY).map(IoSliceMut::new);
+            // `recv_buf` is BATCH entries long (`Driver::new`).
+            std::array::from_fn(|_| bufs.next().expect("one entry per batch slot"))
+        };
+        let n = if handed {
+            corepin_core::arrivals::note_handed();
+            self.socket.forward.as_ref().map_or(0, |f| f.take_in(&mut iovs, metas))
+        } else {
+            match self.socket.state.recv((&self.socket.borrowed()).into(), &mut iovs, metas) {
+                Ok(got) => {
+                    // On Linux, `recvmmsg` stops short only when the queue is empty (one
+                    // datagram per call elsewhere, where this only costs a wait).
+                    self.drained = got < BATCH;
+                    // Counted for the open-file cache (`corepin_core::arrivals`), after the
+                    // syscall, never before.
+                    corepin_core::arrivals::note();
+                    if let Some(f) = &self.socket.forward {
+                        f.send_out(&mut iovs, metas, got);
+                    }
+                    got
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = Some(readiness::<R>(&self.socket.socket, Direction::Read));
+                    return Ok(());
+                }
+                // ECONNRESET is undefined in QUIC and may be injected: ignored, as quinn does.
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let mut st = self.quic.state.borrow_mut();
+        for (meta, buf) in metas.iter().zip(iovs.iter()).take(n) {
+            let stride = meta.stride.max(1);
+            let mut at = 0;
+            while at < meta.len {
+                let end = (at + stride).min(meta.len);
+                st.handle_datagram(now, meta, BytesMut::from(&buf[at..end]), &mut self.response_buf);
+                at = end;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the stateless answers and what the dirty connections have to send, until the
@@ -1311,10 +1347,7 @@ impl<R: Runtime> Driver<R> {
         // datagram again is retried in a later pass, not in a loop here.
         for _ in 0..4 {
             if self.full.get() {
-                let wait = self.writable.get_or_insert_with(|| {
-                    let socket = Rc::clone(&self.socket.socket);
-                    Box::pin(async move { socket.writable().await })
-                });
+                let wait = self.writable.get_or_insert_with(|| readiness::<R>(&self.socket.socket, Direction::Write));
                 match wait.as_mut().poll(cx) {
                     Poll::Pending => return,
                     Poll::Ready(_) => {
