@@ -325,9 +325,9 @@ const REQUEST_BODY_DROP: usize = 64 * 1024;
 
 /// Reads the rest of an answered request (a GET or HEAD has nothing but its end), so the
 /// stream closes cleanly. Dropping a request stream that is still open for reading sends
-/// STOP_SENDING with code 0 (`quic::RecvStream`, as quinn does), which is no HTTP/3 code, and a client that sends its
-/// FIN a moment after the header section (h3's own client does) would see its request fail
-/// although the answer is complete. A request that does not end soon, or sends a body, is
+/// STOP_SENDING with code 0 (`quic::RecvStream`, as quinn does), which is no HTTP/3 code, and
+/// a client that sends its FIN a moment after the header section (h3's own client does) would
+/// see its request fail although the answer is complete. A request that does not end soon, or sends a body, is
 /// told to stop with H3_NO_ERROR, as RFC 9114 §4.1.2 asks of a server that has answered.
 async fn finish_reading<R: Runtime>(stream: &mut Stream) {
     let ended = timeout::<R, _>(REQUEST_END_WAIT, async {

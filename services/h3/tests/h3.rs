@@ -518,13 +518,12 @@ pub fn silent_clients_are_timed_out<R: Runtime>() {
     let srv = serve_cfg::<R>(&site, cfg);
     let relay = MeddlingRelay::start(srv.addr);
     let rt = client_rt();
-    let ep = rt.block_on(async {
+    // The client's side of the connection stays open (held here) while its path dies.
+    let (ep, client) = rt.block_on(async {
         let ep = client_endpoint(&srv.cert_pem);
         let c = connect(&ep, relay.addr).await;
         assert_eq!(get(&c.send, "/4k.bin").await.status, 200);
-        // Keep the client's side of the connection open while its path dies.
-        std::mem::forget(c);
-        ep
+        (ep, c)
     });
     assert_eq!(total(&srv.metrics, |c| &c.open), 1, "the connection is open before its path dies");
     drop(relay);
@@ -543,7 +542,7 @@ pub fn silent_clients_are_timed_out<R: Runtime>() {
         drop(c);
         ep2.wait_idle().await;
     });
-    drop(ep);
+    drop((client, ep));
     rt.shutdown_background();
     srv.stop();
 }
